@@ -1,0 +1,35 @@
+"""phi3embed: the exact image-token embeddings Phi-3-vision and Phi-3.5-vision feed their language model."""
+
+from .config import ClipConfig, PreprocessConfig, VisionConfig
+from .embedder import Phi3VisionEmbedder
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DecompressionBombError,
+    ImageError,
+    Phi3EmbedError,
+    UnsupportedImageError,
+)
+from .hd import num_image_tokens
+from .preprocess import HDGrid, Preprocessed, hd_grid, preprocess_image
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ClipConfig",
+    "ConfigError",
+    "DecompressionBombError",
+    "HDGrid",
+    "ImageError",
+    "Phi3EmbedError",
+    "Phi3VisionEmbedder",
+    "PreprocessConfig",
+    "Preprocessed",
+    "UnsupportedImageError",
+    "VisionConfig",
+    "__version__",
+    "hd_grid",
+    "num_image_tokens",
+    "preprocess_image",
+]

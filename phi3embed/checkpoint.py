@@ -1,0 +1,356 @@
+"""Find a checkpoint and read ONLY the tensors the image path needs.
+
+A checkpoint is a directory in Hugging Face layout (``config.json``, optional ``preprocessor_config.json``,
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``), or a hub id resolved through
+``huggingface_hub`` (local cache first, ``HF_HUB_OFFLINE=1`` respected; online, only config files and the
+shards holding vision tensors are fetched).
+
+safetensors files are read with our own header parser and positioned reads: language-model tensors are
+never read, mapped or materialised, so a 4.2B-parameter checkpoint costs only its ~0.3B vision parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import find_preset, read_json
+from .errors import CheckpointError, ConfigError
+
+VISION_PREFIX = "model.vision_embed_tokens."
+CLIP_PREFIX = VISION_PREFIX + "img_processor.vision_model."
+TEXT_EMBED_KEY = "model.embed_tokens.weight"
+CONFIG_FILES = ("config.json", "preprocessor_config.json")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint: where it lives, its configs, and where every tensor is."""
+
+    source: str  # what the user asked for (path or hub id)
+    root: Path
+    config: dict[str, Any]
+    preprocessor_config: dict[str, Any] | None
+    weight_files: list[Path]
+    tensors: dict[str, TensorInfo] = field(repr=False)
+    from_hub: bool = False
+    bytes_read: int = 0  # tensor payload bytes read so far (tests and `info` use it)
+
+    def vision_keys(self) -> list[str]:
+        return sorted(k for k in self.tensors if k.startswith(VISION_PREFIX))
+
+    @property
+    def stored_dtypes(self) -> set[str]:
+        return {self.tensors[k].dtype for k in self.vision_keys()}
+
+    def read(
+        self,
+        keys: Iterable[str],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        hash_keys: set[str] | None = None,
+        hasher: Any | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Read exactly ``keys`` (positioned reads, one tensor at a time), cast to ``dtype`` on ``device``.
+
+        Stored bytes of the keys in ``hash_keys`` are fed to ``hasher`` (in file order, key first).
+        """
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            if key not in self.tensors:
+                raise CheckpointError(f"tensor {key} is not in the checkpoint", path=self.root)
+            by_file.setdefault(self.tensors[key].file, []).append(key)
+        for path, file_keys in by_file.items():
+            file_keys.sort(key=lambda k: self.tensors[k].start)
+            try:
+                fh = open(path, "rb", buffering=0)
+            except OSError as exc:
+                raise CheckpointError(f"cannot open weights: {exc.strerror or exc}", path=path) from None
+            with fh:
+                for key in file_keys:
+                    info = self.tensors[key]
+                    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+                    fh.seek(info.start)
+                    got = fh.readinto(memoryview(buf.numpy()))
+                    if got != info.nbytes:
+                        raise CheckpointError(
+                            f"tensor {key} is truncated: expected {info.nbytes} bytes, read {got}", path=path
+                        )
+                    self.bytes_read += got
+                    if hasher is not None and (hash_keys is None or key in hash_keys):
+                        hasher.update(f"{key}|{info.dtype}|{list(info.shape)}".encode())
+                        hasher.update(memoryview(buf.numpy()))
+                    tensor = buf.view(_DTYPES[info.dtype]).reshape(info.shape)
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    out[key] = tensor.to(device)
+        return out
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header: the 8-byte little-endian length, then JSON. Never reads tensor data."""
+    try:
+        with open(path, "rb") as fh:
+            raw_len = fh.read(8)
+            if len(raw_len) != 8:
+                raise CheckpointError("not a safetensors file (shorter than 8 bytes)", path=path)
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > 100 * 1024 * 1024:
+                raise CheckpointError(f"not a safetensors file (header length {n})", path=path)
+            header_bytes = fh.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read weights: {exc.strerror or exc}", path=path) from None
+    if len(header_bytes) != n:
+        raise CheckpointError("safetensors header is truncated", path=path)
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError("safetensors header is not valid JSON", path=path) from None
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = meta["dtype"]
+            shape = tuple(int(d) for d in meta["shape"])
+            start, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"safetensors entry {key} is malformed", path=path) from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"tensor {key} has unsupported dtype {dtype}", path=path)
+        out[key] = TensorInfo(file=path, dtype=dtype, shape=shape, start=base + start, end=base + end)
+    return out
+
+
+def _weight_map(root: Path) -> dict[str, str] | None:
+    """key -> shard file name from the index, or None for a single-file checkpoint."""
+    index_path = root / INDEX_FILE
+    if not index_path.exists():
+        return None
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError("index has no weight_map", path=index_path)
+    return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def _refuse_pickles(root: Path) -> None:
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"only pickle weights found ({', '.join(pickles[:3])}); phi3embed reads safetensors only, because "
+            "loading pickles can run arbitrary code. Convert the checkpoint to safetensors first",
+            path=root,
+        )
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} found", path=root)
+
+
+def _index_local(root: Path, wanted: Callable[[str], bool]) -> tuple[list[Path], dict[str, TensorInfo]]:
+    weight_map = _weight_map(root)
+    if weight_map is None:
+        single = root / SINGLE_FILE
+        if not single.exists():
+            _refuse_pickles(root)
+        files = [single]
+    else:
+        names = sorted({f for k, f in weight_map.items() if wanted(k)})
+        files = [root / n for n in names]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"shard {f.name} listed in {INDEX_FILE} is missing", path=root)
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        for key, info in read_safetensors_header(f).items():
+            if key in tensors:
+                raise CheckpointError(f"tensor {key} is stored twice ({tensors[key].file.name}, {f.name})", path=f)
+            tensors[key] = info
+    if weight_map is not None:
+        for key, fname in weight_map.items():
+            if wanted(key) and (key not in tensors or tensors[key].file.name != fname):
+                raise CheckpointError(f"tensor {key} is listed in {INDEX_FILE} but not stored in {fname}", path=root)
+    return files, tensors
+
+
+def is_vision_key(key: str) -> bool:
+    return key.startswith(VISION_PREFIX)
+
+
+def resolve(
+    source: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    with_text_embeddings: bool = False,
+    cache_dir: str | None = None,
+) -> Checkpoint:
+    """Find a checkpoint (local dir, preset name, or hub id) and index its vision tensors."""
+
+    def wanted(key: str) -> bool:
+        return is_vision_key(key) or (with_text_embeddings and key == TEXT_EMBED_KEY)
+
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        root, from_hub = path, False
+    elif path.exists():
+        raise CheckpointError("expected a checkpoint directory, got a file", path=path)
+    else:
+        preset = find_preset(text)
+        repo_id = preset.hub_id if preset else text
+        if repo_id.count("/") != 1 or text.startswith((".", "/", "~")):
+            raise CheckpointError(
+                "no such checkpoint directory, and not a hub id (owner/name) or preset name", path=text
+            )
+        root = _fetch_from_hub(repo_id, revision=revision, wanted=wanted, cache_dir=cache_dir)
+        from_hub = True
+    config = read_json(root / "config.json")
+    pre_path = root / "preprocessor_config.json"
+    preprocessor = read_json(pre_path) if pre_path.exists() else None
+    files, tensors = _index_local(root, wanted)
+    return Checkpoint(
+        source=text,
+        root=root,
+        config=config,
+        preprocessor_config=preprocessor,
+        weight_files=files,
+        tensors={k: v for k, v in tensors.items() if wanted(k)},
+        from_hub=from_hub,
+    )
+
+
+def _fetch_from_hub(repo_id: str, *, revision: str | None, wanted: Callable[[str], bool], cache_dir: str | None) -> Path:
+    """Download (or find in the cache) config files and only the shards that hold wanted tensors."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a hard dependency
+        raise CheckpointError(f"huggingface_hub is not importable: {exc}") from None
+
+    def fetch(filename: str, *, required: bool) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+        except EntryNotFoundError:
+            if required:
+                raise CheckpointError(f"{filename} not found in the repository", path=repo_id) from None
+            return None
+        except LocalEntryNotFoundError:
+            if required:
+                raise CheckpointError(
+                    f"{filename} is not in the local Hugging Face cache and the hub cannot be reached "
+                    "(offline mode or no network); download it once or pass a local directory",
+                    path=repo_id,
+                ) from None
+            return None
+        except Exception as exc:  # network, auth, unknown repo: one clear line
+            name = type(exc).__name__
+            if required:
+                raise CheckpointError(f"cannot fetch {filename} from the hub: {name}: {exc}", path=repo_id) from None
+            return None
+
+    config_path = fetch("config.json", required=True)
+    assert config_path is not None
+    fetch("preprocessor_config.json", required=False)
+    index_path = fetch(INDEX_FILE, required=False)
+    if index_path is not None:
+        weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+        for shard in sorted({f for k, f in weight_map.items() if wanted(k)}):
+            fetch(shard, required=True)
+    else:
+        fetch(SINGLE_FILE, required=True)
+    return config_path.parent
+
+
+# --------------------------------------------------------------------------- key mapping
+
+
+def checkpoint_to_module_key(key: str, *, clip_prefix: str) -> str | None:
+    """Map a checkpoint key to our module's state-dict key, or None when it is not a vision tensor.
+
+    ``clip_prefix`` is where the installed transformers' CLIPVisionModel keeps its layers relative to our
+    ``clip`` attribute: ``"clip.vision_model."`` (transformers 4.x) or ``"clip."`` (5.x, no extra level).
+    """
+    if key.startswith(CLIP_PREFIX):
+        return clip_prefix + key[len(CLIP_PREFIX) :]
+    if key.startswith(VISION_PREFIX):
+        rest = key[len(VISION_PREFIX) :]
+        if rest.startswith("img_processor."):
+            return None  # a CLIP key outside vision_model: reported as unexpected by the caller
+        return rest
+    return None
+
+
+def module_to_checkpoint_key(name: str, *, clip_prefix: str) -> str:
+    """Inverse of :func:`checkpoint_to_module_key`."""
+    if name.startswith(clip_prefix):
+        return CLIP_PREFIX + name[len(clip_prefix) :]
+    return VISION_PREFIX + name
+
+
+def check_vision_tensors(ckpt: Checkpoint, expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Strict check of checkpoint vision tensors against ``expected`` (checkpoint key -> shape)."""
+    present = {k: ckpt.tensors[k].shape for k in ckpt.vision_keys()}
+    missing = sorted(set(expected) - set(present))
+    unexpected = sorted(set(present) - set(expected))
+    misshaped = sorted(
+        f"{k} (checkpoint {list(present[k])}, model {list(expected[k])})"
+        for k in set(expected) & set(present)
+        if tuple(present[k]) != tuple(expected[k])
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(
+            f"unexpected {len(unexpected)}: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    if misshaped:
+        problems.append(f"wrong shape: {'; '.join(misshaped[:5])}{' ...' if len(misshaped) > 5 else ''}")
+    if problems:
+        raise CheckpointError("vision tensors do not match config.json: " + " | ".join(problems), path=ckpt.root)
+
+
+def new_hasher() -> Any:
+    return hashlib.blake2b(digest_size=16)
+
+
+def ensure_config(ckpt: Checkpoint) -> None:
+    if "embd_layer" not in ckpt.config and "img_processor" not in ckpt.config:
+        raise ConfigError("config.json describes no vision embedding (no embd_layer / img_processor)", path=ckpt.root)

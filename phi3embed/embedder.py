@@ -1,0 +1,189 @@
+"""The public entry point: ``Phi3VisionEmbedder.from_pretrained(...).encode(images)``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from .checkpoint import Checkpoint, resolve
+from .config import PreprocessConfig, VisionConfig, preprocess_config_from_dict, vision_config_from_dict
+from .errors import ConfigError
+from .hd import num_image_tokens
+from .model import Phi3VisionModel
+from .pipeline import encode_plain, encode_stream
+from .preprocess import AlphaMode, ImageInput, Preprocessed, hd_grid, preprocess_image
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value not in DTYPES.values():
+            raise ConfigError(f"dtype {value} is not one of float32, float16, bfloat16")
+        return value
+    key = value.lower().removeprefix("torch.")
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    key = aliases.get(key, key)
+    if key not in DTYPES:
+        raise ConfigError(f"dtype {value!r} is not one of float32, float16, bfloat16")
+    return DTYPES[key]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when available. Asking for an absent CUDA device is a ConfigError."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return dev
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How images are read: the reference's defaults unless asked otherwise."""
+
+    alpha: AlphaMode = "drop"
+    exif_transpose: bool = False
+
+
+class Phi3VisionEmbedder:
+    """Images -> the exact image-token embeddings Phi-3-vision / Phi-3.5-vision feed their language model."""
+
+    def __init__(
+        self,
+        model: Phi3VisionModel,
+        *,
+        vision_config: VisionConfig,
+        preprocess_config: PreprocessConfig,
+        checkpoint: Checkpoint | None = None,
+        fingerprint: str = "",
+        image_options: ImageOptions = ImageOptions(),
+        batch_size: int = 8,
+        plain: bool = False,
+    ) -> None:
+        self.model = model
+        self.vision_config = vision_config
+        self.preprocess_config = preprocess_config
+        self.checkpoint = checkpoint
+        self.fingerprint = fingerprint
+        self.image_options = image_options
+        self.batch_size = batch_size
+        self.plain = plain
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = torch.float32,
+        num_crops: int | None = None,
+        revision: str | None = None,
+        alpha: AlphaMode = "drop",
+        exif_transpose: bool = False,
+        batch_size: int = 8,
+        plain: bool = False,
+        attn: str | None = None,
+    ) -> Phi3VisionEmbedder:
+        """Load only the vision weights of a checkpoint (local directory, hub id or preset name).
+
+        ``num_crops=None`` uses the checkpoint's preprocessor_config.json. ``plain=True`` builds the
+        reference-shaped path (all layers, eager attention, zero crops encoded): same numbers, slower.
+        """
+        dev = resolve_device(device)
+        torch_dtype = parse_dtype(dtype)
+        ckpt = resolve(source, revision=revision)
+        vcfg = vision_config_from_dict(ckpt.config, where=str(ckpt.root / "config.json"))
+        pcfg = preprocess_config_from_dict(ckpt.preprocessor_config, crop_size=vcfg.clip.image_size)
+        if num_crops is not None:
+            if num_crops < 1:
+                raise ConfigError(f"num_crops must be >= 1, got {num_crops}")
+            pcfg = replace(pcfg, num_crops=num_crops)
+        model, fingerprint = Phi3VisionModel.from_checkpoint(
+            ckpt,
+            vcfg,
+            dtype=torch_dtype,
+            device=dev,
+            full_depth=plain,
+            attn=attn or ("eager" if plain else "sdpa"),
+        )
+        return cls(
+            model,
+            vision_config=vcfg,
+            preprocess_config=pcfg,
+            checkpoint=ckpt,
+            fingerprint=fingerprint,
+            image_options=ImageOptions(alpha=alpha, exif_transpose=exif_transpose),
+            batch_size=batch_size,
+            plain=plain,
+        )
+
+    # ------------------------------------------------------------------ small facts
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def num_crops(self) -> int:
+        return self.preprocess_config.num_crops
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vision_config.lm_hidden_size
+
+    def num_tokens(self, width: int, height: int) -> int:
+        """Image tokens for a ``width x height`` image at this embedder's ``num_crops``."""
+        grid = hd_grid(width=width, height=height, num_crops=self.num_crops, crop_size=self.preprocess_config.crop_size)
+        return num_image_tokens(rows=grid.rows, cols=grid.cols)
+
+    # ------------------------------------------------------------------ work
+
+    def preprocess(self, image: ImageInput, *, name: str | None = None) -> Preprocessed:
+        """Decode + HD transform one image (CPU, float32). Raises ImageError naming the file."""
+        return preprocess_image(
+            image,
+            self.preprocess_config,
+            alpha=self.image_options.alpha,
+            exif_transpose=self.image_options.exif_transpose,
+            name=name,
+        )
+
+    def embed_stream(self, items: Iterable[tuple[object, Preprocessed]]) -> Iterator[tuple[object, Preprocessed, torch.Tensor]]:
+        """Preprocessed images in, ``(key, item, embeddings)`` out in the same order, crops batched."""
+        if self.plain:
+            return encode_plain(self.model, items, num_crops=self.num_crops)
+        return encode_stream(self.model, items, batch_size=self.batch_size)
+
+    def embed(self, items: Sequence[Preprocessed]) -> list[torch.Tensor]:
+        """Embeddings of already preprocessed images, in order."""
+        return [emb for _, _, emb in self.embed_stream(enumerate(items))]
+
+    def encode(self, images: Iterable[ImageInput] | ImageInput) -> list[torch.Tensor]:
+        """Paths, bytes or PIL images -> one ``[num_tokens, hidden]`` tensor per image, in order.
+
+        A single image (not in a list) is accepted too and gives a one-element list. The first unreadable
+        image raises ImageError; the CLI's job runner is the tool that keeps going past bad files.
+        """
+        if isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "getbands"):
+            images = [images]  # type: ignore[list-item]
+        items = ((i, self.preprocess(img)) for i, img in enumerate(images))  # type: ignore[union-attr]
+        return [emb for _, _, emb in self.embed_stream(items)]

@@ -1,0 +1,178 @@
+"""The image-token module: CLIP encoder (truncated at ``layer_idx``), separators, projection.
+
+Variants are chosen once, when the module is built:
+
+* ``full_depth=False`` (default, the fast path): the CLIP stack is built with only the layers needed for
+  hidden state ``layer_idx`` and its last output is the feature; no hidden states are stored.
+* ``full_depth=True`` (the plain path, the yardstick): every layer runs and the feature is picked from the
+  stored hidden states, as the reference does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from .checkpoint import Checkpoint, check_vision_tensors, checkpoint_to_module_key, module_to_checkpoint_key
+from .config import VisionConfig
+from .errors import CheckpointError
+from .hd import image_tokens
+
+
+def _clip_model(cfg: VisionConfig, *, num_layers: int, attn: str) -> CLIPVisionModel:
+    hf = CLIPVisionConfig(**{**cfg.clip.to_hf_dict(), "num_hidden_layers": num_layers})
+    hf._attn_implementation = attn
+    return CLIPVisionModel(hf)
+
+
+class Phi3VisionModel(nn.Module):
+    """Crops in, image-token embeddings out. Weight names follow the checkpoint (minus its prefix)."""
+
+    def __init__(self, cfg: VisionConfig, *, full_depth: bool = False, attn: str = "sdpa") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.full_depth = full_depth
+        n_layers = cfg.clip.num_hidden_layers if full_depth else cfg.layers_needed
+        self.clip = _clip_model(cfg, num_layers=n_layers, attn=attn)
+        d4, d = cfg.merged_dim, cfg.lm_hidden_size
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, d4))
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, d4))
+        if cfg.projection_cls == "mlp":
+            # nn.GELU() is the exact erf form, as the reference uses (the tanh form fails the tolerance).
+            self.img_projection: nn.Module = nn.Sequential(nn.Linear(d4, d), nn.GELU(), nn.Linear(d, d))
+        else:
+            self.img_projection = nn.Linear(d4, d)
+
+    @property
+    def clip_prefix(self) -> str:
+        """Where CLIP's own modules sit in our state dict (transformers 5 dropped ``vision_model.``)."""
+        return "clip.vision_model." if hasattr(self.clip, "vision_model") else "clip."
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.glb_GN.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.glb_GN.device
+
+    # ------------------------------------------------------------------ stages
+
+    def crop_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` -> CLIP hidden state ``layer_idx`` without CLS, ``[N, g*g, C]``."""
+        if self.full_depth:
+            out = self.clip(pixel_values=pixel_values, output_hidden_states=True)
+            hidden = out.hidden_states[self.cfg.hidden_state_index]  # (N, 1 + g*g, C)
+        else:
+            hidden = self.clip(pixel_values=pixel_values).last_hidden_state  # (N, 1 + g*g, C)
+        return hidden[:, 1:]  # drop CLS: (N, g*g, C)
+
+    def tokens(self, features: torch.Tensor, *, rows: int, cols: int) -> torch.Tensor:
+        """Features of one image ``[1 + rows*cols, g*g, C]`` -> unprojected tokens ``[T, 4C]``."""
+        return image_tokens(
+            features,
+            rows=rows,
+            cols=cols,
+            sub_gn=self.sub_GN.reshape(-1),
+            glb_gn=self.glb_GN.reshape(-1),
+            order=self.cfg.hd_transform_order,
+        )
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[T, 4C]`` -> ``[T, D]`` in the projection's dtype."""
+        return self.img_projection(tokens.to(self.dtype))
+
+    def forward(self, pixel_values: torch.Tensor, grids: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """Real crops of several images, concatenated in order, -> one ``[T_i, D]`` tensor per image.
+
+        ``pixel_values``: ``[sum_i (1 + rows_i*cols_i), 3, S, S]``; ``grids``: ``(rows_i, cols_i)`` per image.
+        """
+        counts = [1 + r * c for r, c in grids]
+        assert pixel_values.shape[0] == sum(counts), (pixel_values.shape, grids)
+        features = self.crop_features(pixel_values)  # (N, g*g, C)
+        return self.embed_features(features, grids)
+
+    def embed_features(self, features: torch.Tensor, grids: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """CLIP features of several images (concatenated) -> projected tokens per image, one projection call."""
+        counts = [1 + r * c for r, c in grids]
+        per_image = torch.split(features, counts)
+        tokens = [self.tokens(f, rows=r, cols=c) for f, (r, c) in zip(per_image, grids)]
+        projected = self.project(torch.cat(tokens))  # (sum T_i, D)
+        return list(torch.split(projected, [t.shape[0] for t in tokens]))
+
+    # ------------------------------------------------------------------ loading
+
+    def expected_checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Checkpoint key -> shape of every vision tensor a checkpoint for this config must hold."""
+        with torch.device("meta"):
+            full = Phi3VisionModel(self.cfg, full_depth=True, attn="eager")
+        prefix = full.clip_prefix
+        return {
+            module_to_checkpoint_key(k, clip_prefix=prefix): tuple(v.shape) for k, v in full.state_dict().items()
+        }
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Checkpoint,
+        cfg: VisionConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        full_depth: bool = False,
+        attn: str = "sdpa",
+    ) -> tuple[Phi3VisionModel, str]:
+        """Build on the meta device, check the checkpoint strictly, read only the needed tensors.
+
+        Returns the model and a fingerprint of the weights that determine its output.
+        """
+        with torch.device("meta"):
+            model = cls(cfg, full_depth=full_depth, attn=attn)
+        check_vision_tensors(ckpt, model.expected_checkpoint_shapes())
+        prefix = model.clip_prefix
+        wanted = {module_to_checkpoint_key(k, clip_prefix=prefix): k for k in model.state_dict()}
+        fast_keys = set(wanted) if not full_depth else _output_determining_keys(cfg, set(wanted), prefix)
+        from .checkpoint import new_hasher
+
+        hasher = new_hasher()
+        raw = ckpt.read(sorted(wanted), dtype=dtype, device=device, hash_keys=fast_keys, hasher=hasher)
+        state = {}
+        for key, tensor in raw.items():
+            name = checkpoint_to_module_key(key, clip_prefix=prefix)
+            if name is None or name not in wanted.values():
+                raise CheckpointError(f"cannot place tensor {key}", path=ckpt.root)
+            state[name] = tensor
+        model.load_state_dict(state, strict=True, assign=True)
+        _materialise_buffers(model, device)
+        model.eval().requires_grad_(False)
+        return model, hasher.hexdigest()
+
+
+def _output_determining_keys(cfg: VisionConfig, keys: set[str], prefix: str) -> set[str]:
+    """Checkpoint keys the truncated (fast) model reads: same fingerprint for both paths."""
+    del prefix
+    keep = set()
+    for k in keys:
+        marker = ".encoder.layers."
+        if marker in k:
+            layer = int(k.split(marker, 1)[1].split(".", 1)[0])
+            if layer >= cfg.layers_needed:
+                continue
+        keep.add(k)
+    return keep
+
+
+def _materialise_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Non-persistent buffers stay on the meta device after ``assign`` loading; rebuild them."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if not buf.is_meta:
+                continue
+            if name == "position_ids":
+                value = torch.arange(buf.shape[-1], device=device).expand(buf.shape)
+                module.register_buffer(name, value, persistent=False)
+            else:  # pragma: no cover - a transformers change we do not know about
+                raise CheckpointError(f"buffer {type(module).__name__}.{name} has no value after loading")

@@ -1,0 +1,111 @@
+"""Batching across images: pack the real crops of many images into fixed-size forward passes.
+
+``encode_stream`` takes preprocessed images in order and yields each image's embeddings as soon as all its
+crops have been through the encoder. Crops of one image may span two batches; features wait on the
+device until the image is complete, then the HD transform and the projection run once for every image
+completed by that batch. Nothing in the loop synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
+
+from .model import Phi3VisionModel
+from .preprocess import Preprocessed, pad_crops
+
+K = TypeVar("K")
+
+
+@dataclass
+class _Pending(Generic[K]):
+    key: K
+    item: Preprocessed
+    features: list[torch.Tensor] = field(default_factory=list)
+    done: int = 0  # crops encoded so far
+
+
+def _to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if device.type == "cuda":
+        if not x.is_pinned():
+            x = x.pin_memory()
+        return x.to(device, non_blocking=True).to(dtype)
+    return x.to(device=device, dtype=dtype)
+
+
+@torch.inference_mode()
+def encode_stream(
+    model: Phi3VisionModel,
+    items: Iterable[tuple[K, Preprocessed]],
+    *,
+    batch_size: int = 8,
+) -> Iterator[tuple[K, Preprocessed, torch.Tensor]]:
+    """Yield ``(key, item, embeddings [T, D])`` in input order, batching ``batch_size`` crops per pass."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device, dtype = model.device, model.dtype
+    pending: deque[_Pending[K]] = deque()  # images with crops not yet fully encoded, in order
+    queue: deque[tuple[_Pending[K], int, int]] = deque()  # (image, first crop, crop count) still to encode
+    queued = 0
+
+    def run_batch(limit: int) -> list[_Pending[K]]:
+        nonlocal queued
+        pieces, owners = [], []
+        taken = 0
+        while queue and taken < limit:
+            p, start, count = queue.popleft()
+            n = min(count, limit - taken)
+            pieces.append(p.item.pixel_values[start : start + n])
+            owners.append((p, n))
+            if n < count:
+                queue.appendleft((p, start + n, count - n))
+            taken += n
+        queued -= taken
+        batch = _to_device(torch.cat(pieces) if len(pieces) > 1 else pieces[0], device, dtype)  # (B, 3, S, S)
+        feats = model.crop_features(batch)  # (B, g*g, C)
+        offset = 0
+        for p, n in owners:
+            p.features.append(feats[offset : offset + n])
+            p.done += n
+            offset += n
+        finished = []
+        while pending and pending[0].done == pending[0].item.num_real_crops:
+            finished.append(pending.popleft())
+        return finished
+
+    def emit(finished: list[_Pending[K]]) -> Iterator[tuple[K, Preprocessed, torch.Tensor]]:
+        if not finished:
+            return
+        feats = torch.cat([f for p in finished for f in p.features])
+        grids = [(p.item.grid.rows, p.item.grid.cols) for p in finished]
+        for p, emb in zip(finished, model.embed_features(feats, grids)):
+            p.features.clear()
+            yield p.key, p.item, emb
+
+    for key, item in items:
+        p = _Pending(key, item)
+        pending.append(p)
+        queue.append((p, 0, item.num_real_crops))
+        queued += item.num_real_crops
+        while queued >= batch_size:
+            yield from emit(run_batch(batch_size))
+    while queued:
+        yield from emit(run_batch(batch_size))
+
+
+@torch.inference_mode()
+def encode_plain(
+    model: Phi3VisionModel, items: Iterable[tuple[K, Preprocessed]], *, num_crops: int
+) -> Iterator[tuple[K, Preprocessed, torch.Tensor]]:
+    """The reference's way, kept as the yardstick: one image at a time, zero crops padded to
+    ``num_crops + 1`` and encoded too, then discarded."""
+    device, dtype = model.device, model.dtype
+    for key, item in items:
+        padded = pad_crops(item.pixel_values, num_crops=num_crops)  # (num_crops+1, 3, S, S)
+        feats = model.crop_features(_to_device(padded, device, dtype))[: item.num_real_crops]
+        (emb,) = model.embed_features(feats, [(item.grid.rows, item.grid.cols)])
+        yield key, item, emb

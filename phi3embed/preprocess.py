@@ -1,0 +1,276 @@
+"""Decode an image and apply the Phi-3-V HD transform, exactly as the reference processor does.
+
+Geometry is pure integer/float arithmetic (:func:`hd_grid`); pixels go through Pillow for decoding,
+mode conversion, bilinear resize and white padding (bit-exact with the reference), then through
+float32 torch ops for normalisation and the bicubic global view (SPEC sections 2-8).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import PreprocessConfig
+from .errors import DecompressionBombError, ImageError, UnsupportedImageError
+from .hd import num_image_tokens
+
+AlphaMode = Literal["drop", "white"]
+ImageInput = Union[str, os.PathLike, Image.Image, bytes]
+
+
+@dataclass(frozen=True)
+class HDGrid:
+    """Result of the HD geometry for one image (all sizes in pixels)."""
+
+    width: int  # source width
+    height: int  # source height
+    transposed: bool  # portrait input: processed transposed, then transposed back
+    resized_w: int  # size passed to the resize, in the (possibly transposed) frame
+    resized_h: int
+    pad_top: int  # white rows added above / below the resized image (transposed frame)
+    pad_bottom: int
+    out_h: int  # H' (multiple of crop size), final orientation
+    out_w: int  # W'
+    rows: int  # H' / crop
+    cols: int  # W' / crop
+
+    @property
+    def num_crops_used(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def image_sizes(self) -> tuple[int, int]:
+        """[H', W'] as the reference reports it (height first)."""
+        return (self.out_h, self.out_w)
+
+
+def hd_scale(*, ratio: float, num_crops: int) -> int:
+    """Largest ``s`` with ``s * ceil(s / ratio) <= num_crops`` (the reference's increment loop)."""
+    s = 1
+    while s * math.ceil(s / ratio) <= num_crops:
+        s += 1
+    return s - 1
+
+
+def hd_grid(*, width: int, height: int, num_crops: int, crop_size: int = 336) -> HDGrid:
+    """HD geometry of a ``width x height`` image, reproducing the reference's double-precision rules.
+
+    Raises UnsupportedImageError where the reference itself fails (the resized height truncates to 0).
+    """
+    if width < 1 or height < 1:
+        raise UnsupportedImageError(f"image has no pixels ({width}x{height})")
+    if num_crops < 1:
+        raise ValueError(f"num_crops must be >= 1, got {num_crops}")
+    transposed = width < height
+    w, h = (height, width) if transposed else (width, height)
+    ratio = w / h  # IEEE double, as in the reference
+    scale = hd_scale(ratio=ratio, num_crops=num_crops)
+    new_w = int(scale * crop_size)
+    new_h = int(new_w / ratio)  # double division then truncation: NOT floor(new_w * h / w)
+    if new_h <= 0:
+        raise UnsupportedImageError(
+            f"aspect ratio {width}x{height} is too extreme for num_crops={num_crops}: the resized "
+            f"{'width' if transposed else 'height'} truncates to 0 (the reference processor fails here too)"
+        )
+    target = math.ceil(new_h / crop_size) * crop_size
+    top = (target - new_h) // 2
+    out_w, out_h = new_w, target
+    if transposed:
+        out_w, out_h = out_h, out_w
+    return HDGrid(
+        width=width,
+        height=height,
+        transposed=transposed,
+        resized_w=new_w,
+        resized_h=new_h,
+        pad_top=top,
+        pad_bottom=target - new_h - top,
+        out_h=out_h,
+        out_w=out_w,
+        rows=out_h // crop_size,
+        cols=out_w // crop_size,
+    )
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _describe(source: object) -> str | None:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return None
+
+
+def open_image(source: ImageInput, *, name: str | None = None) -> Image.Image:
+    """Open and fully decode one image (first frame). Every failure becomes an ImageError naming the file."""
+    if isinstance(source, Image.Image):
+        return source
+    label = name or _describe(source) or "<bytes>"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                if len(source) == 0:
+                    raise ImageError("empty file (0 bytes)", path=label)
+                img = Image.open(io.BytesIO(bytes(source)))
+            else:
+                path = Path(source)
+                if path.is_dir():
+                    raise ImageError("is a directory, not an image file", path=label)
+                if not path.exists():
+                    if path.is_symlink():
+                        raise ImageError("broken symbolic link", path=label)
+                    raise ImageError("file not found", path=label)
+                if path.stat().st_size == 0:
+                    raise ImageError("empty file (0 bytes)", path=label)
+                with open(path, "rb") as fh:
+                    img = Image.open(io.BytesIO(fh.read()))
+            img.load()  # decode now, so truncated files fail here and not later
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DecompressionBombError(f"decompression bomb: {exc}", path=label) from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image Pillow can identify (corrupt or not an image)", path=label) from None
+    except PermissionError:
+        raise ImageError("permission denied", path=label) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if "truncated" in reason.lower():
+            reason = f"truncated image data ({reason})"
+        raise ImageError(f"cannot decode image: {reason}", path=label) from None
+    except MemoryError:
+        raise ImageError("out of memory while decoding", path=label) from None
+    return img
+
+
+def to_rgb(img: Image.Image, *, alpha: AlphaMode = "drop", exif_transpose: bool = False) -> Image.Image:
+    """RGB conversion as the reference processor does it (SPEC 2).
+
+    ``alpha="drop"`` is the official behaviour (transformers 4.x: the colour under transparent pixels is
+    kept); ``alpha="white"`` composites over opaque white first (transformers 5.x behaviour).
+    EXIF orientation is ignored by the reference; ``exif_transpose=True`` applies it first.
+    """
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)
+    if alpha == "white":
+        if "A" in img.getbands() or img.info.get("transparency") is not None:
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, rgba)
+    elif alpha != "drop":
+        raise ValueError(f"alpha must be 'drop' or 'white', got {alpha!r}")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+# --------------------------------------------------------------------------- HD image
+
+
+def hd_image(rgb: Image.Image, grid: HDGrid) -> Image.Image:
+    """Resize (Pillow BILINEAR) and pad with white to ``grid``; returns the uint8 RGB image W' x H'."""
+    img = rgb.transpose(Image.Transpose.TRANSPOSE) if grid.transposed else rgb
+    if img.size != (grid.resized_w, grid.resized_h):
+        img = img.resize((grid.resized_w, grid.resized_h), Image.Resampling.BILINEAR)
+    target_h = grid.resized_h + grid.pad_top + grid.pad_bottom
+    if target_h != grid.resized_h:
+        canvas = Image.new("RGB", (grid.resized_w, target_h), (255, 255, 255))
+        canvas.paste(img, (0, grid.pad_top))
+        img = canvas
+    if grid.transposed:
+        img = img.transpose(Image.Transpose.TRANSPOSE)
+    assert img.size == (grid.out_w, grid.out_h), (img.size, grid)
+    return img
+
+
+def normalize(hd: Image.Image, *, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 RGB image -> float32 ``[3, H', W']``: ``(x / 255 - mean) / std`` with true divisions."""
+    array = np.asarray(hd, dtype=np.uint8)  # (H', W', 3)
+    x = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div(255)  # (3, H', W')
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
+
+
+def crops(x: torch.Tensor, *, crop_size: int) -> torch.Tensor:
+    """Normalised HD image ``[3, H', W']`` -> ``[1 + rows*cols, 3, S, S]``: bicubic global view, then tiles.
+
+    Tiles are row-major (left to right, then top to bottom).
+    """
+    c, h, w = x.shape
+    rows, cols = h // crop_size, w // crop_size
+    glb = F.interpolate(x[None], size=(crop_size, crop_size), mode="bicubic", align_corners=False)  # (1,3,S,S)
+    tiles = (
+        x.view(c, rows, crop_size, cols, crop_size)  # (3, rows, S, cols, S)
+        .permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
+        .reshape(rows * cols, c, crop_size, crop_size)  # (n, 3, S, S)
+    )
+    return torch.cat([glb, tiles], dim=0)  # (1 + n, 3, S, S)
+
+
+def pad_crops(pixel_values: torch.Tensor, *, num_crops: int) -> torch.Tensor:
+    """``[1 + n, 3, S, S]`` -> ``[num_crops + 1, 3, S, S]`` with all-zero crops, as the reference batches them."""
+    n = pixel_values.shape[0]
+    if n > num_crops + 1:
+        raise ValueError(f"{n} crops do not fit num_crops={num_crops}")
+    pad = pixel_values.new_zeros((num_crops + 1 - n, *pixel_values.shape[1:]))
+    return torch.cat([pixel_values, pad], dim=0)
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """One image, ready for the encoder."""
+
+    pixel_values: torch.Tensor  # (1 + rows*cols, 3, S, S) float32: global view first, then real tiles
+    grid: HDGrid
+    num_tokens: int
+    source: str | None = None
+
+    @property
+    def image_sizes(self) -> tuple[int, int]:
+        return self.grid.image_sizes
+
+    @property
+    def num_real_crops(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+def preprocess_rgb(rgb: Image.Image, cfg: PreprocessConfig, *, source: str | None = None) -> Preprocessed:
+    grid = hd_grid(width=rgb.width, height=rgb.height, num_crops=cfg.num_crops, crop_size=cfg.crop_size)
+    hd = hd_image(rgb, grid)
+    pixel_values = crops(normalize(hd, mean=cfg.image_mean, std=cfg.image_std), crop_size=cfg.crop_size)
+    tokens = num_image_tokens(rows=grid.rows, cols=grid.cols)
+    return Preprocessed(pixel_values=pixel_values, grid=grid, num_tokens=tokens, source=source)
+
+
+def preprocess_image(
+    image: ImageInput,
+    cfg: PreprocessConfig,
+    *,
+    alpha: AlphaMode = "drop",
+    exif_transpose: bool = False,
+    name: str | None = None,
+) -> Preprocessed:
+    """Path, bytes or PIL image -> :class:`Preprocessed`. Raises ImageError (naming the file) on bad input."""
+    label = name or _describe(image)
+    img = open_image(image, name=label)
+    try:
+        rgb = to_rgb(img, alpha=alpha, exif_transpose=exif_transpose)
+        return preprocess_rgb(rgb, cfg, source=label)
+    except ImageError as exc:
+        if exc.path is None and label is not None:
+            raise type(exc)(exc.reason, path=label) from None
+        raise
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot convert image: {exc}", path=label) from None
