@@ -109,7 +109,8 @@ class Checkpoint:
                     info = self.tensors[key]
                     buf = torch.empty(info.nbytes, dtype=torch.uint8)
                     fh.seek(info.start)
-                    got = fh.readinto(memoryview(buf.numpy()))
+                    view = buf.numpy().data  # writable buffer over the tensor's memory
+                    got = fh.readinto(view)
                     if got != info.nbytes:
                         raise CheckpointError(
                             f"tensor {key} is truncated: expected {info.nbytes} bytes, read {got}", path=path
@@ -117,7 +118,7 @@ class Checkpoint:
                     self.bytes_read += got
                     if hasher is not None and (hash_keys is None or key in hash_keys):
                         hasher.update(f"{key}|{info.dtype}|{list(info.shape)}".encode())
-                        hasher.update(memoryview(buf.numpy()))
+                        hasher.update(view)
                     tensor = buf.view(_DTYPES[info.dtype]).reshape(info.shape)
                     if dtype is not None and tensor.is_floating_point():
                         tensor = tensor.to(dtype)
@@ -256,7 +257,9 @@ def resolve(
     )
 
 
-def _fetch_from_hub(repo_id: str, *, revision: str | None, wanted: Callable[[str], bool], cache_dir: str | None) -> Path:
+def _fetch_from_hub(
+    repo_id: str, *, revision: str | None, wanted: Callable[[str], bool], cache_dir: str | None
+) -> Path:
     """Download (or find in the cache) config files and only the shards that hold wanted tensors."""
     try:
         from huggingface_hub import hf_hub_download

@@ -167,7 +167,9 @@ class Phi3VisionEmbedder:
             name=name,
         )
 
-    def embed_stream(self, items: Iterable[tuple[object, Preprocessed]]) -> Iterator[tuple[object, Preprocessed, torch.Tensor]]:
+    def embed_stream(
+        self, items: Iterable[tuple[object, Preprocessed]]
+    ) -> Iterator[tuple[object, Preprocessed, torch.Tensor]]:
         """Preprocessed images in, ``(key, item, embeddings)`` out in the same order, crops batched."""
         if self.plain:
             return encode_plain(self.model, items, num_crops=self.num_crops)
@@ -185,5 +187,5 @@ class Phi3VisionEmbedder:
         """
         if isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "getbands"):
             images = [images]  # type: ignore[list-item]
-        items = ((i, self.preprocess(img)) for i, img in enumerate(images))  # type: ignore[union-attr]
+        items = ((i, self.preprocess(img)) for i, img in enumerate(images))
         return [emb for _, _, emb in self.embed_stream(items)]

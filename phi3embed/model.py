@@ -99,7 +99,7 @@ class Phi3VisionModel(nn.Module):
         """CLIP features of several images (concatenated) -> projected tokens per image, one projection call."""
         counts = [1 + r * c for r, c in grids]
         per_image = torch.split(features, counts)
-        tokens = [self.tokens(f, rows=r, cols=c) for f, (r, c) in zip(per_image, grids)]
+        tokens = [self.tokens(f, rows=r, cols=c) for f, (r, c) in zip(per_image, grids, strict=True)]
         projected = self.project(torch.cat(tokens))  # (sum T_i, D)
         return list(torch.split(projected, [t.shape[0] for t in tokens]))
 
@@ -110,9 +110,7 @@ class Phi3VisionModel(nn.Module):
         with torch.device("meta"):
             full = Phi3VisionModel(self.cfg, full_depth=True, attn="eager")
         prefix = full.clip_prefix
-        return {
-            module_to_checkpoint_key(k, clip_prefix=prefix): tuple(v.shape) for k, v in full.state_dict().items()
-        }
+        return {module_to_checkpoint_key(k, clip_prefix=prefix): tuple(v.shape) for k, v in full.state_dict().items()}
 
     @classmethod
     def from_checkpoint(

@@ -82,7 +82,7 @@ def encode_stream(
             return
         feats = torch.cat([f for p in finished for f in p.features])
         grids = [(p.item.grid.rows, p.item.grid.cols) for p in finished]
-        for p, emb in zip(finished, model.embed_features(feats, grids)):
+        for p, emb in zip(finished, model.embed_features(feats, grids), strict=True):
             p.features.clear()
             yield p.key, p.item, emb
 

@@ -25,7 +25,7 @@ from .errors import DecompressionBombError, ImageError, UnsupportedImageError
 from .hd import num_image_tokens
 
 AlphaMode = Literal["drop", "white"]
-ImageInput = Union[str, os.PathLike, Image.Image, bytes]
+ImageInput = Union[str, "os.PathLike[str]", Image.Image, bytes]  # noqa: UP007 (runtime alias, py3.10)
 
 
 @dataclass(frozen=True)
