@@ -1,0 +1,372 @@
+"""Ray Data engine: the encoder as a stateful callable class for ``ray.data.Dataset.map_batches``.
+
+Each actor loads the checkpoint once (:class:`RayEncoder`), then turns batches of paths (or image bytes)
+into rows of embeddings plus the facts a manifest record needs. Bad images become ``status="error"``
+rows; they never raise. Embeddings travel as raw bytes + dtype + shape, because numpy (and so Arrow)
+has no bfloat16: :func:`decode_rows` on the driver rebuilds the exact tensor the actor computed, so the
+files the driver writes are byte-identical to the local engine's.
+
+Nothing here imports ``ray`` at module import time: the actor class is plain Python that Ray ships to
+workers, and :func:`build_pipeline` / :func:`init_ray` import it when called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+
+from .embedder import Phi3VisionEmbedder, parse_dtype
+from .errors import CheckpointError, ImageError
+from .preprocess import AlphaMode, Preprocessed
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ray.data
+
+PATH = "path"  # input column: the file to read, or the name of the bytes in BYTES
+BYTES = "bytes"  # optional input column: the file's content (then PATH is only its name); None = read PATH
+UNKNOWN = -1  # integer columns of facts an error row does not have
+
+#: Output columns added to every row, in this order (input columns other than BYTES pass through).
+RESULT_COLUMNS = (
+    "status",  # "ok" or "error"
+    "error",  # one line "file: reason" ("" when ok)
+    "width",  # source image size in pixels (UNKNOWN when it could not be decoded)
+    "height",
+    "image_h",  # image_sizes [H', W'] of the HD image
+    "image_w",
+    "rows",  # crop grid [rows, cols]
+    "cols",
+    "num_tokens",
+    "sha256",  # of the source file's bytes ("" when they could not be read)
+    "dtype",  # stored dtype name of the embedding ("" for error rows)
+    "dim",  # hidden size D of the embedding
+    "embedding",  # raw bytes of the contiguous [num_tokens, D] tensor (b"" for error rows)
+)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything an actor needs to build its embedder. Plain data: pickled once per actor."""
+
+    model: str
+    device: str = "auto"  # resolved inside the actor (Ray sets CUDA_VISIBLE_DEVICES per GPU actor)
+    dtype: str = "float32"  # compute dtype
+    out_dtype: str | None = None  # stored dtype; None = the compute dtype
+    num_crops: int | None = None
+    revision: str | None = None
+    alpha: AlphaMode = "drop"
+    exif_transpose: bool = False
+    batch_size: int = 8  # crops per forward pass
+    decode_threads: int = 0  # threads decoding the next images while the encoder runs (0 = inline)
+    expect_fingerprint: str | None = None  # refuse to run on weights other than the driver's
+
+    def load(self) -> Phi3VisionEmbedder:
+        return Phi3VisionEmbedder.from_pretrained(
+            self.model,
+            device=self.device,
+            dtype=self.dtype,
+            num_crops=self.num_crops,
+            revision=self.revision,
+            alpha=self.alpha,
+            exif_transpose=self.exif_transpose,
+            batch_size=self.batch_size,
+        )
+
+
+def read_source(path: str | os.PathLike[str]) -> bytes:
+    """The file's bytes, with the same one-line ImageErrors ``open_image`` gives for a path."""
+    label = os.fspath(path)
+    p = Path(path)
+    if p.is_dir():
+        raise ImageError("is a directory, not an image file", path=label)
+    if not p.exists():
+        raise ImageError("broken symbolic link" if p.is_symlink() else "file not found", path=label)
+    try:
+        return p.read_bytes()
+    except PermissionError:
+        raise ImageError("permission denied", path=label) from None
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}", path=label) from None
+
+
+def embedding_bytes(emb: torch.Tensor) -> bytes:
+    """A CPU tensor's exact bytes (any dtype, bfloat16 included), row-major."""
+    return emb.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def embedding_from_bytes(data: bytes, *, dtype: str, num_tokens: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`embedding_bytes`: a ``[num_tokens, dim]`` CPU tensor of ``dtype``."""
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return raw.view(parse_dtype(dtype)).reshape(num_tokens, dim)
+
+
+@dataclass
+class _Row:
+    status: str = "error"
+    error: str = ""
+    width: int = UNKNOWN
+    height: int = UNKNOWN
+    image_h: int = UNKNOWN
+    image_w: int = UNKNOWN
+    rows: int = UNKNOWN
+    cols: int = UNKNOWN
+    num_tokens: int = UNKNOWN
+    sha256: str = ""
+    dtype: str = ""
+    dim: int = UNKNOWN
+    embedding: bytes = b""
+
+
+_INT_COLUMNS = frozenset(k for k, v in _Row.__dataclass_fields__.items() if v.type == "int")
+
+
+def _blob(value: Any) -> bytes | None:
+    """One BYTES cell as Ray hands it over. Ray turns a block whose cells are all null into a float NaN
+    array, so anything that is not bytes-like means "no bytes: read the path"."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value.tobytes()
+    return None
+
+
+class RayEncoder:
+    """Callable class for ``Dataset.map_batches``: batch of ``path`` (+ optional ``bytes``) -> result rows.
+
+    ``batch_format="numpy"``: the batch is a dict of equal-length numpy arrays; the result keeps every
+    input column except ``bytes`` (so a driver-side key column comes back) and adds RESULT_COLUMNS.
+    """
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        self.spec = spec
+        self.embedder = spec.load()
+        if spec.expect_fingerprint is not None and self.embedder.fingerprint != spec.expect_fingerprint:
+            raise CheckpointError(
+                f"vision weights here have fingerprint {self.embedder.fingerprint}, the driver's have "
+                f"{spec.expect_fingerprint}: every node must see the same checkpoint",
+                path=spec.model,
+            )
+        self.out_dtype = parse_dtype(spec.out_dtype) if spec.out_dtype else self.embedder.dtype
+        self.out_dtype_name = str(self.out_dtype).removeprefix("torch.")
+        self._pool = ThreadPoolExecutor(spec.decode_threads) if spec.decode_threads > 0 else None
+
+    def _prepare(self, label: str, data: bytes | None) -> tuple[_Row, Preprocessed | None]:
+        """Read, hash, decode and tile one image. Never raises for a bad image."""
+        row = _Row()
+        try:
+            if data is None:
+                data = read_source(label)
+            row.sha256 = hashlib.sha256(data).hexdigest()
+            item = self.embedder.preprocess(data, name=label)
+        except ImageError as exc:
+            row.error = str(exc)
+            return row, None
+        grid = item.grid
+        row.width, row.height = grid.width, grid.height
+        row.image_h, row.image_w = grid.image_sizes
+        row.rows, row.cols = grid.rows, grid.cols
+        row.num_tokens = item.num_tokens
+        return row, item
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        labels = [str(p) for p in batch[PATH]]
+        blobs = [_blob(b) for b in batch[BYTES]] if BYTES in batch else [None] * len(labels)
+        jobs = list(zip(labels, blobs, strict=True))
+        prepared = (
+            self._pool.map(lambda a: self._prepare(*a), jobs) if self._pool else (self._prepare(*a) for a in jobs)
+        )
+        rows: list[_Row] = []
+
+        def ready() -> Iterator[tuple[int, Preprocessed]]:
+            for i, (row, item) in enumerate(prepared):
+                rows.append(row)
+                if item is not None:
+                    yield i, item
+
+        for i, _item, emb in self.embedder.embed_stream(ready()):
+            row = rows[cast(int, i)]
+            stored = emb.to(self.out_dtype)
+            row.status = "ok"
+            row.dtype = self.out_dtype_name
+            row.dim = int(stored.shape[1])
+            assert stored.shape[0] == row.num_tokens, (stored.shape, row.num_tokens)
+            row.embedding = embedding_bytes(stored)
+        assert len(rows) == len(labels)
+        out: dict[str, np.ndarray] = {k: v for k, v in batch.items() if k != BYTES}
+        for name in RESULT_COLUMNS:
+            values = [getattr(r, name) for r in rows]
+            if name in _INT_COLUMNS:
+                out[name] = np.asarray(values, dtype=np.int64)
+            else:  # strings and bytes: object arrays (Ray stores them as Arrow string / binary)
+                col = np.empty(len(values), dtype=object)
+                col[:] = values
+                out[name] = col
+        return out
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class EncodedImage:
+    """One result row, rebuilt on the driver: manifest facts + the exact embedding (None on error)."""
+
+    path: str
+    status: str
+    error: str | None
+    width: int | None
+    height: int | None
+    image_sizes: list[int] | None
+    crops: list[int] | None
+    num_tokens: int | None
+    sha256: str | None
+    embedding: torch.Tensor | None
+    extra: dict[str, Any] = field(default_factory=dict)  # pass-through input columns (e.g. a job index)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def facts(self) -> dict[str, Any]:
+        """The manifest fields this row determines (not the embedding, not the extras)."""
+        d = asdict(self)
+        for k in ("embedding", "extra", "path"):
+            d.pop(k)
+        return d
+
+
+def _known(v: Any) -> int | None:
+    v = int(v)
+    return None if v == UNKNOWN else v
+
+
+def decode_rows(batch: Mapping[str, Any]) -> Iterator[EncodedImage]:
+    """A numpy batch of RayEncoder output (e.g. from ``iter_batches(batch_format="numpy")``) -> results."""
+    n = len(batch["status"])
+    extras = [k for k in batch if k not in RESULT_COLUMNS and k not in (PATH, BYTES)]
+    for i in range(n):
+        ok = batch["status"][i] == "ok"
+        emb = None
+        if ok:
+            emb = embedding_from_bytes(
+                batch["embedding"][i],
+                dtype=str(batch["dtype"][i]),
+                num_tokens=int(batch["num_tokens"][i]),
+                dim=int(batch["dim"][i]),
+            )
+        h, w, r, c = (_known(batch[k][i]) for k in ("image_h", "image_w", "rows", "cols"))
+        yield EncodedImage(
+            path=str(batch[PATH][i]),
+            status="ok" if ok else "error",
+            error=None if ok else str(batch["error"][i]),
+            width=_known(batch["width"][i]),
+            height=_known(batch["height"][i]),
+            image_sizes=None if h is None or w is None else [h, w],
+            crops=None if r is None or c is None else [r, c],
+            num_tokens=_known(batch["num_tokens"][i]),
+            sha256=str(batch["sha256"][i]) or None,
+            embedding=emb,
+            extra={k: _plain(batch[k][i]) for k in extras},
+        )
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def actor_resources(device: str, *, cpus_per_actor: float = 1.0) -> tuple[float, float]:
+    """``(num_cpus, num_gpus)`` of one actor: a whole GPU for a CUDA device (or ``auto`` on a cluster with
+    GPUs), plus ``cpus_per_actor`` CPUs for decoding."""
+    gpu = device.startswith("cuda") or (device == "auto" and _cluster_has_gpus())
+    return cpus_per_actor, 1.0 if gpu else 0.0
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return bool(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0)
+
+
+def build_pipeline(
+    ds: ray.data.Dataset,
+    spec: EncoderSpec,
+    *,
+    actors: int,
+    images_per_batch: int = 8,
+    cpus_per_actor: float = 1.0,
+) -> ray.data.Dataset:
+    """``ds`` (a PATH column, optional BYTES and key columns) -> the dataset of result rows.
+
+    A fixed pool of ``actors`` RayEncoder actors, each with one GPU (CUDA device, or ``auto`` on a
+    cluster that has GPUs) or ``cpus_per_actor`` CPUs. Ray Data's actor fault tolerance stays on: a
+    dead actor (lost node, crashed process) is restarted and its batch retried; an exception in the
+    encoder (not a bad image: those are error rows) fails the job.
+    """
+    import ray.data
+
+    if actors < 1:
+        raise ValueError(f"actors must be >= 1, got {actors}")
+    num_cpus, num_gpus = actor_resources(spec.device, cpus_per_actor=cpus_per_actor)
+    return ds.map_batches(
+        RayEncoder,
+        fn_constructor_kwargs={"spec": spec},
+        batch_size=images_per_batch,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus or None,
+    )
+
+
+@contextmanager
+def ray_session(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+    quiet: bool = True,
+) -> Iterator[bool]:
+    """Connect to ``address`` (an existing cluster: ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``) or start
+    a private local instance with ``num_cpus`` CPUs. Yields whether a local instance was started here.
+
+    Ray's own progress bars and INFO logs are turned off (the caller shows progress); Ray's logs stay in
+    its session folder. A Ray already initialised by the caller is used as is and left running.
+    """
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    if quiet:
+        for handler in logging.getLogger("ray.data").handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)
+    if ray.is_initialized():
+        yield False
+        return
+    local = address is None
+    if quiet:  # Ray warns on every start that token auth (its default, which we keep) is on
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(
+        address=address,
+        num_cpus=num_cpus if local else None,
+        object_store_memory=object_store_memory if local else None,
+        include_dashboard=False if local else None,
+        logging_level=logging.ERROR if quiet else logging.INFO,
+        log_to_driver=not quiet,
+    )
+    try:
+        yield local
+    finally:
+        ray.shutdown()

@@ -1,0 +1,259 @@
+"""The Ray Data engine: the actor class alone (no Ray needed), then through a local 2-CPU Ray instance.
+
+Results must be bit-identical to ``Phi3VisionEmbedder.encode`` and the manifest facts must match the
+reference's (golden MANIFEST.json); bad images become error rows, never exceptions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import GOLDEN, TINY_35, TINY_128K
+
+from phi3embed import CheckpointError, Phi3VisionEmbedder
+from phi3embed.ray_engine import (
+    BYTES,
+    PATH,
+    EncodedImage,
+    EncoderSpec,
+    RayEncoder,
+    build_pipeline,
+    decode_rows,
+    embedding_bytes,
+    embedding_from_bytes,
+    ray_session,
+)
+
+NUM_CROPS = 4  # small grids keep the tiny model quick
+IMAGES = sorted((GOLDEN / "images").iterdir()) if (GOLDEN / "images").is_dir() else []
+
+
+def ckpt(name: str = TINY_128K) -> str:
+    return str(GOLDEN / "checkpoints" / name)
+
+
+@cache
+def reference(name: str = TINY_128K) -> Phi3VisionEmbedder:
+    return Phi3VisionEmbedder.from_pretrained(ckpt(name), num_crops=NUM_CROPS)
+
+
+@cache
+def expected(path: Path, name: str = TINY_128K) -> torch.Tensor:
+    (emb,) = reference(name).encode([path])
+    return emb
+
+
+def batch_of(paths: list[Any], **columns: list[Any]) -> dict[str, np.ndarray]:
+    """A numpy batch as Ray Data hands it to map_batches (object arrays for strings and bytes)."""
+    out = {PATH: np.array([str(p) for p in paths], dtype=object)}
+    for name, values in columns.items():
+        col = np.empty(len(values), dtype=object)
+        col[:] = values
+        out[name] = col
+    return out
+
+
+def golden_facts(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+    """What the reference says about one golden image at NUM_CROPS (image facts + processor case)."""
+    img = manifest["images"][path.name]
+    (case,) = [
+        c for c in manifest["processor_cases"] if c["image"] == f"images/{path.name}" and c["num_crops"] == NUM_CROPS
+    ]
+    return {
+        "width": img["width"],
+        "height": img["height"],
+        "image_sizes": case["image_sizes"],
+        "crops": case["crops_hw"],
+        "num_tokens": case["num_img_tokens"],
+        "sha256": img["file_sha256"],
+    }
+
+
+def check_ok(result: EncodedImage, path: Path, manifest: dict[str, Any]) -> None:
+    assert result.ok, result.error
+    assert result.error is None
+    facts = result.facts()
+    assert {k: facts[k] for k in golden_facts(manifest, path)} == golden_facts(manifest, path)
+    assert result.embedding is not None
+    want = expected(path)
+    assert result.embedding.dtype == want.dtype and result.embedding.shape == want.shape
+    assert (result.embedding - want).abs().max().item() == 0.0
+    assert torch.equal(result.embedding, want)
+
+
+@pytest.fixture(scope="module")
+def encoder(golden: Path) -> RayEncoder:
+    return RayEncoder(EncoderSpec(model=ckpt(), device="cpu", num_crops=NUM_CROPS, batch_size=8))
+
+
+@pytest.fixture()
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    good = (GOLDEN / "images" / "photo_1000x750.jpg").read_bytes()
+    files = {
+        "corrupt": tmp_path / "truncated.jpg",
+        "empty": tmp_path / "empty.png",
+        "directory": tmp_path / "folder.jpg",
+        "missing": tmp_path / "missing.png",
+        "broken_link": tmp_path / "dangling.png",
+        "not_image": tmp_path / "notes.png",
+    }
+    files["corrupt"].write_bytes(good[: len(good) // 3])
+    files["empty"].write_bytes(b"")
+    files["directory"].mkdir()
+    files["broken_link"].symlink_to(tmp_path / "nowhere.png")
+    files["not_image"].write_text("just text\n")
+    return files
+
+
+# --------------------------------------------------------------------------- the actor class, no Ray
+
+
+def test_actor_class_matches_encode_and_reference_facts(encoder: RayEncoder, manifest: dict[str, Any]) -> None:
+    assert IMAGES, "golden images missing"
+    out = encoder(batch_of(IMAGES, index=list(range(len(IMAGES)))))
+    assert BYTES not in out
+    results = list(decode_rows(out))
+    assert [r.path for r in results] == [str(p) for p in IMAGES]
+    assert [r.extra for r in results] == [{"index": i} for i in range(len(IMAGES))]
+    for path, result in zip(IMAGES, results, strict=True):
+        check_ok(result, path, manifest)
+
+
+def test_bad_images_become_error_rows_and_good_ones_survive(
+    encoder: RayEncoder, bad_files: dict[str, Path], manifest: dict[str, Any]
+) -> None:
+    good = GOLDEN / "images" / "rgb_337x335.png"
+    paths = [good, *bad_files.values(), good]
+    results = list(decode_rows(encoder(batch_of(paths))))
+    check_ok(results[0], good, manifest)
+    check_ok(results[-1], good, manifest)
+    reasons = {
+        "corrupt": "truncated image data",
+        "empty": "empty file (0 bytes)",
+        "directory": "is a directory",
+        "missing": "file not found",
+        "broken_link": "broken symbolic link",
+        "not_image": "not an image Pillow can identify",
+    }
+    for (kind, path), result in zip(bad_files.items(), results[1:-1], strict=True):
+        assert result.status == "error" and result.embedding is None, kind
+        assert result.error is not None and "\n" not in result.error
+        assert result.error.startswith(f"{path}: "), result.error
+        assert reasons[kind] in result.error, (kind, result.error)
+        assert result.num_tokens is None and result.image_sizes is None and result.crops is None
+    by_kind = dict(zip(bad_files, results[1:-1], strict=True))
+    # Bytes that were read are hashed even when they do not decode.
+    corrupt = bad_files["corrupt"].read_bytes()
+    assert by_kind["corrupt"].sha256 == hashlib.sha256(corrupt).hexdigest()
+    assert by_kind["missing"].sha256 is None
+
+
+def test_bytes_input_equals_path_input(encoder: RayEncoder, manifest: dict[str, Any]) -> None:
+    paths = IMAGES[:3]
+    blobs = [p.read_bytes() for p in paths[:2]] + [None]  # None: read the path
+    results = list(decode_rows(encoder(batch_of(paths, bytes=blobs))))
+    for path, result in zip(paths, results, strict=True):
+        check_ok(result, path, manifest)
+
+
+def test_unreadable_file_is_an_error_row(encoder: RayEncoder, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads files regardless of permissions")
+    path = tmp_path / "locked.png"
+    path.write_bytes((GOLDEN / "images" / "tiny_7x9.png").read_bytes())
+    path.chmod(0)
+    (result,) = decode_rows(encoder(batch_of([path])))
+    assert result.status == "error" and result.error == f"{path}: permission denied"
+
+
+def test_bfloat16_travels_bit_exact(golden: Path) -> None:
+    """numpy has no bfloat16: the stored bytes must still be exactly the local engine's bf16 tensor."""
+    enc = RayEncoder(EncoderSpec(model=ckpt(TINY_35), device="cpu", num_crops=NUM_CROPS, out_dtype="bfloat16"))
+    paths = IMAGES[:4]
+    results = list(decode_rows(enc(batch_of(paths))))
+    for path, result in zip(paths, results, strict=True):
+        assert result.ok and result.embedding is not None
+        want = expected(path, TINY_35).to(torch.bfloat16)
+        assert result.embedding.dtype == torch.bfloat16
+        assert torch.equal(result.embedding.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_embedding_bytes_round_trip(dtype: torch.dtype) -> None:
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    data = embedding_bytes(x)
+    assert len(data) == x.numel() * x.element_size()
+    name = str(dtype).removeprefix("torch.")
+    y = embedding_from_bytes(data, dtype=name, num_tokens=7, dim=5)
+    assert y.dtype == dtype and torch.equal(y.view(torch.uint8), x.view(torch.uint8))
+
+
+def test_decode_threads_give_the_same_rows(golden: Path, encoder: RayEncoder) -> None:
+    threaded = RayEncoder(EncoderSpec(model=ckpt(), device="cpu", num_crops=NUM_CROPS, decode_threads=2))
+    paths = [*IMAGES[:5], GOLDEN / "images" / "missing.png", *IMAGES[5:8]]
+    a, b = encoder(batch_of(paths)), threaded(batch_of(paths))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert list(a[key]) == list(b[key]), key
+
+
+def test_actor_refuses_other_weights(golden: Path) -> None:
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        RayEncoder(EncoderSpec(model=ckpt(), device="cpu", num_crops=NUM_CROPS, expect_fingerprint="0" * 32))
+    fp = reference().fingerprint
+    assert RayEncoder(EncoderSpec(model=ckpt(), device="cpu", expect_fingerprint=fp)).embedder.fingerprint == fp
+
+
+# --------------------------------------------------------------------------- through a local Ray instance
+
+
+@pytest.fixture(scope="module")
+def ray_local(golden: Path) -> Iterator[None]:
+    pytest.importorskip("ray")
+    with ray_session(num_cpus=2, object_store_memory=128 * 1024**2) as started:
+        assert started
+        yield
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own, on pickling its context
+def test_ray_pipeline_matches_local_encode(ray_local: None, tmp_path: Path, manifest: dict[str, Any]) -> None:
+    import ray.data
+
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes((GOLDEN / "images" / "photo_1000x750.jpg").read_bytes()[:500])
+    paths = [*IMAGES, corrupt]
+    rows = [{PATH: str(p), BYTES: None, "index": i} for i, p in enumerate(paths)]
+    rows[1][BYTES] = paths[1].read_bytes()  # one image travels as bytes
+    spec = EncoderSpec(model=ckpt(), device="cpu", num_crops=NUM_CROPS, expect_fingerprint=reference().fingerprint)
+    ds = build_pipeline(ray.data.from_items(rows), spec, actors=2, images_per_batch=4)
+    results: dict[int, EncodedImage] = {}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for result in decode_rows(batch):
+            index = result.extra["index"]
+            assert index not in results
+            results[index] = result
+    assert sorted(results) == list(range(len(paths)))
+    for i, path in enumerate(IMAGES):
+        assert results[i].path == str(path)
+        check_ok(results[i], path, manifest)
+    bad = results[len(IMAGES)]
+    assert bad.status == "error" and bad.error is not None
+    assert bad.error.startswith(f"{corrupt}: ") and "truncated" in bad.error
+    assert bad.embedding is None
+
+
+def test_null_bytes_cells_mean_read_the_path(encoder: RayEncoder, manifest: dict[str, Any]) -> None:
+    """Ray hands an all-null binary column over as float NaN: that must not be taken for image bytes."""
+    paths = IMAGES[:2]
+    batch = batch_of(paths)
+    batch[BYTES] = np.full(len(paths), np.nan, dtype=np.float32)
+    for path, result in zip(paths, decode_rows(encoder(batch)), strict=True):
+        check_ok(result, path, manifest)
