@@ -7,26 +7,30 @@ has no bfloat16: :func:`decode_rows` on the driver rebuilds the exact tensor the
 files the driver writes are byte-identical to the local engine's.
 
 Nothing here imports ``ray`` at module import time: the actor class is plain Python that Ray ships to
-workers, and :func:`build_pipeline` / :func:`init_ray` import it when called.
+workers, and :func:`build_pipeline` / :func:`ray_session` import it when called.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
+from PIL import Image
 
+from .checkpoint import resolve
+from .config import preprocess_config_from_dict, vision_config_from_dict
 from .embedder import Phi3VisionEmbedder, parse_dtype
-from .errors import CheckpointError, ImageError
+from .errors import CheckpointError, ImageError, UnsupportedImageError
+from .model import Phi3VisionModel
 from .preprocess import AlphaMode, Preprocessed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,6 +52,8 @@ RESULT_COLUMNS = (
     "cols",
     "num_tokens",
     "sha256",  # of the source file's bytes ("" when they could not be read)
+    "size",  # bytes of the source file (UNKNOWN when it could not be read)
+    "mtime_ns",  # its modification time (UNKNOWN for bytes input or an unreadable file)
     "dtype",  # stored dtype name of the embedding ("" for error rows)
     "dim",  # hidden size D of the embedding
     "embedding",  # raw bytes of the contiguous [num_tokens, D] tensor (b"" for error rows)
@@ -83,20 +89,40 @@ class EncoderSpec:
         )
 
 
-def read_source(path: str | os.PathLike[str]) -> bytes:
-    """The file's bytes, with the same one-line ImageErrors ``open_image`` gives for a path."""
+def checkpoint_facts(spec: EncoderSpec) -> tuple[str, int]:
+    """``(fingerprint, num_crops)`` the actors will have, computed on the driver without building the model
+    (the vision tensors are read and hashed one at a time, then dropped: no GPU, little memory)."""
+    ckpt = resolve(spec.model, revision=spec.revision)
+    vcfg = vision_config_from_dict(ckpt.config, where=str(ckpt.root / "config.json"))
+    pcfg = preprocess_config_from_dict(ckpt.preprocessor_config, crop_size=vcfg.clip.image_size)
+    _, fingerprint = Phi3VisionModel.from_checkpoint(ckpt, vcfg, device="meta")
+    return fingerprint, spec.num_crops or pcfg.num_crops
+
+
+def read_source(path: str | os.PathLike[str]) -> tuple[bytes, int]:
+    """The file's bytes and modification time, with the one-line ImageErrors ``open_image`` gives."""
     label = os.fspath(path)
-    p = Path(path)
-    if p.is_dir():
-        raise ImageError("is a directory, not an image file", path=label)
-    if not p.exists():
-        raise ImageError("broken symbolic link" if p.is_symlink() else "file not found", path=label)
     try:
-        return p.read_bytes()
+        st = os.stat(label)
+        with open(label, "rb") as fh:
+            return fh.read(), st.st_mtime_ns
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image file", path=label) from None
+    except FileNotFoundError:
+        raise ImageError("broken symbolic link" if os.path.islink(label) else "file not found", path=label) from None
     except PermissionError:
         raise ImageError("permission denied", path=label) from None
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}", path=label) from None
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the image header, for an image that decodes but cannot be tiled."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width, img.height
+    except Exception:
+        return UNKNOWN, UNKNOWN
 
 
 def embedding_bytes(emb: torch.Tensor) -> bytes:
@@ -122,6 +148,8 @@ class _Row:
     cols: int = UNKNOWN
     num_tokens: int = UNKNOWN
     sha256: str = ""
+    size: int = UNKNOWN
+    mtime_ns: int = UNKNOWN
     dtype: str = ""
     dim: int = UNKNOWN
     embedding: bytes = b""
@@ -165,11 +193,17 @@ class RayEncoder:
         row = _Row()
         try:
             if data is None:
-                data = read_source(label)
+                data, row.mtime_ns = read_source(label)
             row.sha256 = hashlib.sha256(data).hexdigest()
+            row.size = len(data)
             item = self.embedder.preprocess(data, name=label)
         except ImageError as exc:
             row.error = str(exc)
+            if isinstance(exc, UnsupportedImageError) and data:  # decoded fine: its size explains why
+                row.width, row.height = _header_size(data)
+            return row, None
+        except Exception as exc:  # a decoder bug must not stop the job either
+            row.error = " ".join(f"{label}: unexpected {type(exc).__name__} while reading: {exc}".split())
             return row, None
         grid = item.grid
         row.width, row.height = grid.width, grid.height
@@ -230,6 +264,8 @@ class EncodedImage:
     crops: list[int] | None
     num_tokens: int | None
     sha256: str | None
+    size: int | None
+    mtime_ns: int | None
     embedding: torch.Tensor | None
     extra: dict[str, Any] = field(default_factory=dict)  # pass-through input columns (e.g. a job index)
 
@@ -275,6 +311,8 @@ def decode_rows(batch: Mapping[str, Any]) -> Iterator[EncodedImage]:
             crops=None if r is None or c is None else [r, c],
             num_tokens=_known(batch["num_tokens"][i]),
             sha256=str(batch["sha256"][i]) or None,
+            size=_known(batch["size"][i]),
+            mtime_ns=_known(batch["mtime_ns"][i]),
             embedding=emb,
             extra={k: _plain(batch[k][i]) for k in extras},
         )

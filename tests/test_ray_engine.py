@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import GOLDEN, TINY_35, TINY_128K
+from PIL import Image
 
 from phi3embed import CheckpointError, Phi3VisionEmbedder
 from phi3embed.ray_engine import (
@@ -26,6 +27,7 @@ from phi3embed.ray_engine import (
     EncoderSpec,
     RayEncoder,
     build_pipeline,
+    checkpoint_facts,
     decode_rows,
     embedding_bytes,
     embedding_from_bytes,
@@ -74,6 +76,7 @@ def golden_facts(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
         "crops": case["crops_hw"],
         "num_tokens": case["num_img_tokens"],
         "sha256": img["file_sha256"],
+        "size": (GOLDEN / "images" / path.name).stat().st_size,
     }
 
 
@@ -104,12 +107,14 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
         "missing": tmp_path / "missing.png",
         "broken_link": tmp_path / "dangling.png",
         "not_image": tmp_path / "notes.png",
+        "untileable": tmp_path / "strip.png",
     }
     files["corrupt"].write_bytes(good[: len(good) // 3])
     files["empty"].write_bytes(b"")
     files["directory"].mkdir()
     files["broken_link"].symlink_to(tmp_path / "nowhere.png")
     files["not_image"].write_text("just text\n")
+    Image.new("RGB", (5000, 1), (10, 200, 30)).save(files["untileable"])
     return files
 
 
@@ -142,6 +147,7 @@ def test_bad_images_become_error_rows_and_good_ones_survive(
         "missing": "file not found",
         "broken_link": "broken symbolic link",
         "not_image": "not an image Pillow can identify",
+        "untileable": f"too extreme for num_crops={NUM_CROPS}",
     }
     for (kind, path), result in zip(bad_files.items(), results[1:-1], strict=True):
         assert result.status == "error" and result.embedding is None, kind
@@ -153,7 +159,29 @@ def test_bad_images_become_error_rows_and_good_ones_survive(
     # Bytes that were read are hashed even when they do not decode.
     corrupt = bad_files["corrupt"].read_bytes()
     assert by_kind["corrupt"].sha256 == hashlib.sha256(corrupt).hexdigest()
-    assert by_kind["missing"].sha256 is None
+    assert by_kind["corrupt"].size == len(corrupt)
+    assert by_kind["corrupt"].mtime_ns == bad_files["corrupt"].stat().st_mtime_ns
+    assert by_kind["missing"].sha256 is None and by_kind["missing"].size is None
+    # An image that decodes but cannot be tiled still reports its size, which explains the failure.
+    assert (by_kind["untileable"].width, by_kind["untileable"].height) == (5000, 1)
+
+
+def test_unexpected_decoder_exception_is_an_error_row(
+    encoder: RayEncoder, monkeypatch: pytest.MonkeyPatch, manifest: dict[str, Any]
+) -> None:
+    real = encoder.embedder.preprocess
+    victim = IMAGES[1]
+
+    def flaky(image: Any, *, name: str | None = None) -> Any:
+        if name == str(victim):
+            raise RuntimeError("decoder bug\nsecond line")
+        return real(image, name=name)
+
+    monkeypatch.setattr(encoder.embedder, "preprocess", flaky)
+    first, second = decode_rows(encoder(batch_of(IMAGES[:2])))
+    check_ok(first, IMAGES[0], manifest)
+    assert second.status == "error"
+    assert second.error == f"{victim}: unexpected RuntimeError while reading: decoder bug second line"
 
 
 def test_bytes_input_equals_path_input(encoder: RayEncoder, manifest: dict[str, Any]) -> None:
@@ -203,6 +231,14 @@ def test_decode_threads_give_the_same_rows(golden: Path, encoder: RayEncoder) ->
     assert a.keys() == b.keys()
     for key in a:
         assert list(a[key]) == list(b[key]), key
+
+
+@pytest.mark.parametrize("name", [TINY_128K, TINY_35])
+def test_driver_knows_the_actors_fingerprint_without_loading(name: str) -> None:
+    fingerprint, num_crops = checkpoint_facts(EncoderSpec(model=ckpt(name), num_crops=NUM_CROPS))
+    assert (fingerprint, num_crops) == (reference(name).fingerprint, NUM_CROPS)
+    default = Phi3VisionEmbedder.from_pretrained(ckpt(name))
+    assert checkpoint_facts(EncoderSpec(model=ckpt(name))) == (default.fingerprint, default.num_crops)
 
 
 def test_actor_refuses_other_weights(golden: Path) -> None:
