@@ -13,6 +13,7 @@ or the job stopped on out of memory / a failing output directory (finished outpu
 
 import json
 import os
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -64,6 +65,25 @@ class Alpha(str, Enum):
 
 class _Usage(Exception):
     """A problem found before any work starts: one line on stderr, exit code 2."""
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """``"1GB"`` -> 10**9, ``"512MiB"`` -> 2**29, ``"123"`` -> 123 bytes (for ``--pack``)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise _Usage(f"--pack SIZE must look like 500MB, 1GB or 2GiB, got {text!r}")
+    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value < 1:
+        raise _Usage(f"--pack SIZE must be at least 1 byte, got {text!r}")
+    return value
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -182,13 +202,12 @@ def _encode(
 ) -> int:
     from .errors import Phi3EmbedError
     from .sources import expand_inputs, parse_shard, select_shard
-    from .writers import parse_size
 
     try:
         shard_spec = parse_shard(shard) if shard is not None else None
-        pack_bytes = parse_size(pack) if pack is not None else None
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
+    pack_bytes = parse_size(pack) if pack is not None else None
     if pack_bytes is not None and fmt == "npy":
         raise _Usage("--pack writes safetensors shards: leave out --format npy")
     if fmt == "npy" and out_dtype == "bfloat16":

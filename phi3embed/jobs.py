@@ -63,7 +63,7 @@ class Prepared:
     facts: ImageFacts
     item: Preprocessed | None = None
     error: str | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # CPU time spent reading and tiling
 
 
 def read_source(path: str) -> tuple[bytes, int]:
@@ -92,7 +92,7 @@ class Preparer:
     exif_transpose: bool = False
 
     def __call__(self, source: Source) -> Prepared:
-        start = time.perf_counter()
+        start = time.thread_time()  # CPU time: wall time would count waiting for a busy core
         data, facts = b"", ImageFacts()
         try:
             data, mtime_ns = read_source(source.path)
@@ -104,10 +104,10 @@ class Preparer:
             if isinstance(exc, UnsupportedImageError):  # decoded fine: its size explains the failure
                 width, height = _header_size(data)
                 facts = replace(facts, width=width, height=height)
-            return Prepared(source, facts, error=str(exc), seconds=time.perf_counter() - start)
+            return Prepared(source, facts, error=str(exc), seconds=time.thread_time() - start)
         except Exception as exc:  # a decoder bug must not stop the job either
             error = " ".join(f"{source.path}: unexpected {type(exc).__name__} while reading: {exc}".split())
-            return Prepared(source, facts, error=error, seconds=time.perf_counter() - start)
+            return Prepared(source, facts, error=error, seconds=time.thread_time() - start)
         grid = item.grid
         facts = replace(
             facts,
@@ -117,7 +117,7 @@ class Preparer:
             crops=(grid.rows, grid.cols),
             num_tokens=item.num_tokens,
         )
-        return Prepared(source, facts, item=item, seconds=time.perf_counter() - start)
+        return Prepared(source, facts, item=item, seconds=time.thread_time() - start)
 
 
 def _header_size(data: bytes) -> tuple[int | None, int | None]:
@@ -292,7 +292,7 @@ class JobSummary:
     wall_s: float = 0.0  # from the first image to the last write
     wait_input_s: float = 0.0  # encoder waiting for workers
     wait_writer_s: float = 0.0  # encoder waiting for the writer
-    preprocess_s: float = 0.0  # summed over workers
+    preprocess_s: float = 0.0  # CPU time, summed over workers
     write_s: float = 0.0
     worker_restarts: int = 0
     interrupted: str | None = None  # "SIGINT" / "SIGTERM"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -26,7 +26,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .jobs import JobSummary
+if TYPE_CHECKING:  # importing jobs pulls in torch: not needed to print a line
+    from .jobs import JobSummary
 
 
 def say(console: Console, line: str, style: str | None = None) -> None:
@@ -185,8 +186,8 @@ def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, byte
     )
     table.add_row(
         "time",
-        f"preprocess {summary.preprocess_s:.1f} s (summed over workers), waiting for input "
-        f"{summary.wait_input_s:.1f} s, waiting for the writer {summary.wait_writer_s:.1f} s, "
+        f"preprocess {summary.preprocess_s:.1f} s CPU (all workers), encoder waited for input "
+        f"{summary.wait_input_s:.1f} s and for the writer {summary.wait_writer_s:.1f} s, "
         f"writing {summary.write_s:.1f} s"
         + (f", {summary.worker_restarts} worker restarts" if summary.worker_restarts else ""),
     )

@@ -57,27 +57,10 @@ Format = Literal["npy", "safetensors", "pack"]
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}  # fmt: skip
 
 
 class OutputError(Phi3EmbedError):
     """The output directory cannot be used (not writable, locked by another run, disk full...)."""
-
-
-def parse_size(text: str) -> int:
-    """``"1GB"`` -> 10**9, ``"512MiB"`` -> 2**29, ``"123"`` -> 123 bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _SIZE_UNITS:
-        raise ConfigError(f"size must look like 500MB, 1GB or 2GiB, got {text!r}")
-    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
-    if value < 1:
-        raise ConfigError(f"size must be at least 1 byte, got {text!r}")
-    return value
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -54,7 +54,10 @@ def test_directory_is_recursed_by_extension_and_content(tree: Path) -> None:
 
 def test_single_files_are_taken_as_given_relative_to_cwd(tree: Path) -> None:
     found = expand_inputs(["imgs/a/notes.txt", "./imgs/b.png"], cwd=str(tree))
-    assert [(s.name, s.path) for s in found] == [("imgs/a/notes.txt", "imgs/a/notes.txt"), ("imgs/b.png", "./imgs/b.png")]
+    assert [(s.name, s.path) for s in found] == [
+        ("imgs/a/notes.txt", "imgs/a/notes.txt"),
+        ("imgs/b.png", "./imgs/b.png"),
+    ]
 
 
 def test_files_outside_cwd_keep_their_absolute_path_without_anchor(tree: Path, tmp_path: Path) -> None:
