@@ -35,7 +35,7 @@ def read(out_dir: str | os.PathLike[str]) -> Iterator[tuple[dict[str, Any], torc
 
     Images come in name order. A missing or unreadable output raises Phi3EmbedError naming it.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     root = Path(out_dir)
     open_name: str | None = None
@@ -55,6 +55,6 @@ def read(out_dir: str | os.PathLike[str]) -> Iterator[tuple[dict[str, Any], torc
                     handle = safe_open(str(path), framework="pt")
                     open_name = output
                 tensor = handle.get_tensor(record.get("key") or EMBED_KEY)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise Phi3EmbedError(f"cannot read the embeddings of {record['name']}: {exc}", path=path) from None
         yield record, tensor

@@ -460,7 +460,13 @@ class OutputStore:
     def _safe_path(self, rel: str) -> Path:
         """DIR/rel, creating folders; refuses names and symbolic links that would lead outside DIR."""
         parts = PurePosixPath(rel).parts
-        if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in rel:
+        if (
+            not rel
+            or rel.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)
+            or "\0" in rel
+            or parts[0] == TMP_DIR
+        ):
             raise ImageError(f"unsafe output name {rel!r}", path=rel)
         current = self._real
         for i, part in enumerate(parts[:-1]):

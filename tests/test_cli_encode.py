@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -384,10 +385,11 @@ def test_model_errors_exit_2_before_any_work(ws: Workspace) -> None:
         (["imgs", "-o", "x", "--batch-size", "0"], "Invalid value"),
     ],
 )
-def test_usage_errors_exit_2(ws: Workspace, args: list[str], message: str) -> None:
-    r = subprocess.run([*CLI, "encode", *args], cwd=ws.root, env=ENV, capture_output=True, text=True, timeout=60)
+def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "imgs").symlink_to(IMAGES, target_is_directory=True)
+    r = subprocess.run([*CLI, "encode", *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == "" and message in r.stderr, r.stderr
-    assert not (ws.root / "x").exists()
+    assert not (tmp_path / "x").exists()
 
 
 def test_pack_sizes() -> None:
@@ -398,7 +400,7 @@ def test_pack_sizes() -> None:
             parse_size(bad)
 
 
-def test_help_for_every_command(ws: Workspace) -> None:
+def test_help_for_every_command() -> None:
     commands = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
     assert "encode" in commands
     top = subprocess.run([*CLI, "--help"], env=ENV, capture_output=True, text=True, timeout=60)
@@ -406,3 +408,13 @@ def test_help_for_every_command(ws: Workspace) -> None:
     for command in commands:
         r = subprocess.run([*CLI, command, "--help"], env=ENV, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "Usage:" in r.stdout and r.stderr == "", command
+
+
+def test_readme_option_table_matches_the_command() -> None:
+    """Every option in the README's table exists, and every option of ``encode`` is in the table."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Encode images", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(--[a-z-]+)", table, flags=re.M))
+    encode = typer.main.get_command(app).commands["encode"]  # type: ignore[attr-defined]
+    actual = {opt for param in encode.params for opt in param.opts if opt.startswith("--")} - {"--help"}
+    assert documented == actual

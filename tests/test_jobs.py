@@ -119,7 +119,10 @@ def test_preparer_reports_facts(embedder: Phi3VisionEmbedder) -> None:
     assert p.facts.size == path.stat().st_size and len(p.facts.sha256 or "") == 64
 
 
-def test_sigint_stops_cleanly_keeping_finished_outputs(tmp_path: Path, embedder: Phi3VisionEmbedder) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_cleanly_keeping_finished_outputs(
+    tmp_path: Path, embedder: Phi3VisionEmbedder, sig: signal.Signals
+) -> None:
     small = ["rgb_336x336.png", "tiny_7x9.png", "gray_L_640x480.png"]
     sources = [Source(f"{i:02d}-{n}", str(GOLDEN / "images" / n), "") for i in range(2) for n in small]
     sources.sort()
@@ -129,15 +132,16 @@ def test_sigint_stops_cleanly_keeping_finished_outputs(tmp_path: Path, embedder:
     def advance_then_interrupt(record: dict[str, Any]) -> None:
         advance(record)
         if len(rec.records) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
     rec.advance = advance_then_interrupt  # type: ignore[method-assign]
     out = tmp_path / "emb"
     with store_for(out, embedder) as store:
         summary = run_local(embedder, sources, store, workers=1, reporter=rec)
-    assert summary.interrupted == "SIGINT"
+    assert summary.interrupted == sig.name
     assert 2 <= summary.ok < len(sources)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     done = [r for r in iter_manifest(out / "manifest.jsonl") if r["status"] == "ok"]
     assert len(done) == summary.ok and all((out / r["output"]).is_file() for r in done)
     assert not (out / TMP_DIR).exists()

@@ -150,11 +150,22 @@ def test_outputs_never_escape_the_directory(tmp_path: Path, images: list[Source]
     src = images[2]  # name sub/c.jpg
     with OutputStore(out, settings()) as store:
         record = store.write(src, facts_for(src, 6), emb(0))
-        evil = Source("../evil.jpg", images[0].path, "")
-        evil_record = store.write(evil, facts_for(images[0], 6), emb(0))
+        evil = [Source(n, images[0].path, "") for n in ("../evil.jpg", f"{TMP_DIR}/all/x.jpg", "/abs.jpg")]
+        evil_records = [store.write(e, facts_for(images[0], 6), emb(0)) for e in evil]
     assert record["status"] == "error" and "symbolic link leading outside" in record["error"]
-    assert evil_record["status"] == "error" and "unsafe output name" in evil_record["error"]
+    assert all(r["status"] == "error" and "unsafe output name" in r["error"] for r in evil_records)
     assert list(outside.iterdir()) == [] and not (tmp_path / "evil.jpg.npy").exists()
+
+
+def test_reader_names_a_lost_output(tmp_path: Path, images: list[Source]) -> None:
+    out = tmp_path / "emb"
+    with OutputStore(out, settings(format="safetensors")) as store:
+        store.write(images[0], facts_for(images[0], 6), emb(0))
+    (out / "a.jpg.safetensors").unlink()
+    with pytest.raises(phi3embed.Phi3EmbedError, match="cannot read the embeddings of a.jpg"):
+        list(phi3embed.read(out))
+    with pytest.raises(phi3embed.Phi3EmbedError, match="not a phi3embed output directory"):
+        list(phi3embed.read(tmp_path))
 
 
 def test_pack_shards_by_size_and_reader(tmp_path: Path, images: list[Source]) -> None:
