@@ -7,10 +7,12 @@ from .errors import (
     ConfigError,
     DecompressionBombError,
     ImageError,
+    MergeError,
     Phi3EmbedError,
     UnsupportedImageError,
 )
 from .hd import num_image_tokens
+from .merge import load_text_embeddings, merge_image_embeddings
 from .preprocess import HDGrid, Preprocessed, hd_grid, preprocess_image
 
 __version__ = "0.1.0"
@@ -22,6 +24,7 @@ __all__ = [
     "DecompressionBombError",
     "HDGrid",
     "ImageError",
+    "MergeError",
     "Phi3EmbedError",
     "Phi3VisionEmbedder",
     "PreprocessConfig",
@@ -30,6 +33,8 @@ __all__ = [
     "VisionConfig",
     "__version__",
     "hd_grid",
+    "load_text_embeddings",
+    "merge_image_embeddings",
     "num_image_tokens",
     "preprocess_image",
 ]
