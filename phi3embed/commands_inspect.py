@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from PIL import Image
@@ -24,7 +24,9 @@ from rich.text import Text
 
 from .config import VisionConfig
 from .errors import ConfigError, ImageError, Phi3EmbedError
-from .inspect import PlanResult, model_configs, model_info, plan, render_preview
+
+if TYPE_CHECKING:  # .inspect imports torch: only the command that runs pays for it, not --help
+    from .inspect import PlanResult
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
 MODEL_ENV = "PHI3EMBED_MODEL"
@@ -75,6 +77,8 @@ def _settings(model: str | None, num_crops: int | None) -> tuple[VisionConfig, i
     With ``--num-crops`` and no explicit ``--model``, a model that cannot be read (e.g. a stale
     ``PHI3EMBED_MODEL``) is not an error: the released models' configuration is used, with a warning.
     """
+    from .inspect import model_configs
+
     source = _model_source(model)
     try:
         vision, pre = model_configs(source)
@@ -121,7 +125,9 @@ def plan_command(
     Exit code 0 when every input can be planned, 1 when some cannot, 2 on usage, model or config errors.
     """
 
-    def work() -> tuple[PlanResult, str]:
+    from .inspect import plan
+
+    def work() -> "tuple[PlanResult, str]":
         vision, crops, label = _settings(model, num_crops)
         return plan(
             inputs, num_crops=crops, out_dtype=out_dtype.value, vision=vision, exif_transpose=exif_transpose
@@ -141,7 +147,7 @@ def plan_command(
         raise typer.Exit(1)
 
 
-def _print_plan(result: PlanResult, label: str) -> None:
+def _print_plan(result: "PlanResult", label: str) -> None:
     console = Console(file=sys.stdout)
     if not console.is_terminal:  # a file or a pipe: wide enough that paths are not folded
         longest = max((len(r.path) for r in result.rows), default=0)
@@ -206,6 +212,8 @@ def preview_command(
 ) -> None:
     """Draw how an image is tiled: the padded HD image with its numbered crop grid, the global view, tokens."""
 
+    from .inspect import render_preview
+
     def work() -> str:
         vision, crops, _ = _settings(model, num_crops)
         fmt = Image.registered_extensions().get(output.suffix.lower())
@@ -240,6 +248,8 @@ def info_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
 ) -> None:
     """Describe a checkpoint from its configs and weight headers (no tensor data is read)."""
+    from .inspect import model_info
+
     info = _guard(lambda: model_info(_model_source(model), num_crops=num_crops, revision=revision))
     if as_json:
         typer.echo(json.dumps(info.to_dict(), indent=2))
