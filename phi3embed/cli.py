@@ -1,0 +1,402 @@
+"""The ``phi3embed`` command: Typer commands, thin over the library.
+
+stdout carries only machine output (``--jsonl`` records); people read stderr. Heavy modules (torch,
+transformers) are imported inside the commands, so ``--help`` and usage errors are instant.
+
+Exit codes of ``encode``: 0 every image done; 1 some images failed (each has an error record and a line on
+stderr); 2 usage, input, model, checkpoint or output-directory errors (reported before any work starts),
+or the job stopped on out of memory / a failing output directory (finished outputs are kept);
+130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM (finished outputs are kept; rerun to resume).
+"""
+
+# No ``from __future__ import annotations``: Typer reads the annotations at runtime.
+
+import json
+import os
+import re
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
+MODEL_ENV = "PHI3EMBED_MODEL"
+
+app = typer.Typer(
+    name="phi3embed",
+    help="Images -> the exact image-token embeddings Phi-3-vision / Phi-3.5-vision feed their language model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+try:  # the inspection commands (plan, preview, info) live in their own module
+    from .commands_inspect import register as _register_inspect
+except ImportError:  # pragma: no cover - until that module is merged
+    pass
+else:
+    _register_inspect(app)
+
+
+@app.callback()
+def _root() -> None:
+    """Images -> the exact image-token embeddings Phi-3-vision / Phi-3.5-vision feed their language model."""
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Format(str, Enum):
+    npy = "npy"
+    safetensors = "safetensors"
+
+
+class Alpha(str, Enum):
+    drop = "drop"
+    white = "white"
+
+
+class _Usage(Exception):
+    """A problem found before any work starts: one line on stderr, exit code 2."""
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """``"1GB"`` -> 10**9, ``"512MiB"`` -> 2**29, ``"123"`` -> 123 bytes (for ``--pack``)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise _Usage(f"--pack SIZE must look like 500MB, 1GB or 2GiB, got {text!r}")
+    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value < 1:
+        raise _Usage(f"--pack SIZE must be at least 1 byte, got {text!r}")
+    return value
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+ENCODE_HELP = """Encode images into Phi-3-vision image-token embeddings.
+
+INPUT: image files, directories (recursed; images found by extension or content), glob patterns (quote them: 'imgs/**/*.jpg'), or - to read newline-separated paths from stdin.
+
+Output: DIR/<path relative to its input root>.<format>, e.g. imgs/a/b.jpg -> DIR/a/b.jpg.npy, holding one num_tokens x hidden array (safetensors: key image_embeds). With --pack: numbered shards DIR/emb-00000.safetensors, one tensor per image. DIR/manifest.jsonl gets one JSON record per image and attempt. Rerunning the same command skips finished images (--overwrite redoes them).
+
+Exit codes: 0 all images done; 1 some images failed (see the error records); 2 usage, model, checkpoint or output-directory problems, or out of memory; 130 Ctrl-C; 143 SIGTERM. Finished outputs are always kept.
+"""
+
+
+@app.command("encode", help=ENCODE_HELP, no_args_is_help=True)
+def encode_command(
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Files, directories, globs or - for stdin.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output directory (created).")],
+    model: Annotated[
+        str,
+        typer.Option(envvar=MODEL_ENV, help="Checkpoint: local directory, hub id or preset name.", show_envvar=True),
+    ] = DEFAULT_MODEL,
+    num_crops: Annotated[
+        int | None, typer.Option(min=1, help="Max 336 px crops per image (default: the checkpoint's).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[DType, typer.Option(help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = DType.auto,
+    out_dtype: Annotated[
+        DType,
+        typer.Option(
+            help="Stored dtype (auto: float32 on CPU, the compute dtype on CUDA; npy cannot hold bfloat16, "
+            "so auto stores float32 there)."
+        ),
+    ] = DType.auto,
+    format: Annotated[
+        Format | None, typer.Option("--format", help="One file per image: npy (default) or safetensors.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Crops per forward pass (default 8 on CPU, 32 on CUDA).")
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=0, help="Processes that read and tile images (default 1 on CPU, up to 8 on CUDA; 0: inline)."),
+    ] = None,
+    exif_transpose: Annotated[
+        bool, typer.Option("--exif-transpose", help="Apply EXIF orientation first (the reference ignores it).")
+    ] = False,
+    alpha: Annotated[
+        Alpha, typer.Option(help="Transparency: drop (reference, transformers 4) or white (composite on white).")
+    ] = Alpha.drop,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Encode again images already done.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(metavar="I/N", help="Only shard I of N (0-based), split by a stable hash of each name."),
+    ] = None,
+    pack: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SIZE", help="Write safetensors shards of about SIZE (e.g. 1GB) instead of one file per image."
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    jsonl: Annotated[
+        bool, typer.Option("--jsonl", help="Print each manifest record to stdout as it is written.")
+    ] = False,
+) -> None:
+    try:
+        code = _encode(
+            inputs=inputs,
+            out=out,
+            model=model,
+            num_crops=num_crops,
+            device=device,
+            dtype=dtype.value,
+            out_dtype=out_dtype.value,
+            fmt=format.value if format else None,
+            batch_size=batch_size,
+            workers=workers,
+            exif_transpose=exif_transpose,
+            alpha=alpha.value,
+            overwrite=overwrite,
+            shard=shard,
+            pack=pack,
+            quiet=quiet,
+            jsonl=jsonl,
+        )
+    except _Usage as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:  # before the job started (e.g. while the model loads)
+        raise _fail("interrupted", 130) from None
+    raise typer.Exit(code)
+
+
+def _encode(
+    *,
+    inputs: list[str],
+    out: Path,
+    model: str,
+    num_crops: int | None,
+    device: str,
+    dtype: str,
+    out_dtype: str,
+    fmt: str | None,
+    batch_size: int | None,
+    workers: int | None,
+    exif_transpose: bool,
+    alpha: str,
+    overwrite: bool,
+    shard: str | None,
+    pack: str | None,
+    quiet: bool,
+    jsonl: bool,
+) -> int:
+    from .errors import Phi3EmbedError
+    from .sources import expand_inputs, parse_shard, select_shard
+
+    try:
+        shard_spec = parse_shard(shard) if shard is not None else None
+    except Phi3EmbedError as exc:
+        raise _Usage(str(exc)) from None
+    pack_bytes = parse_size(pack) if pack is not None else None
+    if pack_bytes is not None and fmt == "npy":
+        raise _Usage("--pack writes safetensors shards: leave out --format npy")
+    if fmt == "npy" and out_dtype == "bfloat16":
+        raise _Usage("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
+    try:
+        sources = expand_inputs(inputs, exclude=[str(out)])
+    except Phi3EmbedError as exc:
+        raise _Usage(str(exc)) from None
+    except OSError as exc:
+        raise _Usage(f"cannot read the inputs: {exc}") from None
+    listed = len(sources)
+    if shard_spec is not None:
+        sources = select_shard(sources, *shard_spec)
+
+    from rich.console import Console
+
+    from .progress import say
+
+    console = Console(stderr=True)
+    if not sources:
+        if not quiet:
+            extra = f" in shard {shard} ({listed} images in all)" if shard_spec else ""
+            say(console, f"phi3embed encode: no images to encode{extra}")
+        return 0
+    _check_writable(out)
+
+    import torch
+
+    from .checkpoint import resolve
+
+    try:  # find the checkpoint first: a wrong --model is reported before transformers is even imported
+        checkpoint_dir = str(resolve(model).root)
+    except Phi3EmbedError as exc:
+        raise _Usage(str(exc)) from None
+
+    from .embedder import Phi3VisionEmbedder, parse_dtype, resolve_device
+
+    try:
+        dev = resolve_device(device)
+        compute = parse_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        if out_dtype != "auto":
+            stored = parse_dtype(out_dtype)
+        elif dev.type == "cuda" and not (fmt in (None, "npy") and pack_bytes is None and compute == torch.bfloat16):
+            stored = compute
+        else:
+            stored = torch.float32
+        batch = batch_size or (32 if dev.type == "cuda" else 8)
+        n_workers = workers if workers is not None else (min(8, os.cpu_count() or 1) if dev.type == "cuda" else 1)
+        status = console.status(f"loading {model}") if not quiet and console.is_terminal else None
+        if status is not None:
+            status.start()
+        try:
+            embedder = Phi3VisionEmbedder.from_pretrained(
+                checkpoint_dir,
+                device=dev,
+                dtype=compute,
+                num_crops=num_crops,
+                alpha=alpha,  # type: ignore[arg-type]
+                exif_transpose=exif_transpose,
+                batch_size=batch,
+            )
+        finally:
+            if status is not None:
+                status.stop()
+    except Phi3EmbedError as exc:
+        raise _Usage(str(exc)) from None
+    return _run(
+        embedder,
+        sources,
+        out=out,
+        model=model,
+        stored=stored,
+        fmt="pack" if pack_bytes is not None else (fmt or "npy"),
+        pack_bytes=pack_bytes,
+        overwrite=overwrite,
+        shard_spec=shard_spec,
+        workers=n_workers,
+        quiet=quiet,
+        jsonl=jsonl,
+        console=console,
+    )
+
+
+def _run(
+    embedder: Any,
+    sources: list[Any],
+    *,
+    out: Path,
+    model: str,
+    stored: Any,
+    fmt: str,
+    pack_bytes: int | None,
+    overwrite: bool,
+    shard_spec: tuple[int, int] | None,
+    workers: int,
+    quiet: bool,
+    jsonl: bool,
+    console: Any,
+) -> int:
+    from .errors import Phi3EmbedError
+    from .jobs import run_local
+    from .progress import ProgressReporter, RunInfo, render_summary, say
+    from .writers import OutputSettings, OutputStore, dtype_name
+
+    printer = _JsonlPrinter() if jsonl else None
+    try:
+        settings = OutputSettings(
+            model=model,
+            fingerprint=embedder.fingerprint,
+            num_crops=embedder.num_crops,
+            dtype=stored,
+            compute_dtype=embedder.dtype,
+            format=fmt,  # type: ignore[arg-type]
+            pack_bytes=pack_bytes,
+            alpha=embedder.image_options.alpha,
+            exif_transpose=embedder.image_options.exif_transpose,
+            device=str(embedder.device),
+        )
+        store = OutputStore(out, settings, overwrite=overwrite, shard=shard_spec, on_record=printer).open()
+    except Phi3EmbedError as exc:
+        raise _Usage(str(exc)) from None
+    reporter = ProgressReporter(console, show_progress=not quiet)
+    try:
+        summary = run_local(embedder, sources, store, workers=workers, reporter=reporter)
+    finally:
+        store.close()
+    if summary.fatal:
+        code = 2
+    elif summary.interrupted:
+        code = 143 if summary.interrupted == "SIGTERM" else 130
+    else:
+        code = 1 if summary.failed else 0
+    if store.recovered and not quiet:
+        say(console, f"note: restored {store.recovered} manifest records from shards a killed run had written")
+    if summary.fatal:
+        say(console, f"error: {summary.fatal}", "bold red")
+    if not quiet:
+        if fmt == "pack":
+            output = f"safetensors shards of up to {pack_bytes:,} bytes, {dtype_name(stored)}"
+        else:
+            output = f"{fmt} {dtype_name(stored)}"
+        info = RunInfo(
+            out_dir=str(out),
+            output=output,
+            model=model,
+            fingerprint=embedder.fingerprint,
+            device=str(embedder.device),
+            compute_dtype=dtype_name(embedder.dtype),
+            num_crops=embedder.num_crops,
+            batch_size=embedder.batch_size,
+            workers=workers,
+            exit_code=code,
+        )
+        render_summary(console, summary, info, bytes_written=store.bytes_written, files=store.files_written)
+    return code
+
+
+def _check_writable(out: Path) -> None:
+    """Fail early (before loading a model) when DIR cannot be created or written; create nothing yet."""
+    probe = out
+    while not probe.exists():
+        if probe.is_symlink() or probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise _Usage(f"{out}: cannot be an output directory ({probe} is not a directory)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise _Usage(f"{out}: cannot write there (permission denied on {probe})")
+
+
+class _JsonlPrinter:
+    """Manifest records to stdout, one per line, flushed. A closed pipe stops the printing, not the job."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        try:
+            sys.stdout.write(json.dumps(record, ensure_ascii=True) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.closed = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush stays quiet
+            os.close(devnull)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,418 @@
+"""The local engine of ``phi3embed encode``: workers read and tile, the main thread encodes, a thread writes.
+
+::
+
+    sources --(worker processes: read, sha256, decode, HD tiling)--> Prepared, in input order, bounded
+            --(main thread: Phi3VisionEmbedder.embed_stream, crops of many images per forward)--> [T, D]
+            --(writer thread, bounded queue: device -> host, OutputStore.write / write_error)--> DIR
+
+Memory stays flat however many images there are: at most ``prefetch`` prepared images wait for the
+encoder and ``writer_queue`` finished ones wait for the writer. Bad images never stop the job: every
+failure becomes an error record. A worker process that dies (a crashing decoder) is replaced, and the
+images it may have been reading are retried one at a time so that only the culprit is recorded as failed.
+
+SIGINT and SIGTERM stop the job cleanly: images already encoded are written, a partial pack shard is
+written, the manifest is synced; ``JobSummary.interrupted`` names the signal. A second signal exits at once
+(outputs stay consistent: every file is renamed into place whole).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+import torch
+from PIL import Image
+
+from .config import PreprocessConfig
+from .embedder import Phi3VisionEmbedder
+from .errors import ImageError, Phi3EmbedError, UnsupportedImageError
+from .preprocess import AlphaMode, Preprocessed, preprocess_image
+from .sources import Source
+from .writers import ImageFacts, OutputError, OutputStore
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class JobError(Phi3EmbedError):
+    """The job cannot go on (out of memory, output directory failing). Finished outputs are kept."""
+
+
+# --------------------------------------------------------------------------- stage 1: read and tile
+
+
+@dataclass
+class Prepared:
+    """One source after reading: ``item`` for the encoder, or ``error`` (one line)."""
+
+    source: Source
+    facts: ImageFacts
+    item: Preprocessed | None = None
+    error: str | None = None
+    seconds: float = 0.0  # CPU time spent reading and tiling
+
+
+def read_source(path: str) -> tuple[bytes, int]:
+    """The file's bytes and modification time; every failure is an ImageError naming the file."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as fh:
+            return fh.read(), st.st_mtime_ns
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image file", path=path) from None
+    except FileNotFoundError:
+        reason = "broken symbolic link" if os.path.islink(path) else "file not found"
+        raise ImageError(reason, path=path) from None
+    except PermissionError:
+        raise ImageError("permission denied", path=path) from None
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}", path=path) from None
+
+
+@dataclass(frozen=True)
+class Preparer:
+    """Callable run in the worker processes: Source -> Prepared. Never raises for a bad image."""
+
+    config: PreprocessConfig
+    alpha: AlphaMode = "drop"
+    exif_transpose: bool = False
+
+    def __call__(self, source: Source) -> Prepared:
+        start = time.thread_time()  # CPU time: wall time would count waiting for a busy core
+        data, facts = b"", ImageFacts()
+        try:
+            data, mtime_ns = read_source(source.path)
+            facts = ImageFacts(sha256=hashlib.sha256(data).hexdigest(), size=len(data), mtime_ns=mtime_ns)
+            item = preprocess_image(
+                data, self.config, alpha=self.alpha, exif_transpose=self.exif_transpose, name=source.path
+            )
+        except ImageError as exc:
+            if isinstance(exc, UnsupportedImageError):  # decoded fine: its size explains the failure
+                width, height = _header_size(data)
+                facts = replace(facts, width=width, height=height)
+            return Prepared(source, facts, error=str(exc), seconds=time.thread_time() - start)
+        except Exception as exc:  # a decoder bug must not stop the job either
+            error = " ".join(f"{source.path}: unexpected {type(exc).__name__} while reading: {exc}".split())
+            return Prepared(source, facts, error=error, seconds=time.thread_time() - start)
+        grid = item.grid
+        facts = replace(
+            facts,
+            width=grid.width,
+            height=grid.height,
+            image_sizes=grid.image_sizes,
+            crops=(grid.rows, grid.cols),
+            num_tokens=item.num_tokens,
+        )
+        return Prepared(source, facts, item=item, seconds=time.thread_time() - start)
+
+
+def _header_size(data: bytes) -> tuple[int | None, int | None]:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width, img.height
+    except Exception:
+        return None, None
+
+
+def _worker_init(parent: int) -> None:
+    """In each worker: leave signals to the parent, one torch thread, exit when the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="phi3embed-parent-watch").start()
+
+
+class OrderedPool(Generic[T, R]):
+    """``fn`` over ``tasks`` in worker processes; results in task order, at most ``window`` in flight.
+
+    ``workers=0`` runs ``fn`` inline. When a worker process dies, the pool is rebuilt and the tasks that
+    were in flight are rerun one at a time; the one that kills a worker again gets ``on_crash(task)``.
+    :meth:`start` forks the workers and submits the first tasks: call it before starting other threads.
+    """
+
+    def __init__(self, fn: Callable[[T], R], *, workers: int, window: int, on_crash: Callable[[T], R]) -> None:
+        self.fn, self.workers, self.window, self.on_crash = fn, workers, max(1, window), on_crash
+        self._executor: ProcessPoolExecutor | None = None
+        self._pending: deque[tuple[T, Future[R]]] = deque()
+        self._todo: Iterator[T] = iter(())
+        self.restarts = 0
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        sys.stdout.flush()  # a forked child must not inherit (and later flush) buffered output
+        sys.stderr.flush()
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+
+    def _restart(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._new_executor()
+        self.restarts += 1
+
+    def _fill(self) -> None:
+        assert self._executor is not None
+        while len(self._pending) < self.window:
+            task = next(self._todo, _END)
+            if task is _END:
+                return
+            self._pending.append((task, self._executor.submit(self.fn, task)))
+
+    def start(self, tasks: Iterable[T]) -> None:
+        self._todo = iter(tasks)
+        if self.workers > 0:
+            self._executor = self._new_executor()
+            self._fill()
+
+    def __iter__(self) -> Iterator[R]:
+        if self.workers <= 0:
+            yield from map(self.fn, self._todo)
+            return
+        while self._pending:
+            task, future = self._pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                suspects = [task] + [t for t, _ in self._pending]
+                self._pending.clear()
+                self._restart()
+                for suspect in suspects:
+                    yield self._isolated(suspect)
+                self._fill()
+                continue
+            yield result
+            self._fill()
+
+    def _isolated(self, task: T) -> R:
+        assert self._executor is not None
+        try:
+            return self._executor.submit(self.fn, task).result()
+        except BrokenProcessPool:
+            self._restart()
+            return self.on_crash(task)
+
+    def close(self) -> None:
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+
+_END: Any = object()
+
+
+def _crashed(source: Source) -> Prepared:
+    return Prepared(source, ImageFacts(), error=f"{source.path}: the worker process reading this file crashed")
+
+
+# --------------------------------------------------------------------------- stage 3: write
+
+
+class Reporter(Protocol):
+    """What the job tells people about (implemented by phi3embed.progress)."""
+
+    def start(self, *, total: int, skipped: int) -> None: ...
+
+    def advance(self, record: dict[str, Any]) -> None: ...  # from the writer thread
+
+    def stop(self) -> None: ...
+
+
+class _Writer(threading.Thread):
+    """Drains a bounded queue into the store and calls ``on_record`` after each record.
+
+    A failure (OutputError: disk full...) stops writing; the main thread re-raises it at its next put.
+    """
+
+    def __init__(self, store: OutputStore, on_record: Callable[[dict[str, Any]], None], maxsize: int) -> None:
+        super().__init__(name="phi3embed-writer", daemon=True)
+        self.store, self.on_record = store, on_record
+        self.queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize)
+        self.error: BaseException | None = None
+        self.busy = 0.0
+        self.put_wait = 0.0
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        start = time.perf_counter()
+        self.queue.put(item)
+        self.put_wait += time.perf_counter() - start
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so that the producer never blocks
+            start = time.perf_counter()
+            try:
+                kind, source, facts, payload = item
+                if kind == "ok":
+                    record = self.store.write(source, facts, payload)
+                else:
+                    record = self.store.write_error(source, payload, facts)
+                self.on_record(record)
+            except BaseException as exc:
+                self.error = exc
+            self.busy += time.perf_counter() - start
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.join()
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class JobSummary:
+    listed: int = 0
+    skipped: int = 0  # already done (resume)
+    ok: int = 0
+    failed: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0  # from the first image to the last write
+    wait_input_s: float = 0.0  # encoder waiting for workers
+    wait_writer_s: float = 0.0  # encoder waiting for the writer
+    preprocess_s: float = 0.0  # CPU time, summed over workers
+    write_s: float = 0.0
+    worker_restarts: int = 0
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM"
+    fatal: str | None = None
+    errors: list[str] = field(default_factory=list)  # the first few error lines
+
+    @property
+    def todo(self) -> int:
+        return self.listed - self.skipped
+
+
+class _Stop(BaseException):
+    def __init__(self, signame: str) -> None:
+        self.signame = signame
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError) if t)
+    if isinstance(exc, oom_types):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc)
+    )
+
+
+def run_local(
+    embedder: Phi3VisionEmbedder,
+    sources: list[Source],
+    store: OutputStore,
+    *,
+    workers: int = 1,
+    prefetch: int | None = None,
+    writer_queue: int = 16,
+    reporter: Reporter | None = None,
+    max_errors_kept: int = 5,
+) -> JobSummary:
+    """Encode every source not already done in ``store`` (opened by the caller). Returns the summary.
+
+    Bad images become error records; out of memory and output failures end the job with ``summary.fatal``;
+    SIGINT / SIGTERM end it with ``summary.interrupted``. Finished outputs are always kept.
+    """
+    summary = JobSummary(listed=len(sources))
+    todo = [s for s in sources if not store.is_done(s)]
+    summary.skipped = len(sources) - len(todo)
+    options = embedder.image_options
+    preparer = Preparer(embedder.preprocess_config, alpha=options.alpha, exif_transpose=options.exif_transpose)
+    pool: OrderedPool[Source, Prepared] = OrderedPool(
+        preparer, workers=workers, window=prefetch or 2 * max(workers, 1) + 2, on_crash=_crashed
+    )
+
+    def on_record(record: dict[str, Any]) -> None:  # writer thread
+        if record["status"] == "ok":
+            summary.ok += 1
+            summary.tokens += record["num_tokens"] or 0
+        else:
+            summary.failed += 1
+            if len(summary.errors) < max_errors_kept:
+                summary.errors.append(record["error"])
+        if reporter is not None:
+            reporter.advance(record)
+
+    writer = _Writer(store, on_record, writer_queue)
+
+    def feed() -> Iterator[tuple[tuple[Source, ImageFacts], Preprocessed]]:
+        results = iter(pool)
+        while True:
+            start = time.perf_counter()
+            p = next(results, None)
+            summary.wait_input_s += time.perf_counter() - start
+            if p is None:
+                return
+            summary.preprocess_s += p.seconds
+            if p.item is None:
+                writer.put(("error", p.source, p.facts, p.error or f"{p.source.path}: unknown error"))
+                continue
+            yield (p.source, p.facts), p.item
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    start = time.perf_counter()
+    try:
+        pool.start(todo)  # forks the workers: before the writer and progress threads exist
+        writer.start()
+        if reporter is not None:
+            reporter.start(total=len(todo), skipped=summary.skipped)
+        for key, _item, embeddings in embedder.embed_stream(feed()):
+            source, facts = cast(tuple[Source, ImageFacts], key)
+            writer.put(("ok", source, facts, embeddings))
+    except _Stop as stop:
+        summary.interrupted = stop.signame
+    except KeyboardInterrupt:
+        summary.interrupted = "SIGINT"
+    except OutputError as exc:
+        summary.fatal = str(exc)
+    except Exception as exc:
+        if not _out_of_memory(exc):
+            raise
+        summary.fatal = (
+            f"out of memory on {embedder.device} with --batch-size {embedder.batch_size}: "
+            f"try a smaller --batch-size (e.g. {max(1, embedder.batch_size // 2)})"
+        )
+    finally:
+        for sig in previous:  # while cleaning up, a second signal exits at once (outputs stay whole)
+            signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
+        pool.close()
+        if writer.is_alive():
+            writer.finish()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        summary.wall_s = time.perf_counter() - start
+        summary.wait_writer_s = writer.put_wait
+        summary.write_s = writer.busy
+        summary.worker_restarts = pool.restarts
+        if reporter is not None:
+            reporter.stop()
+    if writer.error is not None and summary.fatal is None:
+        if not isinstance(writer.error, OutputError):
+            raise writer.error
+        summary.fatal = str(writer.error)
+    return summary

@@ -1,0 +1,217 @@
+"""What to read: expand command-line INPUTs into a sorted, de-duplicated list of images.
+
+Each image becomes a :class:`Source`: the path to read and its *name*, the path relative to its input
+root, which is also its identity in the output directory (``imgs/a/b.jpg`` given as ``imgs`` has the
+name ``a/b.jpg`` and the output ``a/b.jpg.npy``). The rules, one per kind of INPUT:
+
+* a directory: recursed (symbolic links to directories are not followed, hidden entries are skipped);
+  a file is an image if its extension is an image extension or its first bytes are an image signature.
+  Names are relative to the directory.
+* a glob pattern (``*``, ``?``, ``[``; ``**`` recurses): matching directories are recursed and matching
+  files filtered as above. Names are relative to the pattern's literal leading directories.
+* a file (and every line of ``-``, which reads newline-separated paths from stdin): taken as given,
+  whatever its content, so that a bad file yields an error record. Names are relative to the current
+  directory; a path outside it keeps its absolute path without the leading ``/``.
+
+Names never contain ``..`` or start with ``/``, so an output can never escape the output directory.
+``select_shard`` splits the list for job arrays by a stable hash of each name.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TextIO
+
+from .errors import Phi3EmbedError
+
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
+        ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".jpx", ".jpf", ".avif", ".qoi",
+    }
+)  # fmt: skip
+
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+class InputError(Phi3EmbedError):
+    """An INPUT argument names nothing usable (a usage error: reported before any work starts)."""
+
+
+@dataclass(frozen=True, order=True)
+class Source:
+    """One image to encode. ``name`` (sort key and identity) is a relative POSIX path."""
+
+    name: str
+    path: str  # what to open, as listed (relative to the current directory or absolute)
+    root: str  # the input root ``name`` is relative to ("" for single files)
+
+
+def is_image_signature(head: bytes) -> bool:
+    """True when ``head`` (the first 16+ bytes of a file) starts like an image format Pillow reads."""
+    return (
+        head.startswith(b"\x89PNG\r\n\x1a\n")
+        or head.startswith(b"\xff\xd8\xff")  # JPEG
+        or head.startswith((b"GIF87a", b"GIF89a"))
+        or (head.startswith(b"BM") and len(head) >= 14 and head[6:10] == b"\0\0\0\0")  # BMP: reserved = 0
+        or head.startswith((b"II*\x00", b"MM\x00*"))  # TIFF
+        or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
+        or head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n")  # JPEG 2000 (jp2)
+        or head.startswith(b"\xff\x4f\xff\x51")  # JPEG 2000 codestream
+        or (head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"))
+        or head.startswith(b"qoif")
+        or (len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3] in b" \t\r\n")  # PNM
+    )
+
+
+def looks_like_image(path: str) -> bool:
+    """By extension first; otherwise by content (a few bytes are read). Unreadable files are not images."""
+    if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return is_image_signature(fh.read(16))
+    except OSError:
+        return False
+
+
+def _name_of_file(path: str, cwd: str) -> str:
+    """Name of a single listed file: relative to ``cwd`` when inside it, else absolute minus the anchor."""
+    absolute = os.path.abspath(os.path.join(cwd, path))
+    if absolute == cwd or absolute.startswith(cwd.rstrip(os.sep) + os.sep):
+        rel = os.path.relpath(absolute, cwd)
+    else:
+        rel = absolute.lstrip(os.sep)
+    return PurePosixPath(*Path(rel).parts).as_posix()
+
+
+def _name_under(path: str, root: str) -> str:
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    assert not rel.startswith(".."), (path, root)  # walk and glob results lie under their root
+    return PurePosixPath(*Path(rel).parts).as_posix()
+
+
+def _walk(root: str, exclude: Sequence[str]) -> Iterable[str]:
+    """Image files under ``root`` (hidden entries and ``exclude`` directories skipped, links not followed)."""
+    excluded = {os.path.abspath(e) for e in exclude}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [
+            d for d in dirnames if not d.startswith(".") and os.path.abspath(os.path.join(dirpath, d)) not in excluded
+        ]
+        for fname in filenames:
+            if fname.startswith("."):
+                continue
+            path = os.path.join(dirpath, fname)
+            if looks_like_image(path):
+                yield path
+
+
+def _glob_root(pattern: str) -> str:
+    """The literal directories before the first component with a wildcard (``.`` when none)."""
+    parts = Path(pattern).parts
+    literal: list[str] = []
+    for part in parts[:-1]:
+        if _GLOB_MAGIC.search(part):
+            break
+        literal.append(part)
+    return os.path.join(*literal) if literal else "."
+
+
+def _expand_one(arg: str, cwd: str, exclude: Sequence[str]) -> list[Source]:
+    path = os.path.join(cwd, arg) if not os.path.isabs(arg) else arg
+    if os.path.isdir(path):
+        return [Source(_name_under(p, path), _display(p, cwd), arg) for p in _walk(path, exclude)]
+    if os.path.lexists(path):  # a file, a broken link, a fifo...: taken as given
+        return [Source(_name_of_file(arg, cwd), arg, "")]
+    if _GLOB_MAGIC.search(arg):
+        root_arg = _glob_root(arg)
+        root = os.path.join(cwd, root_arg)
+        found: list[Source] = []
+        for match in sorted(glob.glob(os.path.join(cwd, arg) if not os.path.isabs(arg) else arg, recursive=True)):
+            if os.path.isdir(match):
+                found.extend(Source(_name_under(p, root), _display(p, cwd), root_arg) for p in _walk(match, exclude))
+            elif looks_like_image(match):
+                found.append(Source(_name_under(match, root), _display(match, cwd), root_arg))
+        if not found:
+            raise InputError("no image matches this pattern", path=arg)
+        return found
+    raise InputError("no such file or directory", path=arg)
+
+
+def _display(path: str, cwd: str) -> str:
+    """A path as people would type it: relative to ``cwd`` when it lies inside, else absolute."""
+    absolute = os.path.abspath(path)
+    if absolute.startswith(cwd.rstrip(os.sep) + os.sep):
+        return os.path.relpath(absolute, cwd)
+    return absolute
+
+
+def read_path_list(stream: TextIO) -> list[str]:
+    """Newline-separated paths (as ``find`` prints them); blank lines are ignored, nothing is stripped
+    except the line ending, so names with leading or trailing spaces survive."""
+    return [line.rstrip("\r\n") for line in stream if line.rstrip("\r\n")]
+
+
+def expand_inputs(
+    inputs: Sequence[str],
+    *,
+    stdin: TextIO | None = None,
+    cwd: str | None = None,
+    exclude: Sequence[str] = (),
+) -> list[Source]:
+    """INPUT arguments -> sorted, de-duplicated sources. ``-`` reads a path list from ``stdin``.
+
+    Raises InputError for an argument that names nothing, and when two different files would get the same
+    name (and so the same output).
+    """
+    base = os.path.abspath(cwd or os.getcwd())
+    found: list[Source] = []
+    for arg in inputs:
+        if arg == "-":
+            for line in read_path_list(stdin if stdin is not None else sys.stdin):
+                found.append(Source(_name_of_file(line, base), line, ""))
+        else:
+            found.extend(_expand_one(arg, base, exclude))
+    by_name: dict[str, Source] = {}
+    for src in found:
+        seen = by_name.get(src.name)
+        if seen is None:
+            by_name[src.name] = src
+        elif os.path.abspath(os.path.join(base, seen.path)) != os.path.abspath(os.path.join(base, src.path)):
+            first, second = sorted([seen.path, src.path])
+            raise InputError(
+                f"{first} and {second} would both be written as {src.name!r}; "
+                "encode them in separate runs or list them relative to a common directory",
+                path=src.name,
+            )
+    return [by_name[name] for name in sorted(by_name)]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise InputError(f"--shard must look like I/N (e.g. 0/4), got {text!r}")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return index, count
+
+
+def shard_of(name: str, count: int) -> int:
+    """Which of ``count`` shards ``name`` belongs to: a stable hash of the name, so adding files to the
+    input never moves an existing image to another shard."""
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def select_shard(sources: Sequence[Source], index: int, count: int) -> list[Source]:
+    """The sources of shard ``index`` of ``count``, still sorted. All shards together are ``sources``."""
+    return [s for s in sources if shard_of(s.name, count) == index]

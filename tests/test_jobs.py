@@ -1,0 +1,173 @@
+"""The local engine in-process: ordering, bad inputs, worker crashes, interruption, out of memory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from badfiles import EXPECTED_REASONS, make_bad_files
+from conftest import GOLDEN, TINY_128K
+
+from phi3embed import Phi3VisionEmbedder
+from phi3embed.jobs import OrderedPool, Preparer, run_local
+from phi3embed.sources import Source, expand_inputs
+from phi3embed.writers import TMP_DIR, OutputSettings, OutputStore, iter_manifest
+
+GOOD = ["photo_1000x750.jpg", "portrait_600x1400.png", "panorama_4000x120.png", "tiny_7x9.png"]
+
+
+@pytest.fixture(scope="module")
+def embedder(golden: Path) -> Iterator[Phi3VisionEmbedder]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared 2-core box: more threads only wait on each other
+    yield Phi3VisionEmbedder.from_pretrained(golden / "checkpoints" / TINY_128K, num_crops=4, batch_size=3)
+    torch.set_num_threads(threads)
+
+
+def store_for(out: Path, e: Phi3VisionEmbedder, **kw: Any) -> OutputStore:
+    s = OutputSettings(
+        model=TINY_128K, fingerprint=e.fingerprint, num_crops=e.num_crops, dtype=e.dtype, compute_dtype=e.dtype
+    )
+    return OutputStore(out, s, **kw)
+
+
+def golden_embeddings(name: str) -> np.ndarray:
+    stem = name.rsplit(".", 1)[0]
+    return np.load(GOLDEN / "expected" / TINY_128K / "4" / f"{stem}.npz")["embeddings"]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.started: tuple[int, int] | None = None
+        self.stopped = False
+
+    def start(self, *, total: int, skipped: int) -> None:
+        self.started = (total, skipped)
+
+    def advance(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_good_and_bad_images_in_worker_processes(tmp_path: Path, embedder: Phi3VisionEmbedder) -> None:
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in GOOD:
+        shutil.copy(GOLDEN / "images" / name, imgs / name)
+    make_bad_files(imgs / "bad", GOLDEN / "images" / "photo_1000x750.jpg")
+    sources = expand_inputs([str(imgs)])
+    rec = Recorder()
+    with store_for(tmp_path / "emb", embedder) as store:
+        summary = run_local(embedder, sources, store, workers=2, reporter=rec)
+    assert rec.started == (len(sources), 0) and rec.stopped
+    by_name = {r["name"]: r for r in rec.records}
+    assert sorted(by_name) == sorted(s.name for s in sources)
+    for name in GOOD:
+        assert by_name[name]["status"] == "ok"
+        out = np.load(tmp_path / "emb" / f"{name}.npy")
+        assert np.abs(out - golden_embeddings(name)).max() <= 1e-4
+    as_root = os.geteuid() == 0  # root reads a chmod 000 file: the CLI test covers that case
+    for fname, reason in EXPECTED_REASONS.items():
+        record = by_name[f"bad/{fname}"]
+        if fname == "unreadable.jpg" and as_root:
+            continue
+        assert record["status"] == "error" and reason in record["error"], record["error"]
+        assert record["error"].startswith(str(imgs / "bad" / fname) + ": ")
+    assert summary.ok == len(GOOD) + as_root and summary.failed == len(sources) - len(GOOD) - as_root
+    ok_order = [r["name"] for r in rec.records if r["status"] == "ok"]
+    assert ok_order == sorted(ok_order)  # encoded images are written in input order
+
+
+def _maybe_crash(x: int) -> int:
+    if x == 13:
+        os._exit(7)  # a decoder taking its process down with it
+    return x * x
+
+
+def test_ordered_pool_keeps_order_and_isolates_a_crashing_task() -> None:
+    pool: OrderedPool[int, int] = OrderedPool(_maybe_crash, workers=2, window=5, on_crash=lambda x: -x)
+    pool.start(range(30))
+    try:
+        results = list(pool)
+    finally:
+        pool.close()
+    assert results == [-13 if x == 13 else x * x for x in range(30)]
+    assert pool.restarts >= 2  # the crash, then the crash again when retried alone
+
+
+def test_inline_pool() -> None:
+    pool: OrderedPool[int, int] = OrderedPool(lambda x: x + 1, workers=0, window=1, on_crash=lambda x: 0)
+    pool.start(range(5))
+    assert list(pool) == [1, 2, 3, 4, 5]
+
+
+def test_preparer_reports_facts(embedder: Phi3VisionEmbedder) -> None:
+    path = GOLDEN / "images" / "portrait_600x1400.png"
+    p = Preparer(embedder.preprocess_config)(Source("p.png", str(path), ""))
+    assert p.error is None and p.item is not None
+    assert (p.facts.width, p.facts.height, p.facts.crops) == (600, 1400, (2, 1))
+    assert p.facts.size == path.stat().st_size and len(p.facts.sha256 or "") == 64
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_cleanly_keeping_finished_outputs(
+    tmp_path: Path, embedder: Phi3VisionEmbedder, sig: signal.Signals
+) -> None:
+    small = ["rgb_336x336.png", "tiny_7x9.png", "gray_L_640x480.png"]
+    sources = [Source(f"{i:02d}-{n}", str(GOLDEN / "images" / n), "") for i in range(2) for n in small]
+    sources.sort()
+    rec = Recorder()
+    advance = rec.advance
+
+    def advance_then_interrupt(record: dict[str, Any]) -> None:
+        advance(record)
+        if len(rec.records) == 2:
+            os.kill(os.getpid(), sig)
+
+    rec.advance = advance_then_interrupt  # type: ignore[method-assign]
+    out = tmp_path / "emb"
+    with store_for(out, embedder) as store:
+        summary = run_local(embedder, sources, store, workers=1, reporter=rec)
+    assert summary.interrupted == sig.name
+    assert 2 <= summary.ok < len(sources)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    done = [r for r in iter_manifest(out / "manifest.jsonl") if r["status"] == "ok"]
+    assert len(done) == summary.ok and all((out / r["output"]).is_file() for r in done)
+    assert not (out / TMP_DIR).exists()
+    with store_for(out, embedder) as store:  # and the rerun picks up where it stopped
+        rest = run_local(embedder, sources, store, workers=0)
+    assert rest.skipped == summary.ok and rest.ok == len(sources) - summary.ok and rest.failed == 0
+
+
+class _OutOfMemory:
+    """Wraps the real embedder; its encoder runs out of memory on the first batch."""
+
+    def __init__(self, inner: Phi3VisionEmbedder) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def embed_stream(self, items: Any) -> Any:
+        for _ in items:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        yield from ()
+
+
+def test_out_of_memory_is_one_clear_message(tmp_path: Path, embedder: Phi3VisionEmbedder) -> None:
+    sources = [Source(n, str(GOLDEN / "images" / n), "") for n in GOOD]
+    with store_for(tmp_path / "emb", embedder) as store:
+        summary = run_local(_OutOfMemory(embedder), sources, store, workers=0)  # type: ignore[arg-type]
+    assert summary.fatal is not None and "--batch-size 3" in summary.fatal
+    assert "try a smaller --batch-size (e.g. 1)" in summary.fatal and "\n" not in summary.fatal
