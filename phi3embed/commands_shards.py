@@ -1,0 +1,115 @@
+"""Typer command ``merge-manifests``: are the shard outputs of a job complete? (over :mod:`phi3embed.manifests`)
+
+``register(app)`` adds it to the application that ``phi3embed.cli`` builds. People read stderr; ``--json``
+puts the report on stdout. Exit codes: 0 complete, 1 incomplete (missing, failed or lost images, or
+shards made with different settings), 2 usage errors (a DIR without manifest, an INPUT naming nothing).
+"""
+
+# No ``from __future__ import annotations``: Typer reads these annotations at runtime.
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+SHOWN = 10  # names listed per problem kind for people (--json lists all)
+
+MERGE_HELP = """Check that the outputs of a sharded job are complete, and optionally write one manifest for all.
+
+DIR...: the output directories of the shards (or one directory all shards wrote into).
+
+With --inputs (the INPUT arguments of encode, without --shard), every listed image must have an ok record whose output file exists, in one of the DIRs; without it, only the recorded images are checked. All ok records must share the same model fingerprint and settings.
+
+--write FILE writes the best record of every image (names sorted), with output paths relative to FILE's folder: phi3embed.read() on that folder then reads the whole job.
+
+Exit codes: 0 complete; 1 incomplete (missing, failed or lost images, mixed settings); 2 usage errors.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``merge-manifests`` to ``app``."""
+    app.command("merge-manifests", help=MERGE_HELP, no_args_is_help=True)(merge_manifests_command)
+
+
+def merge_manifests_command(
+    dirs: Annotated[list[Path], typer.Argument(metavar="DIR...", help="Output directories of the shards.")],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--inputs",
+            "-i",
+            metavar="INPUT",
+            help="The full input list, as given to encode (repeat for several; - reads paths from stdin).",
+        ),
+    ] = None,
+    write: Annotated[
+        Path | None, typer.Option("--write", "-w", metavar="FILE", help="Write the combined manifest here.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report on stderr (the exit code tells).")] = False,
+) -> None:
+    from rich.console import Console
+
+    from .errors import Phi3EmbedError
+    from .manifests import check_outputs, write_combined
+    from .sources import expand_inputs
+
+    try:
+        sources = expand_inputs(inputs, exclude=[str(d) for d in dirs]) if inputs else None
+        report = check_outputs(dirs, sources)
+        written = write_combined(report, write) if write is not None else None
+    except Phi3EmbedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    failures = {name: report.chosen[name].record.get("error") for name in report.failed}
+    data: dict[str, Any] = {
+        "complete": report.complete,
+        "dirs": [str(d) for d in dirs],
+        "listed": report.listed,
+        "recorded": len(report.chosen),
+        "ok": len(report.ok),
+        "failed": [{"name": n, "error": e} for n, e in failures.items()],
+        "missing": report.missing,
+        "lost": report.lost,
+        "mixed_settings": report.mixed_settings,
+        "combined_manifest": str(write) if write is not None else None,
+    }
+    if as_json:
+        typer.echo(json.dumps(data, ensure_ascii=True))
+    if not quiet:
+        _render(Console(stderr=True), data, written)
+    raise typer.Exit(0 if report.complete else 1)
+
+
+def _render(console: Any, data: dict[str, Any], written: int | None) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    state = Text("complete", style="bold green") if data["complete"] else Text("incomplete", style="bold red")
+    table.add_row("phi3embed merge-manifests", state)
+    table.add_row("directories", ", ".join(data["dirs"]))
+    listed = "not given (only recorded images are checked)" if data["listed"] is None else str(data["listed"])
+    table.add_row("images", f"{listed} listed, {data['recorded']} recorded, {data['ok']} ok")
+
+    def names(items: list[str]) -> str:
+        more = len(items) - SHOWN
+        return "\n".join(items[:SHOWN]) + (f"\n... and {more} more (--json lists all)" if more > 0 else "")
+
+    if data["missing"]:
+        table.add_row(f"missing ({len(data['missing'])})", Text(names(data["missing"]), style="red"))
+    if data["failed"]:
+        lines = [f"{f['error'] or f['name']}" for f in data["failed"]]
+        table.add_row(f"failed ({len(lines)})", Text(names(lines), style="red"))
+    if data["lost"]:
+        table.add_row(f"output lost ({len(data['lost'])})", Text(names(data["lost"]), style="red"))
+    if data["mixed_settings"]:
+        table.add_row("settings", Text("ok records differ in model fingerprint or settings", style="bold red"))
+    if written is not None:
+        table.add_row("combined", f"{data['combined_manifest']} ({written} records)")
+    if not data["complete"]:
+        table.add_row("next", "rerun the shards that miss images (same command): finished images are skipped")
+    console.print(table, highlight=False)

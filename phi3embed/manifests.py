@@ -1,0 +1,133 @@
+"""Shard outputs, taken together: is the job complete, and one manifest for all of it.
+
+A job split with ``--shard I/N`` (a slurm array, one process per GPU) leaves its results in one output
+directory per shard, or in one shared directory (each shard appends its own records). :func:`check_outputs`
+reads every manifest, takes each image's latest record per directory and its best across directories
+(an ``ok`` record whose output file exists wins over failures), and compares that with the full input
+list: every listed image must be ``ok``, made with the same settings as the others. :func:`write_combined`
+writes the chosen records as one manifest whose ``output`` paths are relative to its own folder, so
+``phi3embed.read`` reads the whole job through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import Phi3EmbedError
+from .sources import Source
+from .writers import MANIFEST, iter_manifest, record_signature
+
+
+@dataclass
+class Found:
+    """The record chosen for one image and the directory it came from."""
+
+    record: dict[str, Any]
+    root: Path
+    output_ok: bool  # an ok record whose output file exists
+
+
+@dataclass
+class ShardReport:
+    dirs: list[Path]
+    listed: int | None  # images in the full input list (None when no input list was given)
+    chosen: dict[str, Found] = field(default_factory=dict)  # name -> best record across dirs
+    missing: list[str] = field(default_factory=list)  # listed, never attempted in any dir
+    failed: list[str] = field(default_factory=list)  # latest attempts all errors
+    lost: list[str] = field(default_factory=list)  # ok record, but the output file is gone
+    signatures: dict[tuple[Any, ...], int] = field(default_factory=dict)  # settings of ok records -> count
+
+    @property
+    def ok(self) -> list[str]:
+        return [name for name, f in self.chosen.items() if f.output_ok]
+
+    @property
+    def mixed_settings(self) -> bool:
+        return len(self.signatures) > 1
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.failed or self.lost or self.mixed_settings)
+
+
+def _latest(root: Path) -> dict[str, dict[str, Any]]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise Phi3EmbedError("no manifest.jsonl here: not a phi3embed output directory", path=root)
+    latest: dict[str, dict[str, Any]] = {}
+    for record in iter_manifest(path):
+        latest[record["name"]] = record
+    return latest
+
+
+def _output_exists(root: Path, record: dict[str, Any]) -> bool:
+    output = record.get("output")
+    return isinstance(output, str) and bool(output) and (root / output).is_file()
+
+
+def check_outputs(dirs: Sequence[str | os.PathLike[str]], sources: Sequence[Source] | None = None) -> ShardReport:
+    """Check that the outputs in ``dirs`` cover ``sources`` (the full, unsharded input list)."""
+    roots = [Path(d) for d in dirs]
+    report = ShardReport(dirs=roots, listed=None if sources is None else len(sources))
+    for root in roots:
+        for name, record in _latest(root).items():
+            found = Found(record, root, record.get("status") == "ok" and _output_exists(root, record))
+            best = report.chosen.get(name)
+            if best is None or _better(found, best):
+                report.chosen[name] = found
+    for name, found in sorted(report.chosen.items()):
+        if found.output_ok:
+            sig = record_signature(found.record)
+            report.signatures[sig] = report.signatures.get(sig, 0) + 1
+        elif found.record.get("status") == "ok":
+            report.lost.append(name)
+        else:
+            report.failed.append(name)
+    if sources is not None:
+        report.missing = sorted(s.name for s in sources if s.name not in report.chosen)
+    return report
+
+
+def _better(a: Found, b: Found) -> bool:
+    """``a`` is a better record of the image than ``b``: a usable output first, then the newer attempt."""
+    if a.output_ok != b.output_ok:
+        return a.output_ok
+    return str(a.record.get("time", "")) > str(b.record.get("time", ""))
+
+
+def write_combined(report: ShardReport, path: str | os.PathLike[str]) -> int:
+    """Write the chosen record of every image (names sorted) to ``path``, outputs relative to its folder.
+
+    Refuses to replace the manifest of one of the checked directories. Written to a temporary file and
+    renamed into place. Returns the number of records written.
+    """
+    target = Path(path)
+    real = os.path.realpath(target)
+    for root in report.dirs:
+        if real == os.path.realpath(root / MANIFEST):
+            raise Phi3EmbedError(f"is the manifest of {root}; write the combined one elsewhere", path=target)
+    folder = target.parent
+    lines = []
+    for name in sorted(report.chosen):
+        found = report.chosen[name]
+        record = dict(found.record)
+        if record.get("output"):
+            record["output"] = Path(os.path.relpath(found.root / record["output"], folder)).as_posix()
+        lines.append(json.dumps(record, ensure_ascii=True) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="ascii") as fh:
+            fh.writelines(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise Phi3EmbedError(f"cannot write the combined manifest: {exc.strerror or exc}", path=target) from None
+    return len(lines)
