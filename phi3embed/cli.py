@@ -11,10 +11,12 @@ or the job stopped on out of memory / a failing output directory (finished outpu
 
 # No ``from __future__ import annotations``: Typer reads the annotations at runtime.
 
+import contextlib
 import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +42,10 @@ except ImportError:  # pragma: no cover - until that module is merged
 else:
     _register_inspect(app)
 
+from .commands_shards import register as _register_shards  # noqa: E402
+
+_register_shards(app)
+
 
 @app.callback()
 def _root() -> None:
@@ -61,6 +67,11 @@ class Format(str, Enum):
 class Alpha(str, Enum):
     drop = "drop"
     white = "white"
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 class _Usage(Exception):
@@ -152,6 +163,28 @@ def encode_command(
     jsonl: Annotated[
         bool, typer.Option("--jsonl", help="Print each manifest record to stdout as it is written.")
     ] = False,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="local: this process encodes; ray: a Ray Data actor pool (pip install 'phi3embed[ray]'), "
+            "on a private local Ray instance or the cluster at --ray-address. Same outputs either way."
+        ),
+    ] = Engine.local,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RAY_ADDRESS",
+            metavar="ADDR",
+            help="--engine ray: connect to this Ray cluster (auto, HOST:PORT or ray://HOST:PORT) "
+            "instead of starting a local instance.",
+        ),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="--engine ray: encoder actors (default: one per GPU of the cluster; without GPUs one per CPU)."
+        ),
+    ] = None,
 ) -> None:
     try:
         code = _encode(
@@ -172,6 +205,9 @@ def encode_command(
             pack=pack,
             quiet=quiet,
             jsonl=jsonl,
+            engine=engine.value,
+            ray_address=ray_address,
+            actors=actors,
         )
     except _Usage as exc:
         raise _fail(str(exc)) from None
@@ -199,6 +235,9 @@ def _encode(
     pack: str | None,
     quiet: bool,
     jsonl: bool,
+    engine: str = "local",
+    ray_address: str | None = None,
+    actors: int | None = None,
 ) -> int:
     from .errors import Phi3EmbedError
     from .sources import expand_inputs, parse_shard, select_shard
@@ -234,8 +273,6 @@ def _encode(
         return 0
     _check_writable(out)
 
-    import torch
-
     from .checkpoint import resolve
 
     try:  # find the checkpoint first: a wrong --model is reported before transformers is even imported
@@ -243,17 +280,35 @@ def _encode(
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
 
-    from .embedder import Phi3VisionEmbedder, parse_dtype, resolve_device
+    if engine == "ray":
+        return _encode_ray(
+            sources,
+            out=out,
+            model=model,
+            num_crops=num_crops,
+            device=device,
+            dtype=dtype,
+            out_dtype=out_dtype,
+            fmt=fmt,
+            batch_size=batch_size,
+            workers=workers,
+            exif_transpose=exif_transpose,
+            alpha=alpha,
+            overwrite=overwrite,
+            shard_spec=shard_spec,
+            pack_bytes=pack_bytes,
+            quiet=quiet,
+            jsonl=jsonl,
+            ray_address=ray_address,
+            actors=actors,
+            console=console,
+        )
+
+    from .embedder import Phi3VisionEmbedder, resolve_device
 
     try:
         dev = resolve_device(device)
-        compute = parse_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        if out_dtype != "auto":
-            stored = parse_dtype(out_dtype)
-        elif dev.type == "cuda" and not (fmt in (None, "npy") and pack_bytes is None and compute == torch.bfloat16):
-            stored = compute
-        else:
-            stored = torch.float32
+        compute, stored = _dtypes(dev.type, dtype, out_dtype, fmt, pack_bytes)
         batch = batch_size or (32 if dev.type == "cuda" else 8)
         n_workers = workers if workers is not None else (min(8, os.cpu_count() or 1) if dev.type == "cuda" else 1)
         status = console.status(f"loading {model}") if not quiet and console.is_terminal else None
@@ -291,6 +346,171 @@ def _encode(
     )
 
 
+def _dtypes(device_type: str, dtype: str, out_dtype: str, fmt: str | None, pack_bytes: int | None) -> tuple[Any, Any]:
+    """(compute, stored) torch dtypes from the options: auto computes in float32 on CPU, bfloat16 on CUDA;
+    stores float32 on CPU, the compute dtype on CUDA (float32 when npy cannot hold it)."""
+    import torch
+
+    from .embedder import parse_dtype
+
+    compute = parse_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if device_type == "cuda" else torch.float32)
+    if out_dtype != "auto":
+        stored = parse_dtype(out_dtype)
+    elif device_type == "cuda" and not (fmt in (None, "npy") and pack_bytes is None and compute == torch.bfloat16):
+        stored = compute
+    else:
+        stored = torch.float32
+    return compute, stored
+
+
+def _encode_ray(
+    sources: list[Any],
+    *,
+    out: Path,
+    model: str,
+    num_crops: int | None,
+    device: str,
+    dtype: str,
+    out_dtype: str,
+    fmt: str | None,
+    batch_size: int | None,
+    workers: int | None,
+    exif_transpose: bool,
+    alpha: str,
+    overwrite: bool,
+    shard_spec: tuple[int, int] | None,
+    pack_bytes: int | None,
+    quiet: bool,
+    jsonl: bool,
+    ray_address: str | None,
+    actors: int | None,
+    console: Any,
+) -> int:
+    """``--engine ray``: the same job on a Ray actor pool; the outputs are written here, as locally."""
+    from dataclasses import replace
+
+    from .embedder import ImageOptions
+    from .errors import Phi3EmbedError
+    from .progress import say
+
+    try:
+        from .ray_engine import EncoderSpec, checkpoint_facts, cluster_resources, ray_session, run_ray
+    except ImportError:
+        raise _Usage("--engine ray needs Ray: pip install 'phi3embed[ray]'") from None
+    if device not in ("auto", "cpu", "cuda"):
+        raise _Usage(f"--engine ray places one actor per GPU itself: use --device auto, cuda or cpu, not {device!r}")
+    # Every node resolves the checkpoint itself: a local directory by its absolute path (it must be on a
+    # filesystem all nodes share), a hub id or preset by name (each node's hub cache).
+    actor_model = os.path.abspath(model) if os.path.isdir(model) else model
+    spec = EncoderSpec(model=actor_model, num_crops=num_crops, alpha=alpha, exif_transpose=exif_transpose)  # type: ignore[arg-type]
+    try:
+        fingerprint, crops = checkpoint_facts(spec)  # hashes the vision weights here: actors must match
+    except Phi3EmbedError as exc:
+        raise _Usage(str(exc)) from None
+
+    def connect() -> Any:
+        return ray_session(ray_address, num_cpus=os.cpu_count() or 1)
+
+    with contextlib.ExitStack() as stack:
+        if ray_address:  # the cluster's resources decide the device; a local instance is started only when needed
+            _enter_ray(stack, connect(), ray_address)
+            cpus, gpus = cluster_resources()
+        else:
+            import torch
+
+            cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+        dev_type = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
+        if dev_type == "cuda" and gpus == 0:
+            raise _Usage(f"--device cuda: {'the Ray cluster' if ray_address else 'this machine'} has no GPU")
+        try:
+            compute, stored = _dtypes(dev_type, dtype, out_dtype, fmt, pack_bytes)
+        except Phi3EmbedError as exc:
+            raise _Usage(str(exc)) from None
+        n_actors = actors or max(1, int(gpus if dev_type == "cuda" else cpus))
+        batch = batch_size or (32 if dev_type == "cuda" else 8)
+        threads = workers if workers is not None else (4 if dev_type == "cuda" else 0)
+        spec = replace(
+            spec,
+            device=dev_type,
+            dtype=str(compute).removeprefix("torch."),
+            out_dtype=str(stored).removeprefix("torch."),
+            batch_size=batch,
+            decode_threads=threads,
+            expect_fingerprint=fingerprint,
+        )
+
+        @contextlib.contextmanager
+        def start_local() -> Any:
+            with contextlib.ExitStack() as inner:
+                _enter_ray(inner, connect(), None)
+                if not quiet:
+                    say(
+                        console,
+                        f"phi3embed encode: {n_actors} Ray actor{'s' if n_actors != 1 else ''} on {dev_type}, "
+                        f"local Ray instance ({int(cpus)} CPUs, {int(gpus)} GPUs)",
+                    )
+                yield
+
+        if ray_address and not quiet:
+            say(
+                console,
+                f"phi3embed encode: {n_actors} Ray actor{'s' if n_actors != 1 else ''} on {dev_type}, "
+                f"Ray cluster {ray_address} ({int(cpus)} CPUs, {int(gpus)} GPUs)",
+            )
+        view = _EngineView(
+            fingerprint=fingerprint,
+            num_crops=crops,
+            dtype=compute,
+            image_options=ImageOptions(alpha=alpha, exif_transpose=exif_transpose),  # type: ignore[arg-type]
+            device="cuda:0" if dev_type == "cuda" else "cpu",  # what each actor sees (Ray gives it one GPU)
+            batch_size=batch,
+        )
+        return _run(
+            view,
+            sources,
+            out=out,
+            model=model,
+            stored=stored,
+            fmt="pack" if pack_bytes is not None else (fmt or "npy"),
+            pack_bytes=pack_bytes,
+            overwrite=overwrite,
+            shard_spec=shard_spec,
+            workers=n_actors,
+            quiet=quiet,
+            jsonl=jsonl,
+            console=console,
+            runner=lambda todo, store, reporter: run_ray(
+                spec,
+                todo,
+                store,
+                actors=n_actors,
+                restart_actors=bool(ray_address),
+                reporter=reporter,
+                connect=None if ray_address else start_local,
+            ),
+        )
+
+
+def _enter_ray(stack: contextlib.ExitStack, session: Any, address: str | None) -> None:
+    try:
+        stack.enter_context(session)
+    except Exception as exc:  # Ray cannot start, or the cluster cannot be reached
+        what = f"connect to Ray at {address}" if address else "start a local Ray instance"
+        raise _Usage(f"cannot {what}: {' '.join(str(exc).split())}") from None
+
+
+@dataclass(frozen=True)
+class _EngineView:
+    """What :func:`_run` reads of an embedder, for an engine whose model lives elsewhere (Ray actors)."""
+
+    fingerprint: str
+    num_crops: int
+    dtype: Any
+    image_options: Any
+    device: str
+    batch_size: int
+
+
 def _run(
     embedder: Any,
     sources: list[Any],
@@ -306,6 +526,7 @@ def _run(
     quiet: bool,
     jsonl: bool,
     console: Any,
+    runner: Any = None,
 ) -> int:
     from .errors import Phi3EmbedError
     from .jobs import run_local
@@ -331,7 +552,10 @@ def _run(
         raise _Usage(str(exc)) from None
     reporter = ProgressReporter(console, show_progress=not quiet)
     try:
-        summary = run_local(embedder, sources, store, workers=workers, reporter=reporter)
+        if runner is not None:
+            summary = runner(sources, store, reporter)
+        else:
+            summary = run_local(embedder, sources, store, workers=workers, reporter=reporter)
     finally:
         store.close()
     if summary.fatal:

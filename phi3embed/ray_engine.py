@@ -13,12 +13,17 @@ workers, and :func:`build_pipeline` / :func:`ray_session` import it when called.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import logging
 import os
-from collections.abc import Iterator, Mapping
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,15 +34,19 @@ from PIL import Image
 from .checkpoint import resolve
 from .config import preprocess_config_from_dict, vision_config_from_dict
 from .embedder import Phi3VisionEmbedder, parse_dtype
-from .errors import CheckpointError, ImageError, UnsupportedImageError
+from .errors import CheckpointError, ImageError, Phi3EmbedError, UnsupportedImageError
+from .jobs import JobSummary, Reporter
 from .model import Phi3VisionModel
 from .preprocess import AlphaMode, Preprocessed
+from .sources import Source
+from .writers import ImageFacts, OutputError, OutputStore
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
 PATH = "path"  # input column: the file to read, or the name of the bytes in BYTES
 BYTES = "bytes"  # optional input column: the file's content (then PATH is only its name); None = read PATH
+LABEL = "label"  # optional input column: the file's name in error messages (default: PATH)
 UNKNOWN = -1  # integer columns of facts an error row does not have
 
 #: Output columns added to every row, in this order (input columns other than BYTES pass through).
@@ -57,6 +66,7 @@ RESULT_COLUMNS = (
     "dtype",  # stored dtype name of the embedding ("" for error rows)
     "dim",  # hidden size D of the embedding
     "embedding",  # raw bytes of the contiguous [num_tokens, D] tensor (b"" for error rows)
+    "seconds",  # spent reading, decoding and tiling this image
 )
 
 
@@ -99,17 +109,19 @@ def checkpoint_facts(spec: EncoderSpec) -> tuple[str, int]:
     return fingerprint, spec.num_crops or pcfg.num_crops
 
 
-def read_source(path: str | os.PathLike[str]) -> tuple[bytes, int]:
-    """The file's bytes and modification time, with the one-line ImageErrors ``open_image`` gives."""
-    label = os.fspath(path)
+def read_source(path: str | os.PathLike[str], *, label: str | None = None) -> tuple[bytes, int]:
+    """The file's bytes and modification time; failures are the one-line ImageErrors ``open_image`` gives,
+    naming the file ``label`` (default: ``path``)."""
+    path = os.fspath(path)
+    label = label or path
     try:
-        st = os.stat(label)
-        with open(label, "rb") as fh:
+        st = os.stat(path)
+        with open(path, "rb") as fh:
             return fh.read(), st.st_mtime_ns
     except IsADirectoryError:
         raise ImageError("is a directory, not an image file", path=label) from None
     except FileNotFoundError:
-        raise ImageError("broken symbolic link" if os.path.islink(label) else "file not found", path=label) from None
+        raise ImageError("broken symbolic link" if os.path.islink(path) else "file not found", path=label) from None
     except PermissionError:
         raise ImageError("permission denied", path=label) from None
     except OSError as exc:
@@ -153,6 +165,7 @@ class _Row:
     dtype: str = ""
     dim: int = UNKNOWN
     embedding: bytes = b""
+    seconds: float = 0.0
 
 
 _INT_COLUMNS = frozenset(k for k, v in _Row.__dataclass_fields__.items() if v.type == "int")
@@ -188,12 +201,13 @@ class RayEncoder:
         self.out_dtype_name = str(self.out_dtype).removeprefix("torch.")
         self._pool = ThreadPoolExecutor(spec.decode_threads) if spec.decode_threads > 0 else None
 
-    def _prepare(self, label: str, data: bytes | None) -> tuple[_Row, Preprocessed | None]:
+    def _prepare(self, path: str, label: str, data: bytes | None) -> tuple[_Row, Preprocessed | None]:
         """Read, hash, decode and tile one image. Never raises for a bad image."""
         row = _Row()
+        start = time.perf_counter()
         try:
             if data is None:
-                data, row.mtime_ns = read_source(label)
+                data, row.mtime_ns = read_source(path, label=label)
             row.sha256 = hashlib.sha256(data).hexdigest()
             row.size = len(data)
             item = self.embedder.preprocess(data, name=label)
@@ -201,10 +215,13 @@ class RayEncoder:
             row.error = str(exc)
             if isinstance(exc, UnsupportedImageError) and data:  # decoded fine: its size explains why
                 row.width, row.height = _header_size(data)
+            row.seconds = time.perf_counter() - start
             return row, None
         except Exception as exc:  # a decoder bug must not stop the job either
             row.error = " ".join(f"{label}: unexpected {type(exc).__name__} while reading: {exc}".split())
+            row.seconds = time.perf_counter() - start
             return row, None
+        row.seconds = time.perf_counter() - start
         grid = item.grid
         row.width, row.height = grid.width, grid.height
         row.image_h, row.image_w = grid.image_sizes
@@ -213,9 +230,10 @@ class RayEncoder:
         return row, item
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        labels = [str(p) for p in batch[PATH]]
-        blobs = [_blob(b) for b in batch[BYTES]] if BYTES in batch else [None] * len(labels)
-        jobs = list(zip(labels, blobs, strict=True))
+        paths = [str(p) for p in batch[PATH]]
+        labels = [str(p) for p in batch[LABEL]] if LABEL in batch else paths
+        blobs = [_blob(b) for b in batch[BYTES]] if BYTES in batch else [None] * len(paths)
+        jobs = list(zip(paths, labels, blobs, strict=True))
         prepared = (
             self._pool.map(lambda a: self._prepare(*a), jobs) if self._pool else (self._prepare(*a) for a in jobs)
         )
@@ -235,12 +253,14 @@ class RayEncoder:
             row.dim = int(stored.shape[1])
             assert stored.shape[0] == row.num_tokens, (stored.shape, row.num_tokens)
             row.embedding = embedding_bytes(stored)
-        assert len(rows) == len(labels)
+        assert len(rows) == len(paths)
         out: dict[str, np.ndarray] = {k: v for k, v in batch.items() if k != BYTES}
         for name in RESULT_COLUMNS:
             values = [getattr(r, name) for r in rows]
             if name in _INT_COLUMNS:
                 out[name] = np.asarray(values, dtype=np.int64)
+            elif name == "seconds":
+                out[name] = np.asarray(values, dtype=np.float64)
             else:  # strings and bytes: object arrays (Ray stores them as Arrow string / binary)
                 col = np.empty(len(values), dtype=object)
                 col[:] = values
@@ -260,8 +280,8 @@ class EncodedImage:
     error: str | None
     width: int | None
     height: int | None
-    image_sizes: list[int] | None
-    crops: list[int] | None
+    image_sizes: tuple[int, int] | None
+    crops: tuple[int, int] | None
     num_tokens: int | None
     sha256: str | None
     size: int | None
@@ -289,7 +309,7 @@ def _known(v: Any) -> int | None:
 def decode_rows(batch: Mapping[str, Any]) -> Iterator[EncodedImage]:
     """A numpy batch of RayEncoder output (e.g. from ``iter_batches(batch_format="numpy")``) -> results."""
     n = len(batch["status"])
-    extras = [k for k in batch if k not in RESULT_COLUMNS and k not in (PATH, BYTES)]
+    extras = [k for k in batch if k not in RESULT_COLUMNS and k not in (PATH, BYTES, LABEL)]
     for i in range(n):
         ok = batch["status"][i] == "ok"
         emb = None
@@ -307,8 +327,8 @@ def decode_rows(batch: Mapping[str, Any]) -> Iterator[EncodedImage]:
             error=None if ok else str(batch["error"][i]),
             width=_known(batch["width"][i]),
             height=_known(batch["height"][i]),
-            image_sizes=None if h is None or w is None else [h, w],
-            crops=None if r is None or c is None else [r, c],
+            image_sizes=None if h is None or w is None else (h, w),
+            crops=None if r is None or c is None else (r, c),
             num_tokens=_known(batch["num_tokens"][i]),
             sha256=str(batch["sha256"][i]) or None,
             size=_known(batch["size"][i]),
@@ -329,6 +349,14 @@ def actor_resources(device: str, *, cpus_per_actor: float = 1.0) -> tuple[float,
     return cpus_per_actor, 1.0 if gpu else 0.0
 
 
+def cluster_resources() -> tuple[float, float]:
+    """``(CPUs, GPUs)`` of the Ray cluster this process is connected to."""
+    import ray
+
+    total = ray.cluster_resources()
+    return float(total.get("CPU", 0)), float(total.get("GPU", 0))
+
+
 def _cluster_has_gpus() -> bool:
     import ray
 
@@ -342,28 +370,40 @@ def build_pipeline(
     actors: int,
     images_per_batch: int = 8,
     cpus_per_actor: float = 1.0,
+    restart_actors: bool = True,
 ) -> ray.data.Dataset:
     """``ds`` (a PATH column, optional BYTES and key columns) -> the dataset of result rows.
 
     A fixed pool of ``actors`` RayEncoder actors, each with one GPU (CUDA device, or ``auto`` on a
-    cluster that has GPUs) or ``cpus_per_actor`` CPUs. Ray Data's actor fault tolerance stays on: a
-    dead actor (lost node, crashed process) is restarted and its batch retried; an exception in the
-    encoder (not a bad image: those are error rows) fails the job.
+    cluster that has GPUs) or ``cpus_per_actor`` CPUs. An exception in the encoder (not a bad image:
+    those are error rows) fails the job. ``restart_actors`` keeps Ray Data's actor fault tolerance (a
+    dead actor, e.g. on a lost node, is restarted and its batch retried: what a cluster needs); without
+    it a crashed actor fails the job as a crash of the local engine would (rerun to resume).
     """
     import ray.data
 
     if actors < 1:
         raise ValueError(f"actors must be >= 1, got {actors}")
     num_cpus, num_gpus = actor_resources(spec.device, cpus_per_actor=cpus_per_actor)
-    return ds.map_batches(
-        RayEncoder,
-        fn_constructor_kwargs={"spec": spec},
-        batch_size=images_per_batch,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus or None,
-    )
+    extra: dict[str, Any] = {}
+    if not restart_actors and _accepts_remote_args(ds.map_batches):
+        extra["max_restarts"] = 0
+    with warnings.catch_warnings():  # Ray 2.60 deprecates remote args in **kwargs (no named max_restarts yet)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ds.map_batches(
+            RayEncoder,
+            fn_constructor_kwargs={"spec": spec},
+            batch_size=images_per_batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus or None,
+            **extra,
+        )
+
+
+def _accepts_remote_args(fn: Any) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
 
 
 @contextmanager
@@ -408,3 +448,144 @@ def ray_session(
         yield local
     finally:
         ray.shutdown()
+
+
+# --------------------------------------------------------------------------- the job, as `phi3embed encode --engine ray` runs it
+
+
+class _Stop(BaseException):
+    def __init__(self, signame: str) -> None:
+        self.signame = signame
+
+
+def default_images_per_batch(todo: int, actors: int) -> int:
+    """Images per actor call: enough for the encoder to pack full crop batches, small enough that every
+    actor gets work on a short job (about four calls per actor), at most 16."""
+    return max(1, min(16, -(-todo // (4 * actors))))
+
+
+def run_ray(
+    spec: EncoderSpec,
+    sources: list[Source],
+    store: OutputStore,
+    *,
+    actors: int,
+    images_per_batch: int | None = None,
+    cpus_per_actor: float = 1.0,
+    restart_actors: bool = True,
+    reporter: Reporter | None = None,
+    max_errors_kept: int = 5,
+    connect: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> JobSummary:
+    """The Ray counterpart of :func:`phi3embed.jobs.run_local`: same skipping, same store, same summary.
+
+    Ray must be initialised (:func:`ray_session`), or ``connect()`` gives a context in which it is: it is
+    entered only when there is work, so a rerun with nothing left to do starts no Ray. The sources not
+    already done in ``store`` become a
+    dataset of absolute paths; the actor pool encodes them; the results come back to this process in input
+    order and are written here, through ``store``, one at a time: the output directory is only ever written
+    by the driver, so it needs no locking across nodes and keeps the local engine's crash safety.
+    """
+    import ray.data
+
+    summary = JobSummary(listed=len(sources))
+    todo = [s for s in sources if not store.is_done(s)]
+    summary.skipped = len(sources) - len(todo)
+
+    def on_record(record: dict[str, Any]) -> None:
+        if record["status"] == "ok":
+            summary.ok += 1
+            summary.tokens += record["num_tokens"] or 0
+        else:
+            summary.failed += 1
+            if len(summary.errors) < max_errors_kept:
+                summary.errors.append(record["error"])
+        if reporter is not None:
+            reporter.advance(record)
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    start = time.perf_counter()
+    stack = ExitStack()
+    try:
+        if reporter is not None:
+            reporter.start(total=len(todo), skipped=summary.skipped)
+        if todo:
+            if connect is not None:
+                stack.enter_context(connect())
+            ctx = ray.data.DataContext.get_current()
+            ctx.execution_options.preserve_order = True  # input order: packed shards as the local engine's
+            rows = [{PATH: os.path.abspath(s.path), LABEL: s.path, "index": i} for i, s in enumerate(todo)]
+            per_batch = images_per_batch or default_images_per_batch(len(todo), actors)
+            actors = min(actors, -(-len(todo) // per_batch))  # no actor without a batch to encode
+            results = build_pipeline(
+                ray.data.from_items(rows),
+                spec,
+                actors=actors,
+                images_per_batch=per_batch,
+                cpus_per_actor=cpus_per_actor,
+                restart_actors=restart_actors,
+            )
+            batches = iter(results.iter_batches(batch_format="numpy", batch_size=None))
+            while True:
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                summary.wait_input_s += time.perf_counter() - waited
+                if batch is None:
+                    break
+                summary.preprocess_s += float(np.sum(batch["seconds"]))
+                for result in decode_rows(batch):
+                    source = todo[result.extra["index"]]
+                    facts = ImageFacts(
+                        sha256=result.sha256,
+                        size=result.size,
+                        mtime_ns=result.mtime_ns,
+                        width=result.width,
+                        height=result.height,
+                        image_sizes=result.image_sizes,
+                        crops=result.crops,
+                        num_tokens=result.num_tokens,
+                    )
+                    writing = time.perf_counter()
+                    if result.ok and result.embedding is not None:
+                        record = store.write(source, facts, result.embedding)
+                    else:
+                        record = store.write_error(source, result.error or f"{source.path}: unknown error", facts)
+                    summary.write_s += time.perf_counter() - writing
+                    on_record(record)
+    except _Stop as stop:
+        summary.interrupted = stop.signame
+    except KeyboardInterrupt:
+        summary.interrupted = "SIGINT"
+    except OutputError as exc:
+        summary.fatal = str(exc)
+    except Exception as exc:  # the cluster or an actor failed (not a bad image: those are error records)
+        summary.fatal = f"the Ray job failed: {_one_line(exc)}"
+    finally:
+        for sig in previous:  # while cleaning up, a second signal exits at once (outputs stay whole)
+            signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
+        summary.wall_s = time.perf_counter() - start
+        if reporter is not None:
+            reporter.stop()
+        stack.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return summary
+
+
+def _one_line(exc: BaseException) -> str:
+    """The most specific one-line message of a (Ray-wrapped) exception: our own error when it is one."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for e in seen:
+        if isinstance(e, Phi3EmbedError):
+            return str(e)
+    text = str(seen[-1]) or type(seen[-1]).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(seen[-1]).__name__}: {lines[-1] if lines else ''}"

@@ -7,8 +7,13 @@ reference's (golden MANIFEST.json); bad images become error rows, never exceptio
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ import torch
 from conftest import GOLDEN, TINY_35, TINY_128K
 from PIL import Image
 
+import phi3embed
 from phi3embed import CheckpointError, Phi3VisionEmbedder
 from phi3embed.ray_engine import (
     BYTES,
@@ -33,6 +39,7 @@ from phi3embed.ray_engine import (
     embedding_from_bytes,
     ray_session,
 )
+from phi3embed.writers import MANIFEST
 
 NUM_CROPS = 4  # small grids keep the tiny model quick
 IMAGES = sorted((GOLDEN / "images").iterdir()) if (GOLDEN / "images").is_dir() else []
@@ -72,8 +79,8 @@ def golden_facts(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
     return {
         "width": img["width"],
         "height": img["height"],
-        "image_sizes": case["image_sizes"],
-        "crops": case["crops_hw"],
+        "image_sizes": tuple(case["image_sizes"]),
+        "crops": tuple(case["crops_hw"]),
         "num_tokens": case["num_img_tokens"],
         "sha256": img["file_sha256"],
         "size": (GOLDEN / "images" / path.name).stat().st_size,
@@ -293,3 +300,130 @@ def test_null_bytes_cells_mean_read_the_path(encoder: RayEncoder, manifest: dict
     batch[BYTES] = np.full(len(paths), np.nan, dtype=np.float32)
     for path, result in zip(paths, decode_rows(encoder(batch)), strict=True):
         check_ok(result, path, manifest)
+
+
+# --------------------------------------------------------------------------- the real console script, --engine ray
+
+_SCRIPT = Path(sys.executable).with_name("phi3embed")
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "phi3embed"]
+ENV = {**{k: v for k, v in os.environ.items() if k not in ("PHI3EMBED_MODEL", "RAY_ADDRESS")}, "HF_HUB_OFFLINE": "1"}
+VOLATILE = {"time", "device"}  # manifest fields that may differ between two runs of the same job
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+    seconds: float
+
+
+def encode(cwd: Path, *args: str) -> Run:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [*CLI, "encode", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300, check=False
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+
+
+def tree(out: Path) -> dict[str, bytes]:
+    """Every file under ``out`` except the manifest: relative path -> content."""
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+@dataclass
+class Jobs:
+    root: Path
+    runs: dict[str, Run]
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory, golden: Path) -> Jobs:
+    """The same jobs through both engines, one after the other (Ray wants both cores)."""
+    pytest.importorskip("ray")
+    root = tmp_path_factory.mktemp("engines")
+    imgs = root / "imgs"
+    imgs.mkdir()
+    for path in IMAGES:
+        (imgs / path.name).symlink_to(path)
+    (imgs / "corrupt.jpg").write_bytes((GOLDEN / "images" / "photo_1000x750.jpg").read_bytes()[:2000])
+    npy = ["imgs", "--model", ckpt(), "--num-crops", str(NUM_CROPS)]
+    pack = ["imgs", "--model", ckpt(TINY_35), "--num-crops", str(NUM_CROPS), "--pack", "600kB"]
+    pack += ["--out-dtype", "bfloat16"]
+    runs = {
+        "local": encode(root, *npy, "-o", "local"),
+        "ray": encode(root, *npy, "-o", "ray", "--engine", "ray"),
+        "local-pack": encode(root, *pack, "-o", "local-pack", "--quiet"),
+        "ray-pack": encode(root, *pack, "-o", "ray-pack", "--engine", "ray", "--actors", "2", "--quiet"),
+    }
+    (imgs / "corrupt.jpg").unlink()  # the user removes the bad file and runs the same command again
+    runs["ray-again"] = encode(root, *npy, "-o", "ray", "--engine", "ray", "--jsonl")
+    for name, run in runs.items():
+        print(f"{name}: exit {run.code} in {run.seconds:.1f} s")
+    return Jobs(root, runs)
+
+
+def test_ray_engine_writes_what_the_local_engine_writes(jobs: Jobs) -> None:
+    local, ray = jobs.runs["local"], jobs.runs["ray"]
+    assert local.code == 1 and ray.code == 1, ray.err  # 1: some image failed, as the local engine says
+    assert "Traceback" not in ray.err
+    assert ray.out == ""  # stdout stays clean for pipelines
+    files = tree(jobs.root / "ray")
+    assert len(files) == len(IMAGES)
+    assert files == tree(jobs.root / "local")  # byte-identical outputs
+    first_run = len(IMAGES) + 1
+    ray_records, local_records = records(jobs.root / "ray")[:first_run], records(jobs.root / "local")
+
+    def by_name(recs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:  # the local engine writes errors early
+        return {r["name"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in recs}
+
+    assert len(local_records) == first_run
+    assert by_name(ray_records) == by_name(local_records)
+    (bad,) = [r for r in ray_records if r["status"] == "error"]
+    assert bad["name"] == "corrupt.jpg" and bad["error"].startswith("imgs/corrupt.jpg: ")
+    assert "truncated" in bad["error"] and bad["output"] is None
+    assert f"error: {bad['error']}" in ray.err
+    for path in IMAGES:  # and they are the embeddings of the library
+        assert torch.equal(torch.from_numpy(np.load(jobs.root / "ray" / f"{path.name}.npy")), expected(path))
+
+
+def test_ray_engine_rerun_skips_finished_images(jobs: Jobs) -> None:
+    again = jobs.runs["ray-again"]
+    assert again.code == 0, again.err
+    assert len(records(jobs.root / "ray")) == len(IMAGES) + 1  # nothing new was recorded
+    assert again.out == ""  # --jsonl: no record written, none printed
+    assert f"{len(IMAGES)} listed, {len(IMAGES)} already done, 0 written, 0 failed" in again.err
+    assert "Ray actor" not in again.err  # nothing to do: no Ray instance was started
+    assert tree(jobs.root / "ray") == tree(jobs.root / "local")
+
+
+def test_ray_engine_packs_the_same_shards_in_bfloat16(jobs: Jobs) -> None:
+    local, ray = jobs.runs["local-pack"], jobs.runs["ray-pack"]
+    assert local.code == 1 and ray.code == 1, ray.err
+    assert ray.err.strip().startswith("error: imgs/corrupt.jpg")  # --quiet: only the failure line
+    shards = tree(jobs.root / "ray-pack")
+    assert len(shards) > 2 and all(name.startswith("emb-") for name in shards)
+    assert shards == tree(jobs.root / "local-pack")
+    tensors = dict((r["name"], t) for r, t in phi3embed.read(jobs.root / "ray-pack"))
+    for path in IMAGES:
+        assert tensors[path.name].dtype == torch.bfloat16
+        assert torch.equal(
+            tensors[path.name].view(torch.int16), expected(path, TINY_35).to(torch.bfloat16).view(torch.int16)
+        )
+
+
+def test_ray_engine_usage_errors_come_before_any_work(tmp_path: Path, golden: Path) -> None:
+    pytest.importorskip("ray")
+    run = encode(tmp_path, str(IMAGES[0]), "-o", "out", "--model", str(tmp_path / "nowhere"), "--engine", "ray")
+    assert run.code == 2 and run.err.startswith("error: ") and "Traceback" not in run.err
+    run = encode(tmp_path, str(IMAGES[0]), "-o", "out", "--model", ckpt(), "--engine", "ray", "--device", "cuda:1")
+    assert run.code == 2 and "--device auto, cuda or cpu" in run.err
+    assert not (tmp_path / "out").exists()
