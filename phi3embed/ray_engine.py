@@ -17,6 +17,7 @@ import inspect
 import io
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -433,6 +434,7 @@ def ray_session(
     if ray.is_initialized():
         yield False
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None  # what ray.init itself would do
     local = address is None
     if quiet:  # Ray warns on every start that token auth (its default, which we keep) is on
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -577,15 +579,26 @@ def run_ray(
 
 
 def _one_line(exc: BaseException) -> str:
-    """The most specific one-line message of a (Ray-wrapped) exception: our own error when it is one."""
-    seen: list[BaseException] = []
+    """The most telling one line of a (Ray-wrapped) exception: our own error when there is one, even when
+    Ray only kept it as text (an actor that failed to start), else the innermost informative message."""
+    chain: list[BaseException] = []
     cur: BaseException | None = exc
-    while cur is not None and cur not in seen:
-        seen.append(cur)
+    while cur is not None and cur not in chain:
+        chain.append(cur)
         cur = cur.__cause__ or cur.__context__
-    for e in seen:
+    for e in chain:
         if isinstance(e, Phi3EmbedError):
             return str(e)
-    text = str(seen[-1]) or type(seen[-1]).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"{type(seen[-1]).__name__}: {lines[-1] if lines else ''}"
+    for e in chain:
+        for line in str(e).splitlines():
+            match = _OUR_ERROR.match(line)
+            if match:
+                return match.group(1).strip()
+    for e in reversed(chain):
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if lines and lines[-1] != type(e).__name__:
+            return f"{type(e).__name__}: {lines[-1]}"
+    return type(exc).__name__
+
+
+_OUR_ERROR = re.compile(r"\s*phi3embed\.errors\.\w+: (.+)")
