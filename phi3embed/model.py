@@ -22,10 +22,25 @@ from .errors import CheckpointError
 from .hd import image_tokens
 
 
-def _clip_model(cfg: VisionConfig, *, num_layers: int, attn: str) -> CLIPVisionModel:
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 * x)`` with one temporary instead of three: the same operations on the same
+    values as transformers' QuickGELUActivation (so the same bits), a quarter of its peak memory on the
+    widest activation of the encoder (``[B, 577, 4C]``: 75 MB per 8 crops in float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(1.702 * x).mul_(x)  # (..., M): the sigmoid's output is reused for the product
+
+
+def _clip_model(cfg: VisionConfig, *, num_layers: int, attn: str, lean: bool) -> CLIPVisionModel:
+    """transformers' CLIPVisionModel; ``lean`` swaps in the memory-lean QuickGELU (same numbers)."""
     hf = CLIPVisionConfig(**{**cfg.clip.to_hf_dict(), "num_hidden_layers": num_layers})
     hf._attn_implementation = attn
-    return CLIPVisionModel(hf)
+    model = CLIPVisionModel(hf)
+    if lean and cfg.clip.hidden_act == "quick_gelu":
+        for module in model.modules():
+            if hasattr(module, "fc1") and hasattr(module, "activation_fn"):  # CLIPMLP
+                module.activation_fn = QuickGELU()
+    return model
 
 
 class Phi3VisionModel(nn.Module):
@@ -36,7 +51,7 @@ class Phi3VisionModel(nn.Module):
         self.cfg = cfg
         self.full_depth = full_depth
         n_layers = cfg.clip.num_hidden_layers if full_depth else cfg.layers_needed
-        self.clip = _clip_model(cfg, num_layers=n_layers, attn=attn)
+        self.clip = _clip_model(cfg, num_layers=n_layers, attn=attn, lean=not full_depth)
         d4, d = cfg.merged_dim, cfg.lm_hidden_size
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, d4))
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, d4))
