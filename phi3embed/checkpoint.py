@@ -293,10 +293,6 @@ def _fetch_from_hub(
     def fetch(filename: str, *, required: bool) -> Path | None:
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
-        except EntryNotFoundError:
-            if required:
-                raise CheckpointError(f"{filename} not found in the repository", path=repo_id) from None
-            return None
         except LocalEntryNotFoundError:
             if required:
                 raise CheckpointError(
@@ -304,6 +300,10 @@ def _fetch_from_hub(
                     "(offline mode or no network); download it once or pass a local directory",
                     path=repo_id,
                 ) from None
+            return None
+        except EntryNotFoundError:
+            if required:
+                raise CheckpointError(f"{filename} not found in the repository", path=repo_id) from None
             return None
         except Exception as exc:  # network, auth, unknown repo: one clear line
             name = type(exc).__name__

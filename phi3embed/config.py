@@ -221,7 +221,11 @@ class Preset:
 def presets() -> dict[str, Preset]:
     """Named presets shipped in ``configs/`` (keyed by name; aliases resolve through :func:`find_preset`)."""
     out: dict[str, Preset] = {}
-    for entry in resources.files("phi3embed.configs").iterdir():
+    try:
+        folder: Any = resources.files("phi3embed.configs")
+    except ModuleNotFoundError:  # running from a source tree on PYTHONPATH, not installed
+        folder = Path(__file__).resolve().parent.parent / "configs"
+    for entry in folder.iterdir():
         if entry.name.endswith(".json"):
             raw = json.loads(entry.read_text(encoding="utf-8"))
             out[raw["name"]] = Preset(

@@ -32,3 +32,10 @@ class DecompressionBombError(ImageError):
 
 class UnsupportedImageError(ImageError):
     """The reference pipeline cannot tile this image (e.g. its resized height truncates to 0)."""
+
+
+class MergeError(Phi3EmbedError, ValueError):
+    """Prompt ids, image embeddings and the token-embedding table do not fit together (SPEC 14).
+
+    Also a ``ValueError``, so callers of the drop-in ``phi3embed.compat`` class can catch it as one.
+    """

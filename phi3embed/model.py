@@ -31,8 +31,11 @@ class QuickGELU(nn.Module):
         return torch.sigmoid(1.702 * x).mul_(x)  # (..., M): the sigmoid's output is reused for the product
 
 
-def _clip_model(cfg: VisionConfig, *, num_layers: int, attn: str, lean: bool) -> CLIPVisionModel:
-    """transformers' CLIPVisionModel; ``lean`` swaps in the memory-lean QuickGELU (same numbers)."""
+def build_clip(cfg: VisionConfig, *, num_layers: int, attn: str, lean: bool = False) -> CLIPVisionModel:
+    """The transformers CLIP vision tower of ``cfg`` with ``num_layers`` encoder layers.
+
+    ``lean`` swaps in the memory-lean :class:`QuickGELU` (same numbers, less memory).
+    """
     hf = CLIPVisionConfig(**{**cfg.clip.to_hf_dict(), "num_hidden_layers": num_layers})
     hf._attn_implementation = attn
     model = CLIPVisionModel(hf)
@@ -43,6 +46,18 @@ def _clip_model(cfg: VisionConfig, *, num_layers: int, attn: str, lean: bool) ->
     return model
 
 
+def build_projection(kind: str, *, in_dim: int, out_dim: int) -> nn.Module:
+    """``mlp``: ``Linear(in, out) -> GELU -> Linear(out, out)`` (weights ``0.*``, ``2.*``); ``linear``: ``Linear(in, out)``.
+
+    ``nn.GELU()`` is the exact erf form, as the reference uses (the tanh form fails the tolerance).
+    """
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    raise ValueError(f"unknown projection {kind!r}")
+
+
 class Phi3VisionModel(nn.Module):
     """Crops in, image-token embeddings out. Weight names follow the checkpoint (minus its prefix)."""
 
@@ -51,15 +66,11 @@ class Phi3VisionModel(nn.Module):
         self.cfg = cfg
         self.full_depth = full_depth
         n_layers = cfg.clip.num_hidden_layers if full_depth else cfg.layers_needed
-        self.clip = _clip_model(cfg, num_layers=n_layers, attn=attn, lean=not full_depth)
-        d4, d = cfg.merged_dim, cfg.lm_hidden_size
+        self.clip = build_clip(cfg, num_layers=n_layers, attn=attn, lean=not full_depth)
+        d4 = cfg.merged_dim
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, d4))
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, d4))
-        if cfg.projection_cls == "mlp":
-            # nn.GELU() is the exact erf form, as the reference uses (the tanh form fails the tolerance).
-            self.img_projection: nn.Module = nn.Sequential(nn.Linear(d4, d), nn.GELU(), nn.Linear(d, d))
-        else:
-            self.img_projection = nn.Linear(d4, d)
+        self.img_projection = build_projection(cfg.projection_cls, in_dim=d4, out_dim=cfg.lm_hidden_size)
 
     @property
     def clip_prefix(self) -> str:
@@ -159,7 +170,7 @@ class Phi3VisionModel(nn.Module):
                 raise CheckpointError(f"cannot place tensor {key}", path=ckpt.root)
             state[name] = tensor
         model.load_state_dict(state, strict=True, assign=True)
-        _materialise_buffers(model, device)
+        materialise_buffers(model, device)
         model.eval().requires_grad_(False)
         return model, hasher.hexdigest()
 
@@ -178,7 +189,7 @@ def _output_determining_keys(cfg: VisionConfig, keys: set[str], prefix: str) -> 
     return keep
 
 
-def _materialise_buffers(model: nn.Module, device: torch.device | str) -> None:
+def materialise_buffers(model: nn.Module, device: torch.device | str) -> None:
     """Non-persistent buffers stay on the meta device after ``assign`` loading; rebuild them."""
     for module in model.modules():
         for name, buf in list(module.named_buffers(recurse=False)):
