@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -116,17 +117,17 @@ class Checkpoint:
                 for key in file_keys:
                     info = self.tensors[key]
                     stored = _DTYPES[info.dtype]
-                    target = dtype if dtype is not None and stored.is_floating_point else stored
-                    direct = device.type == "cpu" and target == stored
-                    # Read into the final tensor when nothing is to be done to it, else into the scratch.
-                    dest = torch.empty(info.shape, dtype=stored) if direct else None
-                    raw = dest.view(-1).view(torch.uint8) if dest is not None else scratch[: info.nbytes]
-                    if raw.numel() != info.nbytes:
+                    need = math.prod(info.shape) * stored.itemsize
+                    if need != info.nbytes:
                         raise CheckpointError(
                             f"tensor {key} has {info.nbytes} bytes, its shape {list(info.shape)} and dtype "
-                            f"{info.dtype} need {raw.numel()}",
+                            f"{info.dtype} need {need}",
                             path=path,
                         )
+                    target = dtype if dtype is not None and stored.is_floating_point else stored
+                    # Read into the final tensor when nothing is to be done to it, else into the scratch.
+                    dest = torch.empty(info.shape, dtype=stored) if device.type == "cpu" and target == stored else None
+                    raw = dest.view(-1).view(torch.uint8) if dest is not None else scratch[: info.nbytes]
                     fh.seek(info.start)
                     view = raw.numpy().data  # writable buffer over the tensor's memory
                     got = fh.readinto(view)

@@ -85,6 +85,21 @@ class Phi3VisionModel(nn.Module):
     def device(self) -> torch.device:
         return self.glb_GN.device
 
+    def encoder_layers(self) -> nn.ModuleList:
+        """The CLIP encoder layers this model runs."""
+        layers = self.clip.get_submodule(self.clip_prefix.removeprefix("clip.") + "encoder").layers
+        assert isinstance(layers, nn.ModuleList)
+        return layers
+
+    def compile_encoder(self) -> None:
+        """``torch.compile`` every encoder layer (elementwise ops fused around the matmuls).
+
+        All layers run the same code with their weights as inputs, so one compiled graph serves them all;
+        a new batch shape compiles once more (after the second shape, with a dynamic batch dimension).
+        """
+        for layer in self.encoder_layers():
+            layer.compile()
+
     # ------------------------------------------------------------------ stages
 
     def crop_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -128,8 +128,7 @@ def test_fast_path_is_really_fast_shaped() -> None:
     """The fast model runs fewer layers with SDPA; the plain one all layers, eager."""
     ck = "tiny-phi3v-128k-f32"
     fast, plain = _embedder(ck, 16, False), _embedder(ck, 16, True)
-    n_fast = len(fast.model.clip.get_submodule(fast.model.clip_prefix.removeprefix("clip.") + "encoder").layers)
-    n_plain = len(plain.model.clip.get_submodule(plain.model.clip_prefix.removeprefix("clip.") + "encoder").layers)
+    n_fast, n_plain = len(fast.model.encoder_layers()), len(plain.model.encoder_layers())
     assert n_fast == fast.vision_config.layers_needed < n_plain == plain.vision_config.clip.num_hidden_layers
     assert fast.model.clip.config._attn_implementation == "sdpa"
     assert plain.model.clip.config._attn_implementation == "eager"
@@ -143,3 +142,14 @@ def test_lean_quick_gelu_is_bit_identical_to_transformers(dtype: torch.dtype) ->
         got = QuickGELU()(x.clone())
     assert got.dtype == want.dtype
     assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_compiled_fast_path_matches_golden() -> None:
+    """``compile=True`` (torch.compile of the encoder layers): same numbers, two batch shapes (7 and a tail)."""
+    ck, nc = "tiny-phi3v-128k-f32", 16
+    names, items, golden = _group(ck, nc)
+    emb = Phi3VisionEmbedder.from_pretrained(GOLDEN / "checkpoints" / ck, num_crops=nc, compile=True)
+    out = [e for _, _, e in encode_stream(emb.model, enumerate(items[:3]), batch_size=7)]
+    for name, got, want in zip(names, out, golden, strict=False):
+        assert _max_abs(got, want) <= ATOL, f"{name}: compiled vs golden {_max_abs(got, want):.2e}"
