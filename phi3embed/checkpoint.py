@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -91,6 +92,11 @@ class Checkpoint:
         """Read exactly ``keys`` (positioned reads, one tensor at a time), cast to ``dtype`` on ``device``.
 
         Stored bytes of the keys in ``hash_keys`` are fed to ``hasher`` (in file order, key first).
+
+        Memory: a tensor that needs no cast on the CPU is read straight into its final storage; otherwise
+        its stored bytes go into one scratch buffer, reused for every tensor, and are cast from there into
+        the final tensor. So loading costs the final weights plus one tensor's stored bytes, and no
+        short-lived allocation per tensor is left behind for the allocator to hold on to.
         """
         out: dict[str, torch.Tensor] = {}
         by_file: dict[Path, list[str]] = {}
@@ -98,6 +104,9 @@ class Checkpoint:
             if key not in self.tensors:
                 raise CheckpointError(f"tensor {key} is not in the checkpoint", path=self.root)
             by_file.setdefault(self.tensors[key].file, []).append(key)
+        device = torch.device(device)
+        scratch_size = max((self.tensors[k].nbytes for ks in by_file.values() for k in ks), default=0)
+        scratch = torch.empty(scratch_size, dtype=torch.uint8)
         for path, file_keys in by_file.items():
             file_keys.sort(key=lambda k: self.tensors[k].start)
             try:
@@ -107,9 +116,20 @@ class Checkpoint:
             with fh:
                 for key in file_keys:
                     info = self.tensors[key]
-                    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+                    stored = _DTYPES[info.dtype]
+                    need = math.prod(info.shape) * stored.itemsize
+                    if need != info.nbytes:
+                        raise CheckpointError(
+                            f"tensor {key} has {info.nbytes} bytes, its shape {list(info.shape)} and dtype "
+                            f"{info.dtype} need {need}",
+                            path=path,
+                        )
+                    target = dtype if dtype is not None and stored.is_floating_point else stored
+                    # Read into the final tensor when nothing is to be done to it, else into the scratch.
+                    dest = torch.empty(info.shape, dtype=stored) if device.type == "cpu" and target == stored else None
+                    raw = dest.view(-1).view(torch.uint8) if dest is not None else scratch[: info.nbytes]
                     fh.seek(info.start)
-                    view = buf.numpy().data  # writable buffer over the tensor's memory
+                    view = raw.numpy().data  # writable buffer over the tensor's memory
                     got = fh.readinto(view)
                     if got != info.nbytes:
                         raise CheckpointError(
@@ -119,10 +139,14 @@ class Checkpoint:
                     if hasher is not None and (hash_keys is None or key in hash_keys):
                         hasher.update(f"{key}|{info.dtype}|{list(info.shape)}".encode())
                         hasher.update(view)
-                    tensor = buf.view(_DTYPES[info.dtype]).reshape(info.shape)
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    out[key] = tensor.to(device)
+                    if dest is None:
+                        src = raw.view(stored).reshape(info.shape)
+                        if device.type == "cpu":
+                            dest = torch.empty(info.shape, dtype=target)
+                            dest.copy_(src)  # cast straight into the final storage
+                        else:  # copy the stored bytes (smaller) to the device, cast there
+                            dest = src.to(device).to(target)
+                    out[key] = dest
         return out
 
 

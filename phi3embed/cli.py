@@ -23,6 +23,8 @@ from typing import Annotated, Any
 
 import typer
 
+from .commands_inspect import register as register_inspect_commands
+
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
 MODEL_ENV = "PHI3EMBED_MODEL"
 
@@ -35,12 +37,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-try:  # the inspection commands (plan, preview, info) live in their own module
-    from .commands_inspect import register as _register_inspect
-except ImportError:  # pragma: no cover - until that module is merged
-    pass
-else:
-    _register_inspect(app)
+# the inspection commands (plan, preview, info) live in their own module
+register_inspect_commands(app)
 
 from .commands_shards import register as _register_shards  # noqa: E402
 

@@ -98,11 +98,14 @@ class Phi3VisionEmbedder:
         batch_size: int = 8,
         plain: bool = False,
         attn: str | None = None,
+        compile: bool = False,
     ) -> Phi3VisionEmbedder:
         """Load only the vision weights of a checkpoint (local directory, hub id or preset name).
 
         ``num_crops=None`` uses the checkpoint's preprocessor_config.json. ``plain=True`` builds the
         reference-shaped path (all layers, eager attention, zero crops encoded): same numbers, slower.
+        ``compile=True`` runs the encoder layers through ``torch.compile`` (the first batches of each shape
+        pay the compilation; numbers agree to float rounding, see benchmarks/RESULTS.md for when it pays).
         """
         dev = resolve_device(device)
         torch_dtype = parse_dtype(dtype)
@@ -121,6 +124,8 @@ class Phi3VisionEmbedder:
             full_depth=plain,
             attn=attn or ("eager" if plain else "sdpa"),
         )
+        if compile:
+            model.compile_encoder()
         return cls(
             model,
             vision_config=vcfg,

@@ -39,3 +39,10 @@ class MergeError(Phi3EmbedError, ValueError):
 
     Also a ``ValueError``, so callers of the drop-in ``phi3embed.compat`` class can catch it as one.
     """
+
+
+class DeviceOutOfMemoryError(Phi3EmbedError, MemoryError):
+    """The device ran out of memory for one forward pass; a smaller batch size (crops per pass) fits.
+
+    Also a ``MemoryError``, so generic out-of-memory handlers still recognise it.
+    """

@@ -157,8 +157,9 @@ class OrderedPool(Generic[T, R]):
         self.restarts = 0
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        # fork on Linux: workers start at once and share the parent's imports. Elsewhere spawn (macOS lists
+        # fork but its system libraries are not fork-safe); the worker then imports phi3embed itself.
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         sys.stdout.flush()  # a forked child must not inherit (and later flush) buffered output
         sys.stderr.flush()
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))

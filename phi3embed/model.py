@@ -22,11 +22,28 @@ from .errors import CheckpointError
 from .hd import image_tokens
 
 
-def build_clip(cfg: VisionConfig, *, num_layers: int, attn: str) -> CLIPVisionModel:
-    """The transformers CLIP vision tower of ``cfg`` with ``num_layers`` encoder layers."""
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 * x)`` with one temporary instead of three: the same operations on the same
+    values as transformers' QuickGELUActivation (so the same bits), a quarter of its peak memory on the
+    widest activation of the encoder (``[B, 577, 4C]``: 75 MB per 8 crops in float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(1.702 * x).mul_(x)  # (..., M): the sigmoid's output is reused for the product
+
+
+def build_clip(cfg: VisionConfig, *, num_layers: int, attn: str, lean: bool = False) -> CLIPVisionModel:
+    """The transformers CLIP vision tower of ``cfg`` with ``num_layers`` encoder layers.
+
+    ``lean`` swaps in the memory-lean :class:`QuickGELU` (same numbers, less memory).
+    """
     hf = CLIPVisionConfig(**{**cfg.clip.to_hf_dict(), "num_hidden_layers": num_layers})
     hf._attn_implementation = attn
-    return CLIPVisionModel(hf)
+    model = CLIPVisionModel(hf)
+    if lean and cfg.clip.hidden_act == "quick_gelu":
+        for module in model.modules():
+            if hasattr(module, "fc1") and hasattr(module, "activation_fn"):  # CLIPMLP
+                module.activation_fn = QuickGELU()
+    return model
 
 
 def build_projection(kind: str, *, in_dim: int, out_dim: int) -> nn.Module:
@@ -49,7 +66,7 @@ class Phi3VisionModel(nn.Module):
         self.cfg = cfg
         self.full_depth = full_depth
         n_layers = cfg.clip.num_hidden_layers if full_depth else cfg.layers_needed
-        self.clip = build_clip(cfg, num_layers=n_layers, attn=attn)
+        self.clip = build_clip(cfg, num_layers=n_layers, attn=attn, lean=not full_depth)
         d4 = cfg.merged_dim
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, d4))
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, d4))
@@ -67,6 +84,21 @@ class Phi3VisionModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.glb_GN.device
+
+    def encoder_layers(self) -> nn.ModuleList:
+        """The CLIP encoder layers this model runs."""
+        layers = self.clip.get_submodule(self.clip_prefix.removeprefix("clip.") + "encoder").layers
+        assert isinstance(layers, nn.ModuleList)
+        return layers
+
+    def compile_encoder(self) -> None:
+        """``torch.compile`` every encoder layer (elementwise ops fused around the matmuls).
+
+        All layers run the same code with their weights as inputs, so one compiled graph serves them all;
+        a new batch shape compiles once more (after the second shape, with a dynamic batch dimension).
+        """
+        for layer in self.encoder_layers():
+            layer.compile()
 
     # ------------------------------------------------------------------ stages
 

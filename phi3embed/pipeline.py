@@ -15,10 +15,37 @@ from typing import Generic, TypeVar
 
 import torch
 
+from .errors import DeviceOutOfMemoryError
 from .model import Phi3VisionModel
 from .preprocess import Preprocessed, pad_crops
 
 K = TypeVar("K")
+_OOM_TYPES: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device allocation failure: torch's OutOfMemoryError (CUDA) or the CPU allocator's RuntimeError."""
+    return isinstance(exc, _OOM_TYPES) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # DefaultCPUAllocator
+    )
+
+
+def _out_of_memory(
+    device: torch.device, dtype: torch.dtype, crops: int, *, padded: bool = False
+) -> DeviceOutOfMemoryError:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # give the failed pass's blocks back before the caller retries
+    what = f"one image ({crops} crops, padded as the plain path does)" if padded else f"a batch of {crops} crops"
+    hint = (
+        "the plain path encodes num_crops + 1 crops per image: use the fast path or fewer num_crops"
+        if padded
+        else f"use a smaller batch size (crops per forward pass), e.g. --batch-size {max(1, crops // 2)}"
+    )
+    return DeviceOutOfMemoryError(
+        f"out of memory on {device} encoding {what} in {str(dtype).removeprefix('torch.')}: {hint}"
+    )
 
 
 @dataclass
@@ -76,8 +103,17 @@ def encode_stream(
                 queue.appendleft((p, start + n, count - n))
             taken += n
         queued -= taken
-        batch = _to_device(_concat(pieces, pinned=device.type == "cuda"), device, dtype)  # (B, 3, S, S)
-        feats = model.crop_features(batch)  # (B, g*g, C)
+        try:
+            batch = _to_device(_concat(pieces, pinned=device.type == "cuda"), device, dtype)  # (B, 3, S, S)
+            feats = model.crop_features(batch)  # (B, g*g, C)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            failed = True  # raised below, outside this handler, so the failed pass's tensors are freed
+        else:
+            failed = False
+        if failed:
+            raise _out_of_memory(device, dtype, taken)
         offset = 0
         for p, n in owners:
             p.features.append(feats[offset : offset + n])
@@ -117,6 +153,15 @@ def encode_plain(
     device, dtype = model.device, model.dtype
     for key, item in items:
         padded = pad_crops(item.pixel_values, num_crops=num_crops)  # (num_crops+1, 3, S, S)
-        feats = model.crop_features(_to_device(padded, device, dtype))[: item.num_real_crops]
+        try:
+            feats = model.crop_features(_to_device(padded, device, dtype))[: item.num_real_crops]
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            failed = True
+        else:
+            failed = False
+        if failed:
+            raise _out_of_memory(device, dtype, padded.shape[0], padded=True)
         (emb,) = model.embed_features(feats, [(item.grid.rows, item.grid.cols)])
         yield key, item, emb
