@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from .commands_inspect import register as register_inspect_commands
+from .commands_shards import register as register_shard_commands
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
 MODEL_ENV = "PHI3EMBED_MODEL"
@@ -37,12 +38,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# the inspection commands (plan, preview, info) live in their own module
+# the inspection commands (plan, preview, info) and merge-manifests live in their own modules
 register_inspect_commands(app)
-
-from .commands_shards import register as _register_shards  # noqa: E402
-
-_register_shards(app)
+register_shard_commands(app)
 
 
 @app.callback()
