@@ -374,6 +374,11 @@ def run_local(
     def on_signal(signum: int, frame: object) -> None:
         raise _Stop(signal.Signals(signum).name)
 
+    # CPU encoder and decode workers share the cores: never run more threads than cores (oversubscribed OpenMP
+    # threads spin and collapse throughput).
+    threads_before = torch.get_num_threads()
+    if embedder.device.type == "cpu" and workers > 0:
+        torch.set_num_threads(max(1, min(threads_before, (os.cpu_count() or 1) - workers)))
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     start = time.perf_counter()
@@ -406,6 +411,7 @@ def run_local(
             writer.finish()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        torch.set_num_threads(threads_before)
         summary.wall_s = time.perf_counter() - start
         summary.wait_writer_s = writer.put_wait
         summary.write_s = writer.busy
