@@ -9,16 +9,18 @@ from dataclasses import dataclass, replace
 import torch
 
 from .checkpoint import Checkpoint, resolve
-from .config import PreprocessConfig, VisionConfig, preprocess_config_from_dict, vision_config_from_dict
+from .config import (
+    DEFAULT_BATCH_SIZE,
+    PreprocessConfig,
+    VisionConfig,
+    preprocess_config_from_dict,
+    vision_config_from_dict,
+)
 from .errors import ConfigError
 from .hd import num_image_tokens
 from .model import Phi3VisionModel
 from .pipeline import encode_plain, encode_stream
 from .preprocess import AlphaMode, ImageInput, Preprocessed, hd_grid, preprocess_image
-
-# Crops per forward pass when the caller does not say. CPU: 4 keeps loading + encoding a 16-crop image in
-# float32 under 2 GB of RSS and is as fast as larger batches there (benchmarks/RESULTS.md); CUDA: 32.
-DEFAULT_BATCH_SIZE = {"cpu": 4, "cuda": 32}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
