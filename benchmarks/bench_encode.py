@@ -74,10 +74,10 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.interval = interval
         self._peak = _rss_bytes()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             self._peak = max(self._peak, _rss_bytes())
 
     def reset(self) -> None:
@@ -87,7 +87,7 @@ class RssSampler(threading.Thread):
         return max(self._peak, _rss_bytes())
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 def sync(device: torch.device) -> None:
@@ -107,10 +107,13 @@ class Gemm:
         torch.mm(self.a, self.b, out=self.out)  # warm-up
         sync(device)
         self.samples: list[float] = []
+        self.cpu_samples: list[float] = []  # GFLOP per CPU-second of this process (CPU only)
         self.spent = 0.0  # seconds spent sampling (subtracted from runs that sample inside)
+        self.spent_cpu = 0.0
 
     def sample(self) -> float:
         t0 = time.perf_counter()
+        c0 = time.process_time()
         count = 0
         while True:
             torch.mm(self.a, self.b, out=self.out)
@@ -123,7 +126,10 @@ class Gemm:
                 break
         rate = 2 * self.n**3 * count / elapsed / 1e9
         self.samples.append(rate)
+        cpu = time.process_time() - c0
+        self.cpu_samples.append(2 * self.n**3 * count / max(cpu, 1e-9) / 1e9)
         self.spent += time.perf_counter() - t0
+        self.spent_cpu += cpu
         return rate
 
 
@@ -142,6 +148,8 @@ class Run:
     useful_gflop: float  # real crops, layers the fast path needs, projection
     executed_gflop: float  # what this path actually computed
     gemm_gflops: list[float] = field(default_factory=list)  # the samples belonging to this run
+    cpu_seconds: float = 0.0  # CPU time of this process during the run (CPU device), GEMM samples excluded
+    gemm_cpu_gflops: list[float] = field(default_factory=list)  # GFLOP per CPU-second of the same samples
     peak_rss_mib: float = 0.0
     peak_gpu_mib: float | None = None
 
@@ -174,6 +182,15 @@ class Run:
             "gemm_samples": [round(x, 1) for x in self.gemm_gflops],
             "limit_s": round(self.limit_seconds, 3),
             "ratio_to_limit": round(self.seconds / self.limit_seconds, 3),
+            # The same ratio in CPU time of this process: less sensitive to other processes taking the
+            # cores (descheduled time is not counted on either side).
+            "ratio_to_limit_cpu_time": (
+                round(
+                    self.cpu_seconds / (self.useful_gflop / (sum(self.gemm_cpu_gflops) / len(self.gemm_cpu_gflops))), 3
+                )
+                if self.gemm_cpu_gflops and self.cpu_seconds
+                else None
+            ),
             "peak_rss_mib": round(self.peak_rss_mib),
             "peak_gpu_mib": None if self.peak_gpu_mib is None else round(self.peak_gpu_mib),
         }
@@ -210,11 +227,12 @@ def timed_run(
     rss.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    spent0 = gemm.spent
+    spent0, spent_cpu0 = gemm.spent, gemm.spent_cpu
     outputs: list[torch.Tensor] = []
     stream: Iterable[tuple[int, Preprocessed]] = _sampled(items, gemm if inside else None, repeat)
     sync(device)
     t0 = time.perf_counter()
+    c0 = time.process_time()
     if path == "plain":
         results = encode_plain(emb.model, stream, num_crops=emb.num_crops)
     else:
@@ -225,6 +243,7 @@ def timed_run(
             outputs.append(out)
     sync(device)
     seconds = time.perf_counter() - t0 - (gemm.spent - spent0)
+    cpu_seconds = time.process_time() - c0 - (gemm.spent_cpu - spent_cpu0)
     peak_rss = rss.peak()
     peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     gemm.sample()
@@ -253,6 +272,8 @@ def timed_run(
         useful_gflop=useful * repeat / 1e9,
         executed_gflop=executed * repeat / 1e9,
         gemm_gflops=gemm.samples[first:],
+        cpu_seconds=cpu_seconds if device.type == "cpu" else 0.0,
+        gemm_cpu_gflops=gemm.cpu_samples[first:] if device.type == "cpu" else [],
         peak_rss_mib=peak_rss / 2**20,
         peak_gpu_mib=peak_gpu,
     )
@@ -385,6 +406,7 @@ def table(runs: list[dict[str, Any]], plain_s_per_image: float | None) -> str:
         ("GFLOP/s useful", "useful_gflops"),
         ("GEMM GFLOP/s", "gemm_gflops"),
         ("x limit", "ratio_to_limit"),
+        ("x limit (CPU time)", "ratio_to_limit_cpu_time"),
         ("peak RSS MiB", "peak_rss_mib"),
         ("peak GPU MiB", "peak_gpu_mib"),
     ]

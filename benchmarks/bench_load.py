@@ -46,7 +46,11 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
     emb = Phi3VisionEmbedder.from_pretrained(
-        args.checkpoint, device="cpu", dtype=args.dtype, num_crops=args.num_crops, batch_size=args.batch_size
+        args.checkpoint,
+        device="cpu",
+        dtype=args.dtype,
+        num_crops=args.num_crops,
+        batch_size=args.batch_size or None,
     )
     t_load = time.perf_counter() - t1
     rss_loaded = _rss_kib()
@@ -62,6 +66,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
         "load_s": round(t_load, 2),
         "encode_s": round(t_encode, 2),
         "tokens": out.shape[0],
+        "batch_size_used": emb.batch_size,
         "finite": bool(torch.isfinite(out).all()),
         "emb_std": float(out.float().std()),
         "rss_after_import_mib": round(rss_imported / 1024),
@@ -81,7 +86,7 @@ def main() -> None:
     ap.add_argument("--image", default="photo", help="benchmark image name or a path (default: %(default)s)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--num-crops", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=0, help="crops per forward pass (0: the library's default)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -25,6 +25,7 @@ import typer
 
 from .commands_inspect import register as register_inspect_commands
 from .commands_shards import register as register_shard_commands
+from .config import DEFAULT_BATCH_SIZE
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
 MODEL_ENV = "PHI3EMBED_MODEL"
@@ -132,7 +133,7 @@ def encode_command(
         Format | None, typer.Option("--format", help="One file per image: npy (default) or safetensors.")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Crops per forward pass (default 8 on CPU, 32 on CUDA).")
+        int | None, typer.Option(min=1, help="Crops per forward pass (default 4 on CPU, 32 on CUDA).")
     ] = None,
     workers: Annotated[
         int | None,
@@ -305,7 +306,7 @@ def _encode(
     try:
         dev = resolve_device(device)
         compute, stored = _dtypes(dev.type, dtype, out_dtype, fmt, pack_bytes)
-        batch = batch_size or (32 if dev.type == "cuda" else 8)
+        batch = batch_size or DEFAULT_BATCH_SIZE.get(dev.type, 8)
         # On CPU decoding is a tiny share of the encoder's cost, and a worker process only competes with torch's
         # threads (measured: 6x slower with 1 worker on 2 cores); on CUDA workers keep the GPU fed.
         n_workers = workers if workers is not None else (min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0)
@@ -425,7 +426,7 @@ def _encode_ray(
         except Phi3EmbedError as exc:
             raise _Usage(str(exc)) from None
         n_actors = actors or max(1, int(gpus if dev_type == "cuda" else cpus))
-        batch = batch_size or (32 if dev_type == "cuda" else 8)
+        batch = batch_size or DEFAULT_BATCH_SIZE[dev_type]
         threads = workers if workers is not None else (4 if dev_type == "cuda" else 0)
         spec = replace(
             spec,

@@ -9,7 +9,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from .checkpoint import Checkpoint, resolve
-from .config import PreprocessConfig, VisionConfig, preprocess_config_from_dict, vision_config_from_dict
+from .config import (
+    DEFAULT_BATCH_SIZE,
+    PreprocessConfig,
+    VisionConfig,
+    preprocess_config_from_dict,
+    vision_config_from_dict,
+)
 from .errors import ConfigError
 from .hd import num_image_tokens
 from .model import Phi3VisionModel
@@ -95,7 +101,7 @@ class Phi3VisionEmbedder:
         revision: str | None = None,
         alpha: AlphaMode = "drop",
         exif_transpose: bool = False,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         plain: bool = False,
         attn: str | None = None,
         compile: bool = False,
@@ -104,6 +110,7 @@ class Phi3VisionEmbedder:
 
         ``num_crops=None`` uses the checkpoint's preprocessor_config.json. ``plain=True`` builds the
         reference-shaped path (all layers, eager attention, zero crops encoded): same numbers, slower.
+        ``batch_size`` is the number of crops per forward pass (``None``: ``DEFAULT_BATCH_SIZE`` for the device).
         ``compile=True`` runs the encoder layers through ``torch.compile`` (the first batches of each shape
         pay the compilation; numbers agree to float rounding, see benchmarks/RESULTS.md for when it pays).
         """
@@ -112,6 +119,8 @@ class Phi3VisionEmbedder:
         ckpt = resolve(source, revision=revision)
         vcfg = vision_config_from_dict(ckpt.config, where=str(ckpt.root / "config.json"))
         pcfg = preprocess_config_from_dict(ckpt.preprocessor_config, crop_size=vcfg.clip.image_size)
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if num_crops is not None:
             if num_crops < 1:
                 raise ConfigError(f"num_crops must be >= 1, got {num_crops}")
@@ -133,7 +142,7 @@ class Phi3VisionEmbedder:
             checkpoint=ckpt,
             fingerprint=fingerprint,
             image_options=ImageOptions(alpha=alpha, exif_transpose=exif_transpose),
-            batch_size=batch_size,
+            batch_size=batch_size if batch_size is not None else DEFAULT_BATCH_SIZE.get(dev.type, 8),
             plain=plain,
         )
 

@@ -24,11 +24,11 @@ from .hd import image_tokens
 
 class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 * x)`` with one temporary instead of three: the same operations on the same
-    values as transformers' QuickGELUActivation (so the same bits), a quarter of its peak memory on the
+    values as transformers' QuickGELUActivation (so the same bits), with half of its peak memory on the
     widest activation of the encoder (``[B, 577, 4C]``: 75 MB per 8 crops in float32)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(1.702 * x).mul_(x)  # (..., M): the sigmoid's output is reused for the product
+        return (1.702 * x).sigmoid_().mul_(x)  # (..., M): one temporary holds 1.702x, its sigmoid, the product
 
 
 def build_clip(cfg: VisionConfig, *, num_layers: int, attn: str, lean: bool = False) -> CLIPVisionModel:

@@ -153,3 +153,14 @@ def test_compiled_fast_path_matches_golden() -> None:
     out = [e for _, _, e in encode_stream(emb.model, enumerate(items[:3]), batch_size=7)]
     for name, got, want in zip(names, out, golden, strict=False):
         assert _max_abs(got, want) <= ATOL, f"{name}: compiled vs golden {_max_abs(got, want):.2e}"
+
+
+def test_default_batch_size_follows_the_device_and_is_validated() -> None:
+    from phi3embed.embedder import DEFAULT_BATCH_SIZE
+    from phi3embed.errors import ConfigError
+
+    root = GOLDEN / "checkpoints" / "tiny-phi3v-128k-f32"
+    assert Phi3VisionEmbedder.from_pretrained(root).batch_size == DEFAULT_BATCH_SIZE["cpu"]
+    assert Phi3VisionEmbedder.from_pretrained(root, batch_size=5).batch_size == 5
+    with pytest.raises(ConfigError, match="batch_size must be >= 1, got 0"):
+        Phi3VisionEmbedder.from_pretrained(root, batch_size=0)
