@@ -8,7 +8,10 @@ to the compute limit, peak RSS (CPU) or peak GPU memory, checkpoint load time.
   compute; the yardstick).
 * fast path (default): real crops only, encoder truncated at ``layer_idx``, SDPA attention, crops of
   several images packed into forward passes of ``--batch-sizes`` crops (each one measured; the best is
-  reported as "fast").
+  reported as "fast"). On CPU, phi3embed keeps large freed blocks for reuse (phi3embed/allocator.py);
+  the plain path runs with the C library's defaults, as the reference would.
+* ``fast-untuned`` (CPU, optional, must come before ``fast`` in ``--paths``): the fast path with the C
+  library's default allocator, to show what the allocator setting alone is worth in the same run.
 
 Compute limit: the FLOPs of the real crops through the layers the fast path runs (plus patch embedding
 and projection; ``flops.py``) divided by the GEMM rate measured in this run with a large matmul
@@ -20,6 +23,7 @@ tiling (images are preprocessed once, up front, and timed separately).
 
     python benchmarks/bench_encode.py                 # CPU float32, the photo set (2 photos), ~10-15 min
     python benchmarks/bench_encode.py --quick         # CPU, one 1024x768 photo, ~5 min
+    python benchmarks/bench_encode.py --paths plain,fast-untuned,fast --batch-sizes 4
     python benchmarks/bench_encode.py --images all --batch-sizes 2,4,8,16
     python benchmarks/bench_encode.py --device cuda --dtype bfloat16 --images all --batch-sizes 16,32,64
 """
@@ -50,6 +54,7 @@ from flops import crop_flops, image_flops  # noqa: E402
 from images import IMAGES, ensure_images  # noqa: E402
 
 from phi3embed import Phi3VisionEmbedder, Preprocessed  # noqa: E402
+from phi3embed.allocator import state as allocator_state  # noqa: E402
 from phi3embed.pipeline import encode_plain, encode_stream  # noqa: E402
 
 PHOTO_SET = [s.name for s in IMAGES if s.photo]
@@ -280,10 +285,14 @@ def timed_run(
     return run, [o.float().cpu() for o in outputs]
 
 
-def load(args: argparse.Namespace, ckpt: Path, *, plain: bool) -> tuple[Phi3VisionEmbedder, float]:
+def load(
+    args: argparse.Namespace, ckpt: Path, *, plain: bool, untuned: bool = False
+) -> tuple[Phi3VisionEmbedder, float]:
     sync(torch.device(args.device))
     t0 = time.perf_counter()
     extra: dict[str, Any] = {"compile": True} if args.compile and not plain else {}
+    if untuned:
+        extra["tune_allocator"] = False
     emb = Phi3VisionEmbedder.from_pretrained(
         ckpt, device=args.device, dtype=args.dtype, num_crops=args.num_crops, plain=plain, **extra
     )
@@ -436,7 +445,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated subset of {[s.name for s in IMAGES]}, 'photos' or 'all' (default: photos)",
     )
     ap.add_argument("--quick", action="store_true", help="one 1024x768 photo (unless --images is given)")
-    ap.add_argument("--paths", default="plain,fast", help="which paths to run (default: %(default)s)")
+    ap.add_argument(
+        "--paths", default="plain,fast", help="plain, fast-untuned (CPU, before fast), fast (default: %(default)s)"
+    )
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the cached random checkpoint")
     ap.add_argument("--gemm-seconds", type=float, default=None, help="length of one GEMM sample (3 CPU, 1 CUDA)")
     ap.add_argument("--gemm-n", type=int, default=None, help="matmul size (2048 CPU, 8192 CUDA)")
@@ -492,7 +503,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain_s: float | None = None
     items: list[Preprocessed] = []
     for path in args.paths:
-        emb, load_s = load(args, args.checkpoint, plain=path == "plain")
+        if path == "fast-untuned" and allocator_state() != "default":
+            raise SystemExit("bench_encode: --paths must list fast-untuned before fast (the tuning stays once set)")
+        emb, load_s = load(args, args.checkpoint, plain=path == "plain", untuned=path == "fast-untuned")
         report[f"load_s_{path}"] = round(load_s, 2)
         log(f"{path}: loaded in {load_s:.1f} s ({sum(p.numel() for p in emb.model.parameters()) / 1e6:.0f}M params)")
         if not items:
@@ -515,6 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             outputs[f"{path}/{bs}"] = outs[: len(items)]
             fig = run.figures()
             fig["load_s"] = round(load_s, 2)
+            fig["allocator"] = allocator_state() if device.type == "cpu" else None
             report["runs"].append(fig)
             if path == "plain":
                 plain_s = fig["s_per_image"]
@@ -554,6 +568,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["best_fast"] = best
         if plain_s:
             report["speedup_fast_vs_plain"] = round(plain_s / best["s_per_image"], 3)
+        untuned = [r for r in report["runs"] if r["path"] == "fast-untuned" and r["batch_size"] == best["batch_size"]]
+        if untuned:
+            report["speedup_allocator_tuning"] = round(untuned[0]["s_per_image"] / best["s_per_image"], 3)
     report["peak_rss_mib_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     report["machine"]["loadavg_end"] = os.getloadavg()
     rss.stop()
@@ -568,6 +585,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"# fast (best batch {report['best_batch_size']}) vs plain: {report['speedup_fast_vs_plain']}x faster")
     if fast_runs:
         print(f"# best fast run: {report['best_fast']['ratio_to_limit']}x the compute limit")
+    if "speedup_allocator_tuning" in report:
+        print(f"# allocator setting alone (fast vs fast-untuned, same batch): {report['speedup_allocator_tuning']}x")
     if diffs:
         print(f"# max|diff| vs plain: {json.dumps({k: f'{v:.2e}' for k, v in diffs.items()})}")
     if "e2e" in report:

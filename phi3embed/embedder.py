@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .allocator import keep_freed_memory
 from .checkpoint import Checkpoint, resolve
 from .config import (
     DEFAULT_BATCH_SIZE,
@@ -105,6 +106,7 @@ class Phi3VisionEmbedder:
         plain: bool = False,
         attn: str | None = None,
         compile: bool = False,
+        tune_allocator: bool | None = None,
     ) -> Phi3VisionEmbedder:
         """Load only the vision weights of a checkpoint (local directory, hub id or preset name).
 
@@ -113,9 +115,13 @@ class Phi3VisionEmbedder:
         ``batch_size`` is the number of crops per forward pass (``None``: ``DEFAULT_BATCH_SIZE`` for the device).
         ``compile=True`` runs the encoder layers through ``torch.compile`` (the first batches of each shape
         pay the compilation; numbers agree to float rounding, see benchmarks/RESULTS.md for when it pays).
+        ``tune_allocator`` (``None``: on for the fast path on CPU) keeps large freed blocks for reuse
+        (phi3embed/allocator.py: process-wide, once set it stays; ``PHI3EMBED_MALLOC_TUNING=0`` vetoes it).
         """
         dev = resolve_device(device)
         torch_dtype = parse_dtype(dtype)
+        if dev.type == "cpu" and (not plain if tune_allocator is None else tune_allocator):
+            keep_freed_memory()  # activations reuse pages instead of faulting them in again (allocator.py)
         ckpt = resolve(source, revision=revision)
         vcfg = vision_config_from_dict(ckpt.config, where=str(ckpt.root / "config.json"))
         pcfg = preprocess_config_from_dict(ckpt.preprocessor_config, crop_size=vcfg.clip.image_size)
