@@ -35,7 +35,17 @@ from .config import (
 )
 from .errors import ConfigError, DecompressionBombError, ImageError, Phi3EmbedError
 from .hd import num_image_tokens
-from .preprocess import AlphaMode, HDGrid, ImageInput, crops, hd_grid, hd_image, normalize, open_image, to_rgb
+from .preprocess import (
+    AlphaMode,
+    HDGrid,
+    ImageInput,
+    global_crop,
+    hd_grid,
+    hd_image,
+    normalize,
+    open_image,
+    to_rgb,
+)
 
 #: Bytes per element of the stored output dtypes.
 OUT_DTYPE_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -450,7 +460,7 @@ def global_view(hd: Image.Image, *, crop_size: int = 336, cfg: PreprocessConfig 
     ``x * std + mean`` then ``* 255``, rounded and clipped (bicubic overshoots a little at sharp edges).
     """
     x = normalize(hd, mean=cfg.image_mean, std=cfg.image_std)  # (3, H', W')
-    glb = crops(x, crop_size=crop_size)[0].numpy()  # (3, S, S)
+    glb = global_crop(x, crop_size=crop_size)[0].numpy()  # (3, S, S)
     mean = np.asarray(cfg.image_mean, dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(cfg.image_std, dtype=np.float32).reshape(3, 1, 1)
     pixels = np.clip(np.rint((glb * std + mean) * 255.0), 0, 255).astype(np.uint8)  # (3, S, S)

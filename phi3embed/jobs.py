@@ -4,7 +4,8 @@
 
     sources --(worker processes: read, sha256, decode, HD tiling)--> Prepared, in input order, bounded
             --(main thread: Phi3VisionEmbedder.embed_stream, crops of many images per forward)--> [T, D]
-            --(writer thread, bounded queue: device -> host, OutputStore.write / write_error)--> DIR
+            --(side stream on CUDA: device -> page-locked host memory, overlapping the next batches)
+            --(writer thread, bounded queue: OutputStore.write / write_error)--> DIR
 
 Memory stays flat however many images there are: at most ``prefetch`` prepared images wait for the
 encoder and ``writer_queue`` finished ones wait for the writer. Bad images never stop the job: every
@@ -40,6 +41,7 @@ from PIL import Image
 from .config import PreprocessConfig
 from .embedder import Phi3VisionEmbedder
 from .errors import ImageError, Phi3EmbedError, UnsupportedImageError
+from .pipeline import HostCopier
 from .preprocess import AlphaMode, Preprocessed, preprocess_image
 from .sources import Source
 from .writers import ImageFacts, OutputError, OutputStore
@@ -267,7 +269,7 @@ class _Writer(threading.Thread):
             try:
                 kind, source, facts, payload = item
                 if kind == "ok":
-                    record = self.store.write(source, facts, payload)
+                    record = self.store.write(source, facts, payload.wait())  # HostResult: copy finished
                 else:
                     record = self.store.write_error(source, payload, facts)
                 self.on_record(record)
@@ -356,6 +358,7 @@ def run_local(
             reporter.advance(record)
 
     writer = _Writer(store, on_record, writer_queue)
+    copier = HostCopier(embedder.device)  # results leave the device off the compute stream
 
     def feed() -> Iterator[tuple[tuple[Source, ImageFacts], Preprocessed]]:
         results = iter(pool)
@@ -389,7 +392,7 @@ def run_local(
             reporter.start(total=len(todo), skipped=summary.skipped)
         for key, _item, embeddings in embedder.embed_stream(feed()):
             source, facts = cast(tuple[Source, ImageFacts], key)
-            writer.put(("ok", source, facts, embeddings))
+            writer.put(("ok", source, facts, copier.start(embeddings, store.settings.dtype)))
     except _Stop as stop:
         summary.interrupted = stop.signame
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ import torch
 
 from .errors import DeviceOutOfMemoryError
 from .model import Phi3VisionModel
-from .preprocess import Preprocessed, pad_crops
+from .preprocess import Preprocessed, normalization_table, normalize_tiles, pad_crops
 
 K = TypeVar("K")
 _OOM_TYPES: tuple[type[BaseException], ...] = tuple(
@@ -75,6 +75,54 @@ def _concat(pieces: list[torch.Tensor], *, pinned: bool) -> torch.Tensor:
     return torch.cat(pieces, out=out)
 
 
+class _Assembler:
+    """Crop ranges of several images -> one ``[B, 3, S, S]`` batch on the device, in the compute dtype.
+
+    Global views (float32) and tiles (uint8) travel to the device separately, one copy each per batch
+    (through page-locked memory on CUDA); the tiles are normalised there by table lookup, which gives the
+    reference's float values on any device (preprocess.normalization_table).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.pinned = device.type == "cuda"
+        self._tables: dict[tuple[tuple[float, ...], tuple[float, ...]], torch.Tensor] = {}
+
+    def table(self, key: tuple[tuple[float, ...], tuple[float, ...]]) -> torch.Tensor:
+        if key not in self._tables:
+            self._tables[key] = normalization_table(*key).to(self.device, self.dtype)
+        return self._tables[key]
+
+    def __call__(self, pieces: list[tuple[Preprocessed, int, int]]) -> torch.Tensor:
+        """``pieces``: ``(item, first crop, count)``, crop 0 being the global view, in batch order."""
+        views, tiles = [], []
+        layout: list[tuple[Preprocessed | None, int]] = []  # (None, 1): next global view; (item, n): n tiles
+        for item, start, count in pieces:
+            if start == 0:
+                views.append(item.global_view)
+                layout.append((None, 1))
+                start, count = 1, count - 1
+            if count:
+                tiles.append(item.tiles[start - 1 : start - 1 + count])
+                layout.append((item, count))
+        views_dev = _to_device(_concat(views, pinned=self.pinned), self.device, self.dtype) if views else None
+        normalised = {}  # (mean, std) -> all tiles of the batch normalised that way (in practice one entry)
+        if tiles:
+            raw = _to_device(_concat(tiles, pinned=self.pinned), self.device, torch.uint8)  # (n, 3, S, S)
+            for key in dict.fromkeys((o.mean, o.std) for o, _ in layout if o is not None):
+                normalised[key] = normalize_tiles(raw, self.table(key))
+        parts, v, t = [], 0, 0
+        for owner, count in layout:
+            if owner is None:
+                assert views_dev is not None
+                parts.append(views_dev[v : v + 1])
+                v += 1
+            else:
+                parts.append(normalised[owner.mean, owner.std][t : t + count])
+                t += count
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @torch.inference_mode()
 def encode_stream(
     model: Phi3VisionModel,
@@ -89,22 +137,24 @@ def encode_stream(
     pending: deque[_Pending[K]] = deque()  # images with crops not yet fully encoded, in order
     queue: deque[tuple[_Pending[K], int, int]] = deque()  # (image, first crop, crop count) still to encode
     queued = 0
+    assemble = _Assembler(device, dtype)
 
     def run_batch(limit: int) -> list[_Pending[K]]:
         nonlocal queued
-        pieces, owners = [], []
+        pieces: list[tuple[Preprocessed, int, int]] = []
+        owners = []
         taken = 0
         while queue and taken < limit:
             p, start, count = queue.popleft()
             n = min(count, limit - taken)
-            pieces.append(p.item.pixel_values[start : start + n])
+            pieces.append((p.item, start, n))
             owners.append((p, n))
             if n < count:
                 queue.appendleft((p, start + n, count - n))
             taken += n
         queued -= taken
         try:
-            batch = _to_device(_concat(pieces, pinned=device.type == "cuda"), device, dtype)  # (B, 3, S, S)
+            batch = assemble(pieces)  # (B, 3, S, S)
             feats = model.crop_features(batch)  # (B, g*g, C)
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -165,3 +215,45 @@ def encode_plain(
             raise _out_of_memory(device, dtype, padded.shape[0], padded=True)
         (emb,) = model.embed_features(feats, [(item.grid.rows, item.grid.cols)])
         yield key, item, emb
+
+
+class HostResult:
+    """An embedding on its way to host memory; :meth:`wait` gives the host tensor once it has arrived."""
+
+    __slots__ = ("_event", "_tensor")
+
+    def __init__(self, tensor: torch.Tensor, event: torch.cuda.Event | None = None) -> None:
+        self._tensor, self._event = tensor, event
+
+    def wait(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._tensor
+
+
+class HostCopier:
+    """Device results -> host tensors without stalling the encoder.
+
+    On CUDA the copy goes into page-locked memory on a side stream: it overlaps the next batches' compute
+    instead of waiting in the compute stream behind them (a pageable ``.cpu()`` from the writer thread
+    would do that, and block the stream while it copies). Elsewhere results are converted in place.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, tensor: torch.Tensor, dtype: torch.dtype) -> HostResult:
+        """Begin moving ``tensor`` (converted to ``dtype`` on its device) to the host."""
+        with torch.inference_mode():
+            converted = tensor.to(dtype)
+            if self.stream is None or converted.device.type != "cuda":
+                return HostResult(converted.cpu())
+            self.stream.wait_stream(torch.cuda.current_stream(converted.device))  # the result is computed
+            with torch.cuda.stream(self.stream):
+                host = torch.empty(converted.shape, dtype=dtype, pin_memory=True)
+                host.copy_(converted, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            converted.record_stream(self.stream)  # its memory is not reused before the copy has read it
+            return HostResult(host, event)

@@ -12,6 +12,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Union
 
@@ -194,7 +195,7 @@ def hd_image(rgb: Image.Image, grid: HDGrid) -> Image.Image:
     return img
 
 
-def normalize(hd: Image.Image, *, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def normalize(hd: Image.Image | np.ndarray, *, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 RGB image -> float32 ``[3, H', W']``: ``(x / 255 - mean) / std`` with true divisions."""
     array = np.asarray(hd, dtype=np.uint8)  # (H', W', 3)
     x = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div(255)  # (3, H', W')
@@ -203,20 +204,40 @@ def normalize(hd: Image.Image, *, mean: tuple[float, ...], std: tuple[float, ...
     return x.sub_(mean_t).div_(std_t)
 
 
-def crops(x: torch.Tensor, *, crop_size: int) -> torch.Tensor:
-    """Normalised HD image ``[3, H', W']`` -> ``[1 + rows*cols, 3, S, S]``: bicubic global view, then tiles.
+@lru_cache(maxsize=16)
+def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``[3, 256]`` float32: entry ``[c, v]`` is what :func:`normalize` gives value ``v`` in channel ``c``.
 
-    Tiles are row-major (left to right, then top to bottom).
+    Built by :func:`normalize` itself on the 256 possible values, so a lookup gives the same bits as the
+    arithmetic, on every device (a lookup on CUDA cannot round differently from the CPU).
     """
-    c, h, w = x.shape
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # (1, 256, 3)
+    return normalize(ramp, mean=mean, std=std)[:, 0, :].contiguous()  # (3, 256)
+
+
+def normalize_tiles(tiles: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """uint8 crops ``[n, 3, S, S]`` -> normalised crops in ``table``'s dtype, on ``tiles``' device."""
+    offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=tiles.device).view(3, 1, 1)
+    index = tiles.to(torch.int32).add_(offsets)  # (n, 3, S, S): row of the flattened table
+    return table.to(tiles.device).reshape(-1).index_select(0, index.reshape(-1)).view(tiles.shape)
+
+
+def global_crop(x: torch.Tensor, *, crop_size: int) -> torch.Tensor:
+    """Normalised HD image ``[3, H', W']`` -> the global view ``[1, 3, S, S]`` (bicubic, as the reference)."""
+    return F.interpolate(x[None], size=(crop_size, crop_size), mode="bicubic", align_corners=False)
+
+
+def tile_pixels(hd: Image.Image | np.ndarray, *, crop_size: int) -> torch.Tensor:
+    """uint8 HD image ``(H', W', 3)`` -> its tiles ``[rows*cols, 3, S, S]`` uint8, row-major
+    (left to right, then top to bottom)."""
+    array = torch.from_numpy(np.asarray(hd, dtype=np.uint8))  # (H', W', 3)
+    h, w, c = array.shape
     rows, cols = h // crop_size, w // crop_size
-    glb = F.interpolate(x[None], size=(crop_size, crop_size), mode="bicubic", align_corners=False)  # (1,3,S,S)
-    tiles = (
-        x.view(c, rows, crop_size, cols, crop_size)  # (3, rows, S, cols, S)
-        .permute(1, 3, 0, 2, 4)  # (rows, cols, 3, S, S)
-        .reshape(rows * cols, c, crop_size, crop_size)  # (n, 3, S, S)
+    return (
+        array.view(rows, crop_size, cols, crop_size, c)  # (rows, S, cols, S, 3)
+        .permute(0, 2, 4, 1, 3)  # (rows, cols, 3, S, S)
+        .reshape(rows * cols, c, crop_size, crop_size)  # (n, 3, S, S): a copy, contiguous
     )
-    return torch.cat([glb, tiles], dim=0)  # (1 + n, 3, S, S)
 
 
 def pad_crops(pixel_values: torch.Tensor, *, num_crops: int) -> torch.Tensor:
@@ -230,11 +251,20 @@ def pad_crops(pixel_values: torch.Tensor, *, num_crops: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Preprocessed:
-    """One image, ready for the encoder."""
+    """One image, ready for the encoder.
 
-    pixel_values: torch.Tensor  # (1 + rows*cols, 3, S, S) float32: global view first, then real tiles
+    The tiles stay in uint8 (a quarter of the float32 bytes) until they reach the encoder's device, where
+    :func:`normalize_tiles` turns them into exactly the reference's float values; only the global view,
+    a bicubic resample of the normalised image, is float32. Workers hand these to the encoder through
+    shared memory, and on CUDA through pinned memory and PCIe: a 13-crop image is 5.4 MB instead of 17.6.
+    """
+
+    global_view: torch.Tensor  # (1, 3, S, S) float32, normalised
+    tiles: torch.Tensor  # (rows*cols, 3, S, S) uint8, raw HD pixels
     grid: HDGrid
     num_tokens: int
+    mean: tuple[float, ...]  # normalisation of the tiles (normalization_table)
+    std: tuple[float, ...]
     source: str | None = None
 
     @property
@@ -243,15 +273,31 @@ class Preprocessed:
 
     @property
     def num_real_crops(self) -> int:
-        return self.pixel_values.shape[0]
+        return 1 + self.tiles.shape[0]
+
+    @property
+    def table(self) -> torch.Tensor:
+        return normalization_table(self.mean, self.std)
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """``[1 + rows*cols, 3, S, S]`` float32, the reference processor's crops: global view first, then tiles."""
+        return torch.cat([self.global_view, normalize_tiles(self.tiles, self.table)])
 
 
 def preprocess_rgb(rgb: Image.Image, cfg: PreprocessConfig, *, source: str | None = None) -> Preprocessed:
     grid = hd_grid(width=rgb.width, height=rgb.height, num_crops=cfg.num_crops, crop_size=cfg.crop_size)
-    hd = hd_image(rgb, grid)
-    pixel_values = crops(normalize(hd, mean=cfg.image_mean, std=cfg.image_std), crop_size=cfg.crop_size)
-    tokens = num_image_tokens(rows=grid.rows, cols=grid.cols)
-    return Preprocessed(pixel_values=pixel_values, grid=grid, num_tokens=tokens, source=source)
+    hd = np.array(hd_image(rgb, grid), dtype=np.uint8)  # (H', W', 3), writable (torch.from_numpy)
+    glb = global_crop(normalize(hd, mean=cfg.image_mean, std=cfg.image_std), crop_size=cfg.crop_size)
+    return Preprocessed(
+        global_view=glb,
+        tiles=tile_pixels(hd, crop_size=cfg.crop_size),
+        grid=grid,
+        num_tokens=num_image_tokens(rows=grid.rows, cols=grid.cols),
+        mean=tuple(cfg.image_mean),
+        std=tuple(cfg.image_std),
+        source=source,
+    )
 
 
 def preprocess_image(

@@ -15,7 +15,7 @@ from PIL import Image
 
 from phi3embed import Phi3VisionEmbedder
 from phi3embed.config import PreprocessConfig
-from phi3embed.preprocess import crops, hd_grid, hd_image, normalize, open_image, pad_crops, to_rgb
+from phi3embed.preprocess import hd_grid, hd_image, open_image, pad_crops, preprocess_rgb, to_rgb
 
 MANIFEST = load_manifest()
 TOL = MANIFEST.get("tolerances", {})
@@ -44,8 +44,9 @@ def hd_and_pixels(image: str, num_crops: int, alpha: str = "drop") -> tuple[np.n
     rgb = to_rgb(open_image(GOLDEN / image), alpha=alpha)  # type: ignore[arg-type]
     grid = hd_grid(width=rgb.width, height=rgb.height, num_crops=num_crops)
     hd = hd_image(rgb, grid)
-    pixel_values = crops(normalize(hd, mean=cfg.image_mean, std=cfg.image_std), crop_size=cfg.crop_size)
-    return np.asarray(hd), pixel_values, grid
+    item = preprocess_rgb(rgb, cfg)  # what the encoder gets: uint8 tiles + float global view
+    assert item.grid == grid and item.tiles.dtype == torch.uint8
+    return np.asarray(hd), item.pixel_values, grid
 
 
 @pytest.mark.parametrize("case", MANIFEST["processor_cases"], ids=case_id)
