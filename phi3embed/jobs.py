@@ -68,21 +68,23 @@ class Prepared:
     seconds: float = 0.0  # CPU time spent reading and tiling
 
 
-def read_source(path: str) -> tuple[bytes, int]:
-    """The file's bytes and modification time; every failure is an ImageError naming the file."""
+def read_source(path: str | os.PathLike[str], *, label: str | None = None) -> tuple[bytes, int]:
+    """The file's bytes and modification time; failures are the one-line ImageErrors ``open_image`` gives,
+    naming the file ``label`` (default: ``path``). Both engines read their sources through it."""
+    path = os.fspath(path)
+    label = label or path
     try:
         st = os.stat(path)
         with open(path, "rb") as fh:
             return fh.read(), st.st_mtime_ns
     except IsADirectoryError:
-        raise ImageError("is a directory, not an image file", path=path) from None
+        raise ImageError("is a directory, not an image file", path=label) from None
     except FileNotFoundError:
-        reason = "broken symbolic link" if os.path.islink(path) else "file not found"
-        raise ImageError(reason, path=path) from None
+        raise ImageError("broken symbolic link" if os.path.islink(path) else "file not found", path=label) from None
     except PermissionError:
-        raise ImageError("permission denied", path=path) from None
+        raise ImageError("permission denied", path=label) from None
     except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}", path=path) from None
+        raise ImageError(f"cannot read file: {exc.strerror or exc}", path=label) from None
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class Preparer:
             )
         except ImageError as exc:
             if isinstance(exc, UnsupportedImageError):  # decoded fine: its size explains the failure
-                width, height = _header_size(data)
+                width, height = header_size(data)
                 facts = replace(facts, width=width, height=height)
             return Prepared(source, facts, error=str(exc), seconds=time.thread_time() - start)
         except Exception as exc:  # a decoder bug must not stop the job either
@@ -122,7 +124,9 @@ class Preparer:
         return Prepared(source, facts, item=item, seconds=time.thread_time() - start)
 
 
-def _header_size(data: bytes) -> tuple[int | None, int | None]:
+def header_size(data: bytes) -> tuple[int | None, int | None]:
+    """Width and height from the image header (None, None when there is none), for an image that decodes
+    but cannot be tiled: its size explains the failure."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.width, img.height
@@ -306,10 +310,60 @@ class JobSummary:
     def todo(self) -> int:
         return self.listed - self.skipped
 
+    def waited_for(self, inputs: Iterable[T]) -> Iterator[T]:
+        """``inputs`` one by one, adding the time spent waiting for each to ``wait_input_s``."""
+        it = iter(inputs)
+        while True:
+            start = time.perf_counter()
+            item = next(it, _END)
+            self.wait_input_s += time.perf_counter() - start
+            if item is _END:
+                return
+            yield item
 
-class _Stop(BaseException):
+    def count(self, record: dict[str, Any], *, reporter: Reporter | None = None, keep_errors: int = 5) -> None:
+        """Add one written manifest record to the totals (keeping the first ``keep_errors`` error lines) and
+        tell ``reporter``. Both engines call it once per record, in the order the records were written."""
+        if record["status"] == "ok":
+            self.ok += 1
+            self.tokens += record["num_tokens"] or 0
+        else:
+            self.failed += 1
+            if len(self.errors) < keep_errors:
+                self.errors.append(record["error"])
+        if reporter is not None:
+            reporter.advance(record)
+
+
+class JobStop(BaseException):
+    """Raised in the job's thread by SIGINT / SIGTERM while :class:`StopSignals` is installed."""
+
     def __init__(self, signame: str) -> None:
         self.signame = signame
+
+
+class StopSignals:
+    """How both engines take SIGINT and SIGTERM: installed (main thread only), they raise :class:`JobStop`;
+    :meth:`exit_at_once` (when the job cleans up) makes a second signal exit the process at once, which
+    leaves the outputs whole (every file is renamed into place whole); :meth:`restore` puts back the
+    previous handlers."""
+
+    def __init__(self) -> None:
+        in_main = threading.current_thread() is threading.main_thread()
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        self.previous = {sig: signal.signal(sig, self._stop) for sig in sigs} if in_main else {}
+
+    @staticmethod
+    def _stop(signum: int, frame: object) -> None:
+        raise JobStop(signal.Signals(signum).name)
+
+    def exit_at_once(self) -> None:
+        for sig in self.previous:
+            signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -347,43 +401,25 @@ def run_local(
     )
 
     def on_record(record: dict[str, Any]) -> None:  # writer thread
-        if record["status"] == "ok":
-            summary.ok += 1
-            summary.tokens += record["num_tokens"] or 0
-        else:
-            summary.failed += 1
-            if len(summary.errors) < max_errors_kept:
-                summary.errors.append(record["error"])
-        if reporter is not None:
-            reporter.advance(record)
+        summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
 
     writer = _Writer(store, on_record, writer_queue)
     copier = HostCopier(embedder.device)  # results leave the device off the compute stream
 
     def feed() -> Iterator[tuple[tuple[Source, ImageFacts], Preprocessed]]:
-        results = iter(pool)
-        while True:
-            start = time.perf_counter()
-            p = next(results, None)
-            summary.wait_input_s += time.perf_counter() - start
-            if p is None:
-                return
+        for p in summary.waited_for(pool):
             summary.preprocess_s += p.seconds
             if p.item is None:
                 writer.put(("error", p.source, p.facts, p.error or f"{p.source.path}: unknown error"))
                 continue
             yield (p.source, p.facts), p.item
 
-    def on_signal(signum: int, frame: object) -> None:
-        raise _Stop(signal.Signals(signum).name)
-
     # CPU encoder and decode workers share the cores: never run more threads than cores (oversubscribed OpenMP
     # threads spin and collapse throughput).
     threads_before = torch.get_num_threads()
     if embedder.device.type == "cpu" and workers > 0:
         torch.set_num_threads(max(1, min(threads_before, (os.cpu_count() or 1) - workers)))
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    signals = StopSignals()
     start = time.perf_counter()
     try:
         pool.start(todo)  # forks the workers: before the writer and progress threads exist
@@ -393,7 +429,7 @@ def run_local(
         for key, _item, embeddings in embedder.embed_stream(feed()):
             source, facts = cast(tuple[Source, ImageFacts], key)
             writer.put(("ok", source, facts, copier.start(embeddings, store.settings.dtype)))
-    except _Stop as stop:
+    except JobStop as stop:
         summary.interrupted = stop.signame
     except KeyboardInterrupt:
         summary.interrupted = "SIGINT"
@@ -407,13 +443,11 @@ def run_local(
             f"try a smaller --batch-size (e.g. {max(1, embedder.batch_size // 2)})"
         )
     finally:
-        for sig in previous:  # while cleaning up, a second signal exits at once (outputs stay whole)
-            signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
+        signals.exit_at_once()  # while cleaning up, a second signal exits at once (outputs stay whole)
         pool.close()
         if writer.is_alive():
             writer.finish()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signals.restore()
         torch.set_num_threads(threads_before)
         summary.wall_s = time.perf_counter() - start
         summary.wait_writer_s = writer.put_wait

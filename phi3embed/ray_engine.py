@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import logging
 import os
 import re
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -30,13 +27,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .checkpoint import resolve
 from .config import preprocess_config_from_dict, vision_config_from_dict
 from .embedder import Phi3VisionEmbedder, parse_dtype
 from .errors import CheckpointError, ImageError, Phi3EmbedError, UnsupportedImageError
-from .jobs import JobSummary, Reporter
+from .jobs import JobStop, JobSummary, Reporter, StopSignals, header_size, read_source
 from .model import Phi3VisionModel
 from .preprocess import AlphaMode, Preprocessed
 from .sources import Source
@@ -108,34 +104,6 @@ def checkpoint_facts(spec: EncoderSpec) -> tuple[str, int]:
     pcfg = preprocess_config_from_dict(ckpt.preprocessor_config, crop_size=vcfg.clip.image_size)
     _, fingerprint = Phi3VisionModel.from_checkpoint(ckpt, vcfg, device="meta")
     return fingerprint, spec.num_crops or pcfg.num_crops
-
-
-def read_source(path: str | os.PathLike[str], *, label: str | None = None) -> tuple[bytes, int]:
-    """The file's bytes and modification time; failures are the one-line ImageErrors ``open_image`` gives,
-    naming the file ``label`` (default: ``path``)."""
-    path = os.fspath(path)
-    label = label or path
-    try:
-        st = os.stat(path)
-        with open(path, "rb") as fh:
-            return fh.read(), st.st_mtime_ns
-    except IsADirectoryError:
-        raise ImageError("is a directory, not an image file", path=label) from None
-    except FileNotFoundError:
-        raise ImageError("broken symbolic link" if os.path.islink(path) else "file not found", path=label) from None
-    except PermissionError:
-        raise ImageError("permission denied", path=label) from None
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}", path=label) from None
-
-
-def _header_size(data: bytes) -> tuple[int, int]:
-    """Width and height from the image header, for an image that decodes but cannot be tiled."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.width, img.height
-    except Exception:
-        return UNKNOWN, UNKNOWN
 
 
 def embedding_bytes(emb: torch.Tensor) -> bytes:
@@ -215,7 +183,9 @@ class RayEncoder:
         except ImageError as exc:
             row.error = str(exc)
             if isinstance(exc, UnsupportedImageError) and data:  # decoded fine: its size explains why
-                row.width, row.height = _header_size(data)
+                width, height = header_size(data)
+                row.width = UNKNOWN if width is None else width
+                row.height = UNKNOWN if height is None else height
             row.seconds = time.perf_counter() - start
             return row, None
         except Exception as exc:  # a decoder bug must not stop the job either
@@ -455,11 +425,6 @@ def ray_session(
 # --------------------------------------------------------------------------- the job, as `phi3embed encode --engine ray` runs it
 
 
-class _Stop(BaseException):
-    def __init__(self, signame: str) -> None:
-        self.signame = signame
-
-
 def default_images_per_batch(todo: int, actors: int) -> int:
     """Images per actor call: enough for the encoder to pack full crop batches, small enough that every
     actor gets work on a short job (about four calls per actor), at most 16."""
@@ -494,22 +459,7 @@ def run_ray(
     todo = [s for s in sources if not store.is_done(s)]
     summary.skipped = len(sources) - len(todo)
 
-    def on_record(record: dict[str, Any]) -> None:
-        if record["status"] == "ok":
-            summary.ok += 1
-            summary.tokens += record["num_tokens"] or 0
-        else:
-            summary.failed += 1
-            if len(summary.errors) < max_errors_kept:
-                summary.errors.append(record["error"])
-        if reporter is not None:
-            reporter.advance(record)
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise _Stop(signal.Signals(signum).name)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    signals = StopSignals()
     start = time.perf_counter()
     stack = ExitStack()
     try:
@@ -531,13 +481,7 @@ def run_ray(
                 cpus_per_actor=cpus_per_actor,
                 restart_actors=restart_actors,
             )
-            batches = iter(results.iter_batches(batch_format="numpy", batch_size=None))
-            while True:
-                waited = time.perf_counter()
-                batch = next(batches, None)
-                summary.wait_input_s += time.perf_counter() - waited
-                if batch is None:
-                    break
+            for batch in summary.waited_for(results.iter_batches(batch_format="numpy", batch_size=None)):
                 summary.preprocess_s += float(np.sum(batch["seconds"]))
                 for result in decode_rows(batch):
                     source = todo[result.extra["index"]]
@@ -557,8 +501,8 @@ def run_ray(
                     else:
                         record = store.write_error(source, result.error or f"{source.path}: unknown error", facts)
                     summary.write_s += time.perf_counter() - writing
-                    on_record(record)
-    except _Stop as stop:
+                    summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
+    except JobStop as stop:
         summary.interrupted = stop.signame
     except KeyboardInterrupt:
         summary.interrupted = "SIGINT"
@@ -567,14 +511,12 @@ def run_ray(
     except Exception as exc:  # the cluster or an actor failed (not a bad image: those are error records)
         summary.fatal = f"the Ray job failed: {_one_line(exc)}"
     finally:
-        for sig in previous:  # while cleaning up, a second signal exits at once (outputs stay whole)
-            signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
+        signals.exit_at_once()  # while cleaning up, a second signal exits at once (outputs stay whole)
         summary.wall_s = time.perf_counter() - start
         if reporter is not None:
             reporter.stop()
         stack.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signals.restore()
     return summary
 
 
