@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
 from .checkpoint import Checkpoint, check_vision_tensors, module_to_checkpoint_key, resolve
 from .config import (
@@ -33,7 +32,7 @@ from .config import (
     read_json,
     vision_config_from_dict,
 )
-from .errors import ConfigError, DecompressionBombError, ImageError, Phi3EmbedError
+from .errors import ConfigError, ImageError, Phi3EmbedError
 from .hd import num_image_tokens
 from .preprocess import (
     AlphaMode,
@@ -42,6 +41,7 @@ from .preprocess import (
     global_crop,
     hd_grid,
     hd_image,
+    image_errors,
     normalize,
     open_image,
     to_rgb,
@@ -233,24 +233,12 @@ def image_size(path: str | os.PathLike[str], *, exif_transpose: bool = False) ->
         raise ImageError("is a directory, not an image file", path=label)
     if not p.exists():
         raise ImageError("broken symbolic link" if p.is_symlink() else "file not found", path=label)
-    try:
+    with image_errors(label, decoding=False):
         if p.stat().st_size == 0:
             raise ImageError("empty file (0 bytes)", path=label)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
-                width, height = img.size
-                orientation = _orientation(img) if exif_transpose else 1
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise DecompressionBombError(f"decompression bomb: {exc}", path=label) from None
-    except UnidentifiedImageError:
-        raise ImageError("not an image Pillow can identify (corrupt or not an image)", path=label) from None
-    except PermissionError:
-        raise ImageError("permission denied", path=label) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"cannot read image header: {str(exc) or type(exc).__name__}", path=label) from None
+        with Image.open(p) as img:
+            width, height = img.size
+            orientation = _orientation(img) if exif_transpose else 1
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 

@@ -11,6 +11,8 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -117,26 +119,39 @@ def open_image(source: ImageInput, *, name: str | None = None) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
     label = name or _describe(source) or "<bytes>"
+    with image_errors(label):
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise ImageError("empty file (0 bytes)", path=label)
+            img = Image.open(io.BytesIO(bytes(source)))
+        else:
+            path = Path(source)
+            if path.is_dir():
+                raise ImageError("is a directory, not an image file", path=label)
+            if not path.exists():
+                if path.is_symlink():
+                    raise ImageError("broken symbolic link", path=label)
+                raise ImageError("file not found", path=label)
+            if path.stat().st_size == 0:
+                raise ImageError("empty file (0 bytes)", path=label)
+            with open(path, "rb") as fh:
+                img = Image.open(io.BytesIO(fh.read()))
+        img.load()  # decode now, so truncated files fail here and not later
+    return img
+
+
+@contextmanager
+def image_errors(label: str, *, decoding: bool = True) -> Iterator[None]:
+    """Pillow's failures inside the block -> the one-line ImageErrors of :func:`open_image`, naming ``label``
+    (decompression-bomb warnings are silenced; ImageErrors pass through as they are).
+
+    ``decoding=False`` is for header-only reads (:func:`phi3embed.inspect.image_size`): a damaged file
+    "cannot read image header" there, and a MemoryError is not turned into an ImageError.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if isinstance(source, (bytes, bytearray, memoryview)):
-                if len(source) == 0:
-                    raise ImageError("empty file (0 bytes)", path=label)
-                img = Image.open(io.BytesIO(bytes(source)))
-            else:
-                path = Path(source)
-                if path.is_dir():
-                    raise ImageError("is a directory, not an image file", path=label)
-                if not path.exists():
-                    if path.is_symlink():
-                        raise ImageError("broken symbolic link", path=label)
-                    raise ImageError("file not found", path=label)
-                if path.stat().st_size == 0:
-                    raise ImageError("empty file (0 bytes)", path=label)
-                with open(path, "rb") as fh:
-                    img = Image.open(io.BytesIO(fh.read()))
-            img.load()  # decode now, so truncated files fail here and not later
+            yield
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -147,12 +162,15 @@ def open_image(source: ImageInput, *, name: str | None = None) -> Image.Image:
         raise ImageError("permission denied", path=label) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = str(exc) or type(exc).__name__
+        if not decoding:
+            raise ImageError(f"cannot read image header: {reason}", path=label) from None
         if "truncated" in reason.lower():
             reason = f"truncated image data ({reason})"
         raise ImageError(f"cannot decode image: {reason}", path=label) from None
     except MemoryError:
+        if not decoding:
+            raise
         raise ImageError("out of memory while decoding", path=label) from None
-    return img
 
 
 def to_rgb(img: Image.Image, *, alpha: AlphaMode = "drop", exif_transpose: bool = False) -> Image.Image:
