@@ -37,6 +37,11 @@ _MODEL_HELP = (
 )
 _CROPS_HELP = "Maximum number of 336 px crops (default: the checkpoint's preprocessor_config.json)."
 
+# options that plan and preview read alike (info has its own --model and --num-crops help)
+_NumCrops = Annotated[int | None, typer.Option("--num-crops", min=1, help=_CROPS_HELP)]
+_ConfigModel = Annotated[str | None, typer.Option("--model", help=_MODEL_HELP, show_default=False)]
+_Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
+
 T = TypeVar("T")
 
 
@@ -110,15 +115,15 @@ def plan_command(
     inputs: Annotated[
         list[str], typer.Argument(metavar="INPUT...", help="Image files, or directories (recursed for images).")
     ],
-    num_crops: Annotated[int | None, typer.Option("--num-crops", min=1, help=_CROPS_HELP)] = None,
-    model: Annotated[str | None, typer.Option("--model", help=_MODEL_HELP, show_default=False)] = None,
+    num_crops: _NumCrops = None,
+    model: _ConfigModel = None,
     out_dtype: Annotated[
         OutDType, typer.Option("--out-dtype", help="Stored dtype the output sizes are computed for.")
     ] = OutDType.float32,
     exif_transpose: Annotated[
         bool, typer.Option("--exif-transpose", help="Plan for images rotated by their EXIF orientation.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
+    as_json: _Json = False,
 ) -> None:
     """Predict crop grids, token counts, output sizes and GFLOP. Reads image headers only.
 
@@ -198,8 +203,8 @@ def _print_plan(result: "PlanResult", label: str) -> None:
 def preview_command(
     image: Annotated[Path, typer.Argument(help="The image to show.", show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", help="Picture to write (format from its extension).")],
-    num_crops: Annotated[int | None, typer.Option("--num-crops", min=1, help=_CROPS_HELP)] = None,
-    model: Annotated[str | None, typer.Option("--model", help=_MODEL_HELP, show_default=False)] = None,
+    num_crops: _NumCrops = None,
+    model: _ConfigModel = None,
     alpha: Annotated[
         Alpha, typer.Option("--alpha", help="Transparency: drop it (reference) or composite over white.")
     ] = Alpha.drop,
@@ -245,7 +250,7 @@ def info_command(
     ] = None,
     num_crops: Annotated[int | None, typer.Option("--num-crops", min=1, help="Report for this num_crops.")] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
+    as_json: _Json = False,
 ) -> None:
     """Describe a checkpoint from its configs and weight headers (no tensor data is read)."""
     from .inspect import model_info
