@@ -23,12 +23,10 @@ from typing import Annotated, Any
 
 import typer
 
+from .commands_inspect import DEFAULT_MODEL, MODEL_ENV, Alpha
 from .commands_inspect import register as register_inspect_commands
 from .commands_shards import register as register_shard_commands
 from .config import DEFAULT_BATCH_SIZE
-
-DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
-MODEL_ENV = "PHI3EMBED_MODEL"
 
 app = typer.Typer(
     name="phi3embed",
@@ -59,11 +57,6 @@ class DType(str, Enum):
 class Format(str, Enum):
     npy = "npy"
     safetensors = "safetensors"
-
-
-class Alpha(str, Enum):
-    drop = "drop"
-    white = "white"
 
 
 class Engine(str, Enum):
@@ -184,8 +177,7 @@ def encode_command(
     ] = None,
 ) -> None:
     try:
-        code = _encode(
-            inputs=inputs,
+        options = _options(
             out=out,
             model=model,
             num_crops=num_crops,
@@ -206,6 +198,7 @@ def encode_command(
             ray_address=ray_address,
             actors=actors,
         )
+        code = _encode(inputs, options)
     except _Usage as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:  # before the job started (e.g. while the model loads)
@@ -213,50 +206,69 @@ def encode_command(
     raise typer.Exit(code)
 
 
-def _encode(
-    *,
-    inputs: list[str],
-    out: Path,
-    model: str,
-    num_crops: int | None,
-    device: str,
-    dtype: str,
-    out_dtype: str,
-    fmt: str | None,
-    batch_size: int | None,
-    workers: int | None,
-    exif_transpose: bool,
-    alpha: str,
-    overwrite: bool,
-    shard: str | None,
-    pack: str | None,
-    quiet: bool,
-    jsonl: bool,
-    engine: str = "local",
-    ray_address: str | None = None,
-    actors: int | None = None,
-) -> int:
+@dataclass(frozen=True)
+class _EncodeOptions:
+    """The options of one ``encode`` job, parsed and checked: what both engines and :func:`_run` read."""
+
+    out: Path
+    model: str
+    num_crops: int | None
+    device: str
+    dtype: str  # compute dtype name or "auto"
+    out_dtype: str  # stored dtype name or "auto"
+    fmt: str | None  # --format as given (None: npy, or the shards of --pack)
+    batch_size: int | None
+    workers: int | None
+    exif_transpose: bool
+    alpha: str
+    overwrite: bool
+    shard: str | None  # --shard as given, for messages
+    shard_spec: tuple[int, int] | None
+    pack_bytes: int | None
+    quiet: bool
+    jsonl: bool
+    engine: str = "local"
+    ray_address: str | None = None
+    actors: int | None = None
+
+    @property
+    def output_format(self) -> str:
+        """What the store writes: ``pack`` (shards), else one ``npy`` / ``safetensors`` file per image."""
+        return "pack" if self.pack_bytes is not None else (self.fmt or "npy")
+
+
+def _options(*, shard: str | None, pack: str | None, **options: Any) -> _EncodeOptions:
+    """The command's options -> :class:`_EncodeOptions`; an inconsistent combination is a :class:`_Usage`."""
     from .errors import Phi3EmbedError
-    from .sources import expand_inputs, parse_shard, select_shard
+    from .sources import parse_shard
 
     try:
         shard_spec = parse_shard(shard) if shard is not None else None
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
-    pack_bytes = parse_size(pack) if pack is not None else None
-    if pack_bytes is not None and fmt == "npy":
+    opts = _EncodeOptions(
+        shard=shard, shard_spec=shard_spec, pack_bytes=parse_size(pack) if pack is not None else None, **options
+    )
+    if opts.pack_bytes is not None and opts.fmt == "npy":
         raise _Usage("--pack writes safetensors shards: leave out --format npy")
-    if fmt == "npy" and out_dtype == "bfloat16":
+    if opts.fmt == "npy" and opts.out_dtype == "bfloat16":
         raise _Usage("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
+    return opts
+
+
+def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
+    from .errors import Phi3EmbedError
+    from .sources import expand_inputs, select_shard
+
     try:
-        sources = expand_inputs(inputs, exclude=[str(out)])
+        sources = expand_inputs(inputs, exclude=[str(opts.out)])
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
     except OSError as exc:
         raise _Usage(f"cannot read the inputs: {exc}") from None
     listed = len(sources)
-    if shard_spec is not None:
-        sources = select_shard(sources, *shard_spec)
+    if opts.shard_spec is not None:
+        sources = select_shard(sources, *opts.shard_spec)
 
     from rich.console import Console
 
@@ -264,53 +276,33 @@ def _encode(
 
     console = Console(stderr=True)
     if not sources:
-        if not quiet:
-            extra = f" in shard {shard} ({listed} images in all)" if shard_spec else ""
+        if not opts.quiet:
+            extra = f" in shard {opts.shard} ({listed} images in all)" if opts.shard_spec else ""
             say(console, f"phi3embed encode: no images to encode{extra}")
         return 0
-    _check_writable(out)
+    _check_writable(opts.out)
 
     from .checkpoint import resolve
 
     try:  # find the checkpoint first: a wrong --model is reported before transformers is even imported
-        checkpoint_dir = str(resolve(model).root)
+        checkpoint_dir = str(resolve(opts.model).root)
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
 
-    if engine == "ray":
-        return _encode_ray(
-            sources,
-            out=out,
-            model=model,
-            num_crops=num_crops,
-            device=device,
-            dtype=dtype,
-            out_dtype=out_dtype,
-            fmt=fmt,
-            batch_size=batch_size,
-            workers=workers,
-            exif_transpose=exif_transpose,
-            alpha=alpha,
-            overwrite=overwrite,
-            shard_spec=shard_spec,
-            pack_bytes=pack_bytes,
-            quiet=quiet,
-            jsonl=jsonl,
-            ray_address=ray_address,
-            actors=actors,
-            console=console,
-        )
+    if opts.engine == "ray":
+        return _encode_ray(sources, opts, console)
 
     from .embedder import Phi3VisionEmbedder, resolve_device
 
     try:
-        dev = resolve_device(device)
-        compute, stored = _dtypes(dev.type, dtype, out_dtype, fmt, pack_bytes)
-        batch = batch_size or DEFAULT_BATCH_SIZE.get(dev.type, 8)
+        dev = resolve_device(opts.device)
+        compute, stored = _dtypes(dev.type, opts)
+        batch = opts.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, 8)
         # On CPU decoding is a tiny share of the encoder's cost, and a worker process only competes with torch's
         # threads (measured: 6x slower with 1 worker on 2 cores); on CUDA workers keep the GPU fed.
+        workers = opts.workers
         n_workers = workers if workers is not None else (min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0)
-        status = console.status(f"loading {model}") if not quiet and console.is_terminal else None
+        status = console.status(f"loading {opts.model}") if not opts.quiet and console.is_terminal else None
         if status is not None:
             status.start()
         try:
@@ -318,9 +310,9 @@ def _encode(
                 checkpoint_dir,
                 device=dev,
                 dtype=compute,
-                num_crops=num_crops,
-                alpha=alpha,  # type: ignore[arg-type]
-                exif_transpose=exif_transpose,
+                num_crops=opts.num_crops,
+                alpha=opts.alpha,  # type: ignore[arg-type]
+                exif_transpose=opts.exif_transpose,
                 batch_size=batch,
             )
         finally:
@@ -328,63 +320,28 @@ def _encode(
                 status.stop()
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
-    return _run(
-        embedder,
-        sources,
-        out=out,
-        model=model,
-        stored=stored,
-        fmt="pack" if pack_bytes is not None else (fmt or "npy"),
-        pack_bytes=pack_bytes,
-        overwrite=overwrite,
-        shard_spec=shard_spec,
-        workers=n_workers,
-        quiet=quiet,
-        jsonl=jsonl,
-        console=console,
-    )
+    return _run(embedder, sources, opts, stored=stored, workers=n_workers, console=console)
 
 
-def _dtypes(device_type: str, dtype: str, out_dtype: str, fmt: str | None, pack_bytes: int | None) -> tuple[Any, Any]:
+def _dtypes(device_type: str, opts: _EncodeOptions) -> tuple[Any, Any]:
     """(compute, stored) torch dtypes from the options: auto computes in float32 on CPU, bfloat16 on CUDA;
     stores float32 on CPU, the compute dtype on CUDA (float32 when npy cannot hold it)."""
     import torch
 
     from .embedder import parse_dtype
 
+    dtype, out_dtype = opts.dtype, opts.out_dtype
     compute = parse_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if device_type == "cuda" else torch.float32)
     if out_dtype != "auto":
         stored = parse_dtype(out_dtype)
-    elif device_type == "cuda" and not (fmt in (None, "npy") and pack_bytes is None and compute == torch.bfloat16):
+    elif device_type == "cuda" and not (opts.output_format == "npy" and compute == torch.bfloat16):
         stored = compute
     else:
         stored = torch.float32
     return compute, stored
 
 
-def _encode_ray(
-    sources: list[Any],
-    *,
-    out: Path,
-    model: str,
-    num_crops: int | None,
-    device: str,
-    dtype: str,
-    out_dtype: str,
-    fmt: str | None,
-    batch_size: int | None,
-    workers: int | None,
-    exif_transpose: bool,
-    alpha: str,
-    overwrite: bool,
-    shard_spec: tuple[int, int] | None,
-    pack_bytes: int | None,
-    quiet: bool,
-    jsonl: bool,
-    ray_address: str | None,
-    actors: int | None,
-    console: Any,
-) -> int:
+def _encode_ray(sources: list[Any], opts: _EncodeOptions, console: Any) -> int:
     """``--engine ray``: the same job on a Ray actor pool; the outputs are written here, as locally."""
     from dataclasses import replace
 
@@ -396,12 +353,18 @@ def _encode_ray(
         from .ray_engine import EncoderSpec, checkpoint_facts, cluster_resources, ray_session, run_ray
     except ImportError:
         raise _Usage("--engine ray needs Ray: pip install 'phi3embed[ray]'") from None
+    device, model, ray_address, alpha = opts.device, opts.model, opts.ray_address, opts.alpha
     if device not in ("auto", "cpu", "cuda"):
         raise _Usage(f"--engine ray places one actor per GPU itself: use --device auto, cuda or cpu, not {device!r}")
     # Every node resolves the checkpoint itself: a local directory by its absolute path (it must be on a
     # filesystem all nodes share), a hub id or preset by name (each node's hub cache).
     actor_model = os.path.abspath(model) if os.path.isdir(model) else model
-    spec = EncoderSpec(model=actor_model, num_crops=num_crops, alpha=alpha, exif_transpose=exif_transpose)  # type: ignore[arg-type]
+    spec = EncoderSpec(
+        model=actor_model,
+        num_crops=opts.num_crops,
+        alpha=alpha,  # type: ignore[arg-type]
+        exif_transpose=opts.exif_transpose,
+    )
     try:
         fingerprint, crops = checkpoint_facts(spec)  # hashes the vision weights here: actors must match
     except Phi3EmbedError as exc:
@@ -422,12 +385,12 @@ def _encode_ray(
         if dev_type == "cuda" and gpus == 0:
             raise _Usage(f"--device cuda: {'the Ray cluster' if ray_address else 'this machine'} has no GPU")
         try:
-            compute, stored = _dtypes(dev_type, dtype, out_dtype, fmt, pack_bytes)
+            compute, stored = _dtypes(dev_type, opts)
         except Phi3EmbedError as exc:
             raise _Usage(str(exc)) from None
-        n_actors = actors or max(1, int(gpus if dev_type == "cuda" else cpus))
-        batch = batch_size or DEFAULT_BATCH_SIZE[dev_type]
-        threads = workers if workers is not None else (4 if dev_type == "cuda" else 0)
+        n_actors = opts.actors or max(1, int(gpus if dev_type == "cuda" else cpus))
+        batch = opts.batch_size or DEFAULT_BATCH_SIZE[dev_type]
+        threads = opts.workers if opts.workers is not None else (4 if dev_type == "cuda" else 0)
         spec = replace(
             spec,
             device=dev_type,
@@ -438,45 +401,37 @@ def _encode_ray(
             expect_fingerprint=fingerprint,
         )
 
+        def announce(where: str) -> None:
+            if not opts.quiet:
+                say(
+                    console,
+                    f"phi3embed encode: {n_actors} Ray actor{'s' if n_actors != 1 else ''} on {dev_type}, "
+                    f"{where} ({int(cpus)} CPUs, {int(gpus)} GPUs)",
+                )
+
         @contextlib.contextmanager
         def start_local() -> Any:
             with contextlib.ExitStack() as inner:
                 _enter_ray(inner, connect(), None)
-                if not quiet:
-                    say(
-                        console,
-                        f"phi3embed encode: {n_actors} Ray actor{'s' if n_actors != 1 else ''} on {dev_type}, "
-                        f"local Ray instance ({int(cpus)} CPUs, {int(gpus)} GPUs)",
-                    )
+                announce("local Ray instance")
                 yield
 
-        if ray_address and not quiet:
-            say(
-                console,
-                f"phi3embed encode: {n_actors} Ray actor{'s' if n_actors != 1 else ''} on {dev_type}, "
-                f"Ray cluster {ray_address} ({int(cpus)} CPUs, {int(gpus)} GPUs)",
-            )
+        if ray_address:
+            announce(f"Ray cluster {ray_address}")
         view = _EngineView(
             fingerprint=fingerprint,
             num_crops=crops,
             dtype=compute,
-            image_options=ImageOptions(alpha=alpha, exif_transpose=exif_transpose),  # type: ignore[arg-type]
+            image_options=ImageOptions(alpha=alpha, exif_transpose=opts.exif_transpose),  # type: ignore[arg-type]
             device="cuda:0" if dev_type == "cuda" else "cpu",  # what each actor sees (Ray gives it one GPU)
             batch_size=batch,
         )
         return _run(
             view,
             sources,
-            out=out,
-            model=model,
+            opts,
             stored=stored,
-            fmt="pack" if pack_bytes is not None else (fmt or "npy"),
-            pack_bytes=pack_bytes,
-            overwrite=overwrite,
-            shard_spec=shard_spec,
             workers=n_actors,
-            quiet=quiet,
-            jsonl=jsonl,
             console=console,
             runner=lambda todo, store, reporter: run_ray(
                 spec,
@@ -513,17 +468,10 @@ class _EngineView:
 def _run(
     embedder: Any,
     sources: list[Any],
+    opts: _EncodeOptions,
     *,
-    out: Path,
-    model: str,
     stored: Any,
-    fmt: str,
-    pack_bytes: int | None,
-    overwrite: bool,
-    shard_spec: tuple[int, int] | None,
     workers: int,
-    quiet: bool,
-    jsonl: bool,
     console: Any,
     runner: Any = None,
 ) -> int:
@@ -532,7 +480,8 @@ def _run(
     from .progress import ProgressReporter, RunInfo, render_summary, say
     from .writers import OutputSettings, OutputStore, dtype_name
 
-    printer = _JsonlPrinter() if jsonl else None
+    out, model, fmt, pack_bytes, quiet = opts.out, opts.model, opts.output_format, opts.pack_bytes, opts.quiet
+    printer = _JsonlPrinter() if opts.jsonl else None
     try:
         settings = OutputSettings(
             model=model,
@@ -546,7 +495,7 @@ def _run(
             exif_transpose=embedder.image_options.exif_transpose,
             device=str(embedder.device),
         )
-        store = OutputStore(out, settings, overwrite=overwrite, shard=shard_spec, on_record=printer).open()
+        store = OutputStore(out, settings, overwrite=opts.overwrite, shard=opts.shard_spec, on_record=printer).open()
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
     reporter = ProgressReporter(console, show_progress=not quiet)
