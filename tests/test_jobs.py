@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from badfiles import EXPECTED_REASONS, make_bad_files
 from conftest import GOLDEN, TINY_128K
 
 from phi3embed import Phi3VisionEmbedder
-from phi3embed.jobs import OrderedPool, Preparer, run_local
+from phi3embed.jobs import JobSummary, OrderedPool, Preparer, run_local
 from phi3embed.sources import Source, expand_inputs
 from phi3embed.writers import TMP_DIR, OutputSettings, OutputStore, iter_manifest
 
@@ -171,3 +172,30 @@ def test_out_of_memory_is_one_clear_message(tmp_path: Path, embedder: Phi3Vision
         summary = run_local(_OutOfMemory(embedder), sources, store, workers=0)  # type: ignore[arg-type]
     assert summary.fatal is not None and "--batch-size 3" in summary.fatal
     assert "try a smaller --batch-size (e.g. 1)" in summary.fatal and "\n" not in summary.fatal
+
+
+def test_summary_counts_each_record_once_and_keeps_the_first_errors() -> None:
+    """JobSummary.count is the bookkeeping both engines do per written record."""
+    rec = Recorder()
+    summary = JobSummary(listed=4)
+    written = [
+        {"status": "ok", "num_tokens": 10},
+        {"status": "error", "error": "a.png: first"},
+        {"status": "ok", "num_tokens": None},
+        {"status": "error", "error": "b.png: second"},
+    ]
+    for record in written:
+        summary.count(record, reporter=rec, keep_errors=1)
+    assert (summary.ok, summary.failed, summary.tokens, summary.errors) == (2, 2, 10, ["a.png: first"])
+    assert rec.records == written
+
+
+def test_waited_for_adds_the_time_spent_waiting_for_each_input() -> None:
+    def slow() -> Iterator[int]:
+        for i in range(3):
+            time.sleep(0.02)
+            yield i
+
+    summary = JobSummary()
+    assert list(summary.waited_for(slow())) == [0, 1, 2]
+    assert summary.wait_input_s >= 0.05

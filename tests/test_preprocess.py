@@ -12,7 +12,7 @@ from PIL import Image
 
 from phi3embed import DecompressionBombError, ImageError, UnsupportedImageError, hd_grid, num_image_tokens
 from phi3embed.config import PreprocessConfig
-from phi3embed.preprocess import hd_scale, open_image, preprocess_image, to_rgb
+from phi3embed.preprocess import hd_scale, image_errors, open_image, preprocess_image, to_rgb
 
 # SPEC section 3, "Worked examples (verified)" against the official processor: (W, H, num_crops, [H', W'], T)
 WORKED = [
@@ -222,3 +222,23 @@ def test_decompression_bomb_is_reported_as_such(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # 40000 px > 2 x 10000: Pillow refuses
     with pytest.raises(DecompressionBombError, match=r"bomb.png: decompression bomb"):
         open_image(path)
+
+
+def test_image_errors_words_decoding_and_header_reads_apart() -> None:
+    """The one exception -> ImageError mapping behind open_image and inspect.image_size."""
+    decoding = r"^x\.jpg: cannot decode image: truncated image data \(image file is truncated\)$"
+    with pytest.raises(ImageError, match=decoding), image_errors("x.jpg"):
+        raise OSError("image file is truncated")
+    header = r"^x\.jpg: cannot read image header: image file is truncated$"
+    with pytest.raises(ImageError, match=header), image_errors("x.jpg", decoding=False):
+        raise OSError("image file is truncated")
+    with pytest.raises(ImageError, match=r"^x\.jpg: out of memory while decoding$"), image_errors("x.jpg"):
+        raise MemoryError
+    with pytest.raises(MemoryError), image_errors("x.jpg", decoding=False):
+        raise MemoryError
+    with pytest.raises(ImageError, match=r"^x\.jpg: permission denied$"), image_errors("x.jpg", decoding=False):
+        raise PermissionError(13, "denied")
+    kept = ImageError("empty file (0 bytes)", path="y.png")
+    with pytest.raises(ImageError) as info, image_errors("x.jpg"):
+        raise kept
+    assert info.value is kept
