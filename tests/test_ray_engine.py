@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -261,9 +260,27 @@ def test_actor_refuses_other_weights(golden: Path) -> None:
 # --------------------------------------------------------------------------- through a local Ray instance
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own, on pickling its context
-def test_ray_pipeline_matches_local_encode_and_refuses_other_weights(tmp_path: Path, manifest: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def ray_instance() -> Iterator[None]:
+    """One private local Ray instance for every test of this module that needs Ray (starting one costs ~25 s).
+
+    The ``encode --engine ray`` runs below find it already initialised and use it as it is, as they would a
+    Ray their caller started; :func:`ray_session` starting (and at the end stopping) Ray is checked here.
+    """
     pytest.importorskip("ray")
+    import ray
+
+    # as many CPUs as `encode --engine ray` gives the local instance it starts: it sizes its actor pool by them
+    with ray_session(num_cpus=os.cpu_count() or 1, object_store_memory=128 * 1024**2) as started:
+        assert started and ray.is_initialized()
+        yield
+    assert not ray.is_initialized()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own, on pickling its context
+def test_ray_pipeline_matches_local_encode_and_refuses_other_weights(
+    tmp_path: Path, manifest: dict[str, Any], ray_instance: None
+) -> None:
     import ray.data
 
     corrupt = tmp_path / "corrupt.jpg"
@@ -274,8 +291,8 @@ def test_ray_pipeline_matches_local_encode_and_refuses_other_weights(tmp_path: P
     fingerprint = reference().fingerprint
     spec = EncoderSpec(model=ckpt(), device="cpu", num_crops=NUM_CROPS, expect_fingerprint=fingerprint)
     results: dict[int, EncodedImage] = {}
-    with ray_session(num_cpus=2, object_store_memory=128 * 1024**2) as started:
-        assert started
+    with ray_session() as started:
+        assert not started  # the module's instance is used as it is
         ds = build_pipeline(ray.data.from_items(rows), spec, actors=2, images_per_batch=4)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             for result in decode_rows(batch):
@@ -314,11 +331,9 @@ def test_null_bytes_cells_mean_read_the_path(encoder: RayEncoder, manifest: dict
         check_ok(result, path, manifest)
 
 
-# --------------------------------------------------------------------------- the real console script, --engine ray
+# --------------------------------------------------------------------------- the command, --engine ray
 
-_SCRIPT = Path(sys.executable).with_name("phi3embed")
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "phi3embed"]
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("PHI3EMBED_MODEL", "RAY_ADDRESS")}, "HF_HUB_OFFLINE": "1"}
+ENV = {"PHI3EMBED_MODEL": None, "RAY_ADDRESS": None, "HF_HUB_OFFLINE": "1"}  # CliRunner's env: None unsets
 VOLATILE = {"time", "device"}  # manifest fields that may differ between two runs of the same job
 
 
@@ -330,21 +345,13 @@ class Run:
     seconds: float
 
 
-def encode(cwd: Path, *args: str) -> Run:
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [*CLI, "encode", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300, check=False
-    )
-    return Run(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
-
-
 def encode_here(cwd: Path, *args: str) -> Run:
-    """The same command in this process (no start-up cost): for the local engine's reference outputs."""
+    """``phi3embed encode ARGS`` in this process (no start-up cost), run from ``cwd``."""
     start = time.perf_counter()
     here = os.getcwd()
     os.chdir(cwd)
     try:
-        result = CliRunner().invoke(app, ["encode", *args], catch_exceptions=False)
+        result = CliRunner().invoke(app, ["encode", *args], env=ENV, catch_exceptions=False)
     finally:
         os.chdir(here)
     return Run(result.exit_code, result.stdout, result.stderr, time.perf_counter() - start)
@@ -370,9 +377,10 @@ class Jobs:
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory: pytest.TempPathFactory, golden: Path) -> Jobs:
-    """The same jobs through both engines, one after the other (Ray wants both cores)."""
-    pytest.importorskip("ray")
+def jobs(tmp_path_factory: pytest.TempPathFactory, golden: Path, ray_instance: None) -> Jobs:
+    """The same jobs through both engines, one after the other (Ray wants both cores), in this process: the
+    ``--engine ray`` runs use the module's Ray instance (the console script itself is tested in
+    test_cli_encode.py)."""
     root = tmp_path_factory.mktemp("engines")
     imgs = root / "imgs"
     imgs.mkdir()
@@ -384,12 +392,12 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, golden: Path) -> Jobs:
     pack += ["--out-dtype", "bfloat16"]
     runs = {
         "local": encode_here(root, *npy, "-o", "local", "--workers", "0"),
-        "ray": encode(root, *npy, "-o", "ray", "--engine", "ray"),
+        "ray": encode_here(root, *npy, "-o", "ray", "--engine", "ray"),
         "local-pack": encode_here(root, *pack, "-o", "local-pack", "--workers", "0", "--quiet"),
-        "ray-pack": encode(root, *pack, "-o", "ray-pack", "--engine", "ray", "--actors", "2", "--quiet"),
+        "ray-pack": encode_here(root, *pack, "-o", "ray-pack", "--engine", "ray", "--actors", "2", "--quiet"),
     }
     (imgs / "corrupt.jpg").unlink()  # the user removes the bad file and runs the same command again
-    runs["ray-again"] = encode(root, *npy, "-o", "ray", "--engine", "ray", "--jsonl")
+    runs["ray-again"] = encode_here(root, *npy, "-o", "ray", "--engine", "ray", "--jsonl")
     for name, run in runs.items():
         print(f"{name}: exit {run.code} in {run.seconds:.1f} s")
     return Jobs(root, runs)
