@@ -231,37 +231,45 @@ def _run_offline(cache: Path, code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_hub_id_resolves_from_local_cache_offline(golden: Path, tmp_path: Path) -> None:
-    cache = tmp_path / "hub"
-    # the language-model-only shard is not in the cache: it must not be needed
+@pytest.fixture(scope="module")
+def offline(golden: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], list]:
+    """One fresh offline process (HF_HUB_OFFLINE is read at import) for both hub-cache tests: a cache that
+    holds someone/tiny-phi3v (without its language-model-only shard, which must not be needed) and nothing
+    else. Its stdout: one JSON line for the sources missing from the cache, then one for the encode."""
+    cache = tmp_path_factory.mktemp("offline") / "hub"
     _fake_hub_cache(golden, cache, "someone/tiny-phi3v", drop=("model-00002-of-00002.safetensors",))
     code = (
-        "import numpy as np, phi3embed\n"
-        "e = phi3embed.Phi3VisionEmbedder.from_pretrained('someone/tiny-phi3v', num_crops=4)\n"
-        "assert e.checkpoint.from_hub\n"
-        f"(o,) = e.encode([{str(golden / 'images' / 'tiny_7x9.png')!r}])\n"
-        f"ref = np.load({str(golden / 'expected' / TINY_128K / '4' / 'tiny_7x9.npz')!r})['embeddings']\n"
-        "print(float(abs(o.numpy() - ref).max()))\n"
-    )
-    proc = _run_offline(cache, code)
-    assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout.strip()) <= 1e-4
-
-
-def test_hub_id_or_preset_missing_from_cache_offline_is_a_clear_error(tmp_path: Path) -> None:
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    code = (
-        "import phi3embed\n"
+        "import json, numpy as np, phi3embed\n"
+        "errors = []\n"
         "for source in ('microsoft/Phi-3.5-vision-instruct', 'phi-3-vision-128k-instruct'):\n"
         "    try:\n"
         "        phi3embed.Phi3VisionEmbedder.from_pretrained(source)\n"
         "    except phi3embed.CheckpointError as e:\n"
-        "        print(e)\n"
+        "        errors.append(str(e))\n"
+        "print(json.dumps(errors), flush=True)\n"
+        "e = phi3embed.Phi3VisionEmbedder.from_pretrained('someone/tiny-phi3v', num_crops=4)\n"
+        "assert e.checkpoint.from_hub\n"
+        f"(o,) = e.encode([{str(golden / 'images' / 'tiny_7x9.png')!r}])\n"
+        f"ref = np.load({str(golden / 'expected' / TINY_128K / '4' / 'tiny_7x9.npz')!r})['embeddings']\n"
+        "print(json.dumps(float(abs(o.numpy() - ref).max())))\n"
     )
     proc = _run_offline(cache, code)
+    return proc, [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_hub_id_resolves_from_local_cache_offline(offline: tuple[subprocess.CompletedProcess[str], list]) -> None:
+    proc, printed = offline
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    assert len(printed) == 2 and printed[1] <= 1e-4
+
+
+def test_hub_id_or_preset_missing_from_cache_offline_is_a_clear_error(
+    offline: tuple[subprocess.CompletedProcess[str], list],
+) -> None:
+    proc, printed = offline
+    assert printed, proc.stderr
+    lines = printed[0]
+    assert len(lines) == 2, lines
     assert lines[0].startswith("microsoft/Phi-3.5-vision-instruct: config.json is not in the local Hugging Face cache")
     # a preset name resolves to its hub id
     assert lines[1].startswith("microsoft/Phi-3-vision-128k-instruct: config.json is not in the local Hugging Face")
