@@ -1,7 +1,8 @@
 """merge-manifests: are the shard outputs of a job complete, and one manifest that reads as the whole job.
 
 The shards are made by ``encode --shard I/N`` in this process (tiny checkpoint, no worker processes), the
-check runs through the command (and once through the real console script).
+check runs through the command, also in this process (the console script itself is tested in
+test_cli_encode.py).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ from phi3embed.writers import MANIFEST
 
 CKPT = str(GOLDEN / "checkpoints" / TINY_128K)
 NAMES = ["rgb_336x336.png", "tiny_7x9.png", "gray_L_640x480.png", "palette_P_320x240.png", "webp_700x500.webp"]
-_SCRIPT = Path(sys.executable).with_name("phi3embed")
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "phi3embed"]
 
 
 @dataclass
@@ -75,15 +72,11 @@ def merge(job: Job, *args: str) -> tuple[int, dict[str, Any], str]:
 
 
 def test_shards_together_are_complete_and_read_as_the_full_run(job: Job) -> None:
-    proc = subprocess.run(
-        [*CLI, "merge-manifests", "part-0", "part-1", "--inputs", "imgs", "--write", "all/manifest.jsonl", "--json"],
+    proc = cli(
+        "merge-manifests", "part-0", "part-1", "--inputs", "imgs", "--write", "all/manifest.jsonl", "--json",
         cwd=job.root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    )  # fmt: skip
+    assert proc.exit_code == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["complete"] and report["listed"] == report["ok"] == len(NAMES)
     assert report["missing"] == report["failed"] == report["lost"] == [] and not report["mixed_settings"]
