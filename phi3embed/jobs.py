@@ -321,6 +321,14 @@ class JobSummary:
                 return
             yield item
 
+    def stopped(self, exc: BaseException) -> None:
+        """Record how one of :data:`STOPS` ended the job early: a signal (``interrupted``: ``SIGINT`` for
+        Ctrl-C) or a failing output directory (``fatal``)."""
+        if isinstance(exc, OutputError):
+            self.fatal = str(exc)
+        else:
+            self.interrupted = exc.signame if isinstance(exc, JobStop) else "SIGINT"
+
     def count(self, record: dict[str, Any], *, reporter: Reporter | None = None, keep_errors: int = 5) -> None:
         """Add one written manifest record to the totals (keeping the first ``keep_errors`` error lines) and
         tell ``reporter``. Both engines call it once per record, in the order the records were written."""
@@ -340,6 +348,10 @@ class JobStop(BaseException):
 
     def __init__(self, signame: str) -> None:
         self.signame = signame
+
+
+#: What ends a job early but cleanly, in both engines (:meth:`JobSummary.stopped` records which).
+STOPS = (JobStop, KeyboardInterrupt, OutputError)
 
 
 class StopSignals:
@@ -429,12 +441,8 @@ def run_local(
         for key, _item, embeddings in embedder.embed_stream(feed()):
             source, facts = cast(tuple[Source, ImageFacts], key)
             writer.put(("ok", source, facts, copier.start(embeddings, store.settings.dtype)))
-    except JobStop as stop:
-        summary.interrupted = stop.signame
-    except KeyboardInterrupt:
-        summary.interrupted = "SIGINT"
-    except OutputError as exc:
-        summary.fatal = str(exc)
+    except STOPS as exc:
+        summary.stopped(exc)
     except Exception as exc:
         if not _out_of_memory(exc):
             raise

@@ -32,11 +32,11 @@ from .checkpoint import resolve
 from .config import preprocess_config_from_dict, vision_config_from_dict
 from .embedder import Phi3VisionEmbedder, parse_dtype
 from .errors import CheckpointError, ImageError, Phi3EmbedError, UnsupportedImageError
-from .jobs import JobStop, JobSummary, Reporter, StopSignals, header_size, read_source
+from .jobs import STOPS, JobSummary, Reporter, StopSignals, header_size, read_source
 from .model import Phi3VisionModel
 from .preprocess import AlphaMode, Preprocessed
 from .sources import Source
-from .writers import ImageFacts, OutputError, OutputStore
+from .writers import ImageFacts, OutputStore
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -502,12 +502,8 @@ def run_ray(
                         record = store.write_error(source, result.error or f"{source.path}: unknown error", facts)
                     summary.write_s += time.perf_counter() - writing
                     summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
-    except JobStop as stop:
-        summary.interrupted = stop.signame
-    except KeyboardInterrupt:
-        summary.interrupted = "SIGINT"
-    except OutputError as exc:
-        summary.fatal = str(exc)
+    except STOPS as exc:
+        summary.stopped(exc)
     except Exception as exc:  # the cluster or an actor failed (not a bad image: those are error records)
         summary.fatal = f"the Ray job failed: {_one_line(exc)}"
     finally:

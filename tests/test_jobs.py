@@ -17,9 +17,9 @@ from badfiles import EXPECTED_REASONS, make_bad_files
 from conftest import GOLDEN, TINY_128K
 
 from phi3embed import Phi3VisionEmbedder
-from phi3embed.jobs import JobSummary, OrderedPool, Preparer, run_local
+from phi3embed.jobs import STOPS, JobStop, JobSummary, OrderedPool, Preparer, run_local
 from phi3embed.sources import Source, expand_inputs
-from phi3embed.writers import TMP_DIR, OutputSettings, OutputStore, iter_manifest
+from phi3embed.writers import TMP_DIR, OutputError, OutputSettings, OutputStore, iter_manifest
 
 GOOD = ["photo_1000x750.jpg", "portrait_600x1400.png", "panorama_4000x120.png", "tiny_7x9.png"]
 
@@ -199,3 +199,16 @@ def test_waited_for_adds_the_time_spent_waiting_for_each_input() -> None:
     summary = JobSummary()
     assert list(summary.waited_for(slow())) == [0, 1, 2]
     assert summary.wait_input_s >= 0.05
+
+
+def test_summary_records_how_a_job_stopped_early() -> None:
+    stops = [JobStop("SIGTERM"), KeyboardInterrupt(), OutputError("disk full", path="out")]
+    assert all(isinstance(exc, STOPS) for exc in stops)
+    summaries = [JobSummary() for _ in stops]
+    for summary, exc in zip(summaries, stops, strict=True):
+        summary.stopped(exc)
+    assert [(s.interrupted, s.fatal) for s in summaries] == [
+        ("SIGTERM", None),
+        ("SIGINT", None),
+        (None, "out: disk full"),
+    ]
