@@ -49,6 +49,18 @@ def test_table_gives_the_arithmetic_bits_for_every_value(mean: tuple[float, ...]
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))  # bit for bit
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_and_device_lookups_agree_in_every_dtype(dtype: torch.dtype) -> None:
+    """numpy's take on the CPU, index_select on CUDA: the same table entries, whatever the dtype."""
+    from phi3embed.preprocess import _lookup_numpy, _lookup_torch
+
+    tiles = torch.randint(0, 256, (3, 3, 17, 19), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    table = normalization_table(ODD_MEAN, ODD_STD).to(dtype)
+    expected = torch.stack([table[c][tiles[:, c].long()] for c in range(3)], dim=1)  # plain indexing
+    for got in (_lookup_numpy(tiles, table), _lookup_torch(tiles, table), normalize_tiles(tiles, table)):
+        assert got.dtype == dtype and torch.equal(got, expected)
+
+
 def test_tiles_and_global_view_equal_the_reference_crops() -> None:
     rng = np.random.default_rng(7)
     rgb = Image.fromarray(rng.integers(0, 256, size=(700, 1100, 3), dtype=np.uint8))  # 3 x 4 tiles after HD
