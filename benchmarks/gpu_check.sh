@@ -9,11 +9,14 @@
 # 2. the encode benchmark in bf16 (benchmarks/bench_encode.py): plain vs fast, crops-per-pass sweep, the
 #    encoder's rate vs a bf16 matmul measured in the same run, end-to-end images/s with decode workers
 #    (phi3embed.jobs, skipped with a note when that module is absent);
-# 3. if time is left, the fast path once more with compile=True (torch.compile).
+# 3. the host-side feed alone (benchmarks/bench_pipeline.py): bytes and CPU time per image that the encoder's
+#    process spends moving crops from 15 decode workers to the device, float32 crops vs uint8 tiles;
+# 4. if time is left, the fast path once more with compile=True (torch.compile).
 #
 # Figures go to stdout and, when $OUT is set, into $OUT (gpu_check.log, gpu_parity.json, gpu_tests.log,
-# bench_cuda_bf16.json/.txt, bench_cuda_bf16_compile.json/.txt). Each stage has a timeout and the whole
-# check stops starting new stages after DEADLINE seconds (default 450), so it ends inside 8 minutes.
+# bench_cuda_bf16.json/.txt, bench_pipeline.json/.txt, bench_cuda_bf16_compile.json/.txt). Each stage has a
+# timeout and the whole check stops starting new stages after DEADLINE seconds (default 450), so it ends
+# inside 8 minutes.
 #
 # Needs on that machine: python3 with torch (CUDA), transformers, safetensors, huggingface_hub, pillow, numpy,
 # pytest (the GPU image has them all). A package that is missing is installed from carried wheels only:
@@ -140,7 +143,16 @@ fi
 stage "encode benchmark (${bench_args[*]})" "$BENCH_TIMEOUT" bench_cuda_bf16.txt -- \
     "$PY" benchmarks/bench_encode.py "${bench_args[@]}" --checkpoint "$CKPT" --json "$OUTDIR/bench_cuda_bf16.json"
 
-# ------------------------------------------------------------------ 4. compile=True, if time is left
+# ------------------------------------------------------------------ 4. the host-side feed alone
+if [ "$DEVICE" = cuda ]; then
+    read -r -a feed_args <<<"${GPU_CHECK_FEED_ARGS:---device cuda --workers 15 --images all --copies 30 --batch-size 32}"
+else
+    read -r -a feed_args <<<"${GPU_CHECK_FEED_ARGS:---device $DEVICE --workers 1 --copies 2}"
+fi
+stage "host-side feed (${feed_args[*]})" 90 bench_pipeline.txt -- \
+    "$PY" benchmarks/bench_pipeline.py "${feed_args[@]}" --json "$OUTDIR/bench_pipeline.json"
+
+# ------------------------------------------------------------------ 5. compile=True, if time is left
 if [ "$DEVICE" = cuda ] && [ "$(left 170)" -ge 170 ]; then
     stage "encode benchmark, fast path compiled" 170 bench_cuda_bf16_compile.txt -- \
         "$PY" benchmarks/bench_encode.py --device cuda --dtype bfloat16 --images all --paths fast \
@@ -151,7 +163,7 @@ fi
 
 # ------------------------------------------------------------------ summary
 say "done in $(elapsed)s; figures in $OUTDIR"
-for f in gpu_parity.json bench_cuda_bf16.json bench_cuda_bf16_compile.json; do
+for f in gpu_parity.json bench_cuda_bf16.json bench_pipeline.json bench_cuda_bf16_compile.json; do
     [ -f "$OUTDIR/$f" ] && say "  $OUTDIR/$f"
 done
 if [ ${#failed[@]} -gt 0 ]; then

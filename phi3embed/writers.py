@@ -6,7 +6,8 @@
   metadata), or with ``pack_bytes`` numbered shards ``DIR/emb-00000.safetensors`` holding one tensor per
   image under the key ``<name>``;
 * ``DIR/manifest.jsonl``: one JSON record per image and attempt, appended with one ``write`` call per line
-  (a crash can only lose whole lines) and fsynced at intervals;
+  (a crash can only lose whole lines) and fsynced at intervals, after the folders of the files renamed
+  since the last sync (so after a power cut no durable record names a file whose rename was lost);
 * every file is written to ``DIR/.phi3embed-tmp/<tag>/``, fsynced, then renamed into place, so a reader
   or a rerun never sees a partial output. That folder is also the run's lock (``flock``): a second run on
   the same DIR and shard is refused, and a rerun deletes what a killed run left in it.
@@ -232,6 +233,7 @@ class OutputStore:
         self._attempts: dict[str, int] = {}
         self._checked_dirs: set[str] = set()
         self._tmp_count = 0
+        self._dirty_dirs: set[Path] = set()  # folders with renames not yet made durable (fsync)
         self._manifest_fd: int | None = None
         self._lock_fd: int | None = None
         self._last_sync = 0.0
@@ -306,8 +308,21 @@ class OutputStore:
         if self._pending.entries:
             self._write_shard()
         if self._manifest_fd is not None:
-            os.fsync(self._manifest_fd)
-            self._last_sync = time.monotonic()
+            self._sync()
+
+    def _sync(self) -> None:
+        """Make the renames so far durable, then the manifest: a record on disk never names a file whose
+        rename a power loss could still undo (kill -9 cannot undo a rename; a power cut can)."""
+        assert self._manifest_fd is not None
+        for folder in sorted(self._dirty_dirs):
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._dirty_dirs.clear()
+        os.fsync(self._manifest_fd)
+        self._last_sync = time.monotonic()
 
     # ------------------------------------------------------------------ resume
 
@@ -398,8 +413,7 @@ class OutputStore:
         try:
             os.write(self._manifest_fd, data)
             if time.monotonic() - self._last_sync > self.fsync_interval:
-                os.fsync(self._manifest_fd)
-                self._last_sync = time.monotonic()
+                self._sync()
         except OSError as exc:
             raise OutputError(
                 f"cannot append to the manifest: {exc.strerror or exc}", path=self.root / MANIFEST
@@ -498,6 +512,7 @@ class OutputStore:
                 os.fsync(fh.fileno())
                 size = fh.tell()
             os.replace(tmp, final)
+            self._dirty_dirs.add(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write {final}: {exc.strerror or exc}", path=self.root) from None
@@ -539,7 +554,7 @@ class OutputStore:
         self._pending = _PendingShard()
         self._next_shard += 1
         self._append([r for r, _ in entries])  # the commit point: after the shard is in place
-        os.fsync(self._manifest_fd)  # type: ignore[arg-type]
+        self._sync()
 
     def _recover_shards(self) -> None:
         """Append the records of shards whose manifest lines a killed run did not write; set the next index."""

@@ -156,3 +156,45 @@ def test_full_size_bf16_close_to_float32(tmp_path_factory: pytest.TempPathFactor
         "ref_max_abs": float(ref.abs().max()),
     }
     assert cos >= MIN_COSINE, f"full-size bf16 vs float32 min per-token cosine {cos:.5f}"
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_local_job_on_cuda_writes_the_golden_numbers(tmp_path: Path, stored: str) -> None:
+    """The CLI's job on the device: worker processes, uint8 tiles through pinned memory, results copied to
+    the host on the side stream (pipeline.HostCopier), written by the writer thread."""
+    from phi3embed import read
+    from phi3embed.jobs import run_local
+    from phi3embed.sources import expand_inputs
+    from phi3embed.writers import OutputSettings, OutputStore
+
+    checkpoint, num_crops = sorted(GROUPS)[0]
+    emb = Phi3VisionEmbedder.from_pretrained(
+        GOLDEN / "checkpoints" / checkpoint, device=DEVICE, num_crops=num_crops, batch_size=5
+    )
+    cases = GROUPS[(checkpoint, num_crops)]
+    sources = expand_inputs([str(GOLDEN / c["image"]) for c in cases])
+    settings = OutputSettings(
+        model=checkpoint,
+        fingerprint=emb.fingerprint,
+        num_crops=num_crops,
+        dtype=getattr(torch, stored),
+        compute_dtype=emb.dtype,
+        format="safetensors",
+        device=str(emb.device),
+    )
+    with OutputStore(tmp_path / "out", settings) as store:
+        summary = run_local(emb, sources, store, workers=2)
+    assert (summary.ok, summary.failed, summary.fatal) == (len(cases), 0, None)
+    got = {Path(record["name"]).name: tensor for record, tensor in read(tmp_path / "out")}
+    worst = 0.0
+    for case in cases:
+        expected = np.load(GOLDEN / case["file"])["embeddings"]
+        tensor = got[Path(case["image"]).name]
+        assert tensor.dtype == getattr(torch, stored)
+        if stored == "float32":
+            worst = max(worst, _max_abs(tensor, expected))
+        else:  # the float32 result rounded once: within half a bf16 step of the golden values (plus float noise)
+            step = torch.as_tensor(expected).abs() * 2**-8 + 1e-4
+            assert bool(((tensor.double() - torch.as_tensor(expected).double()).abs() <= step).all())
+    REPORT.setdefault("local_job_on_device", {})[stored] = {"images": len(cases), "max_abs_float32": worst}
+    assert worst <= ATOL

@@ -231,3 +231,26 @@ def test_settings_are_checked() -> None:
         settings(dtype=torch.bfloat16)
     with pytest.raises(ConfigError):
         settings(format="pack")
+
+
+def test_renamed_folders_are_synced_before_the_manifest(
+    tmp_path: Path, images: list[Source], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Durability order: the folders holding new files are fsynced before the manifest that names them."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    src = images[2]  # sub/c.jpg
+    with OutputStore(tmp_path / "out", settings()) as store:
+        store.write(src, facts_for(src, 6), emb(0))
+        synced.clear()
+        store.flush()
+    sub = str((tmp_path / "out" / "sub").resolve())
+    manifest = str((tmp_path / "out" / "manifest.jsonl").resolve())
+    assert sub in synced and manifest in synced
+    assert synced.index(sub) < synced.index(manifest)
