@@ -376,6 +376,16 @@ def end_to_end(emb: Phi3VisionEmbedder, paths: list[Path], *, copies: int, worke
         "images_per_s": round(ok / wall, 3),
         "failed": getattr(summary, "failed", None),
         "fatal": getattr(summary, "fatal", None),
+        # where the encoding thread's time went (phi3embed.pipeline.StageTimes; waits from the job summary)
+        "encoder_thread_s": {
+            "wait_input": round(summary.wait_input_s, 2),
+            "assemble": round(summary.stages.assemble_s, 2),
+            "forward": round(summary.stages.forward_s, 2),
+            "hd_projection": round(summary.stages.embed_s, 2),
+            "to_host": round(summary.to_host_s, 2),
+            "wait_writer": round(summary.wait_writer_s, 2),
+            "writer_busy": round(summary.write_s, 2),
+        },
     }
 
 

@@ -20,7 +20,7 @@ from .config import (
 from .errors import ConfigError
 from .hd import num_image_tokens
 from .model import Phi3VisionModel
-from .pipeline import encode_plain, encode_stream
+from .pipeline import StageTimes, encode_plain, encode_stream
 from .preprocess import AlphaMode, ImageInput, Preprocessed, hd_grid, preprocess_image
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -188,12 +188,15 @@ class Phi3VisionEmbedder:
         )
 
     def embed_stream(
-        self, items: Iterable[tuple[object, Preprocessed]]
+        self, items: Iterable[tuple[object, Preprocessed]], *, times: StageTimes | None = None
     ) -> Iterator[tuple[object, Preprocessed, torch.Tensor]]:
-        """Preprocessed images in, ``(key, item, embeddings)`` out in the same order, crops batched."""
+        """Preprocessed images in, ``(key, item, embeddings)`` out in the same order, crops batched.
+
+        ``times`` collects the fast path's host-side stage times (pipeline.StageTimes).
+        """
         if self.plain:
             return encode_plain(self.model, items, num_crops=self.num_crops)
-        return encode_stream(self.model, items, batch_size=self.batch_size)
+        return encode_stream(self.model, items, batch_size=self.batch_size, times=times)
 
     def embed(self, items: Sequence[Preprocessed]) -> list[torch.Tensor]:
         """Embeddings of already preprocessed images, in order."""

@@ -41,7 +41,7 @@ from PIL import Image
 from .config import PreprocessConfig
 from .embedder import Phi3VisionEmbedder
 from .errors import ImageError, Phi3EmbedError, UnsupportedImageError
-from .pipeline import HostCopier
+from .pipeline import HostCopier, StageTimes
 from .preprocess import AlphaMode, Preprocessed, preprocess_image
 from .sources import Source
 from .writers import ImageFacts, OutputError, OutputStore
@@ -301,6 +301,8 @@ class JobSummary:
     wait_writer_s: float = 0.0  # encoder waiting for the writer
     preprocess_s: float = 0.0  # CPU time, summed over workers
     write_s: float = 0.0
+    stages: StageTimes = field(default_factory=StageTimes)  # the encoding thread's own work, by stage
+    to_host_s: float = 0.0  # encoding thread: starting each result's copy to the host
     worker_restarts: int = 0
     interrupted: str | None = None  # "SIGINT" / "SIGTERM"
     fatal: str | None = None
@@ -438,9 +440,12 @@ def run_local(
         writer.start()
         if reporter is not None:
             reporter.start(total=len(todo), skipped=summary.skipped)
-        for key, _item, embeddings in embedder.embed_stream(feed()):
+        for key, _item, embeddings in embedder.embed_stream(feed(), times=summary.stages):
             source, facts = cast(tuple[Source, ImageFacts], key)
-            writer.put(("ok", source, facts, copier.start(embeddings, store.settings.dtype)))
+            t0 = time.perf_counter()
+            result = copier.start(embeddings, store.settings.dtype)
+            summary.to_host_s += time.perf_counter() - t0
+            writer.put(("ok", source, facts, result))
     except STOPS as exc:
         summary.stopped(exc)
     except Exception as exc:

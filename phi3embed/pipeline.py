@@ -8,6 +8,7 @@ completed by that batch. Nothing in the loop synchronises with the device.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,21 @@ def _out_of_memory(
     return DeviceOutOfMemoryError(
         f"out of memory on {device} encoding {what} in {str(dtype).removeprefix('torch.')}: {hint}"
     )
+
+
+@dataclass
+class StageTimes:
+    """Wall seconds the encoding thread spends in each stage of :func:`encode_stream` (host side).
+
+    On CUDA the forward pass only queues kernels, so ``forward_s`` is launch work, plus waiting whenever the
+    device is so far behind that the launch queue is full: a large ``forward_s`` means the device is the
+    limit, large other stages mean the host is.
+    """
+
+    assemble_s: float = 0.0  # crops -> one batch on the device (host copies, transfer, lookup)
+    forward_s: float = 0.0  # the CLIP encoder
+    embed_s: float = 0.0  # HD transform + projection of finished images
+    batches: int = 0
 
 
 @dataclass
@@ -129,8 +145,12 @@ def encode_stream(
     items: Iterable[tuple[K, Preprocessed]],
     *,
     batch_size: int = 8,
+    times: StageTimes | None = None,
 ) -> Iterator[tuple[K, Preprocessed, torch.Tensor]]:
-    """Yield ``(key, item, embeddings [T, D])`` in input order, batching ``batch_size`` crops per pass."""
+    """Yield ``(key, item, embeddings [T, D])`` in input order, batching ``batch_size`` crops per pass.
+
+    ``times``, when given, accumulates the host-side time of each stage (:class:`StageTimes`).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device, dtype = model.device, model.dtype
@@ -138,6 +158,7 @@ def encode_stream(
     queue: deque[tuple[_Pending[K], int, int]] = deque()  # (image, first crop, crop count) still to encode
     queued = 0
     assemble = _Assembler(device, dtype)
+    clock = times if times is not None else StageTimes()
 
     def run_batch(limit: int) -> list[_Pending[K]]:
         nonlocal queued
@@ -154,8 +175,13 @@ def encode_stream(
             taken += n
         queued -= taken
         try:
+            t0 = time.perf_counter()
             batch = assemble(pieces)  # (B, 3, S, S)
+            t1 = time.perf_counter()
             feats = model.crop_features(batch)  # (B, g*g, C)
+            clock.assemble_s += t1 - t0
+            clock.forward_s += time.perf_counter() - t1
+            clock.batches += 1
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -177,9 +203,12 @@ def encode_stream(
     def emit(finished: list[_Pending[K]]) -> Iterator[tuple[K, Preprocessed, torch.Tensor]]:
         if not finished:
             return
+        t0 = time.perf_counter()
         feats = torch.cat([f for p in finished for f in p.features])
         grids = [(p.item.grid.rows, p.item.grid.cols) for p in finished]
-        for p, emb in zip(finished, model.embed_features(feats, grids), strict=True):
+        embeddings = model.embed_features(feats, grids)
+        clock.embed_s += time.perf_counter() - t0
+        for p, emb in zip(finished, embeddings, strict=True):
             p.features.clear()
             yield p.key, p.item, emb
 

@@ -191,6 +191,13 @@ def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, byte
         f"writing {summary.write_s:.1f} s"
         + (f", {summary.worker_restarts} worker restarts" if summary.worker_restarts else ""),
     )
+    stages = summary.stages
+    if stages.batches:  # the local engine's fast path (Ray actors time nothing here)
+        table.add_row(
+            "encoder",
+            f"{stages.batches} batches: assembling {stages.assemble_s:.1f} s, encoder {stages.forward_s:.1f} s, "
+            f"HD transform + projection {stages.embed_s:.1f} s, to host {summary.to_host_s:.1f} s",
+        )
     if summary.errors:
         shown = "\n".join(summary.errors)
         more = summary.failed - len(summary.errors)

@@ -212,3 +212,19 @@ def test_summary_records_how_a_job_stopped_early() -> None:
         ("SIGINT", None),
         (None, "out: disk full"),
     ]
+
+
+def test_stage_times_account_for_the_encoding_thread(tmp_path: Path, embedder: Phi3VisionEmbedder) -> None:
+    """The summary says where the encoding thread spent its time: every batch counted, every stage timed."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in GOOD:
+        shutil.copy(GOLDEN / "images" / name, imgs / name)
+    with store_for(tmp_path / "emb", embedder) as store:
+        summary = run_local(embedder, expand_inputs([str(imgs)]), store, workers=0)
+    crops = sum(embedder.preprocess(GOLDEN / "images" / n).num_real_crops for n in GOOD)
+    stages = summary.stages
+    assert stages.batches == -(-crops // embedder.batch_size)  # full batches of 3 crops, then the rest
+    assert stages.assemble_s > 0 and stages.forward_s > 0 and stages.embed_s > 0 and summary.to_host_s > 0
+    timed = stages.assemble_s + stages.forward_s + stages.embed_s + summary.to_host_s
+    assert timed < summary.wall_s
