@@ -160,7 +160,7 @@ class _OutOfMemory:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def embed_stream(self, items: Any) -> Any:
+    def embed_stream(self, items: Any, *, times: Any = None) -> Any:
         for _ in items:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         yield from ()
