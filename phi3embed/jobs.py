@@ -41,7 +41,7 @@ from PIL import Image
 from .config import PreprocessConfig
 from .embedder import Phi3VisionEmbedder
 from .errors import ImageError, Phi3EmbedError, UnsupportedImageError
-from .pipeline import HostCopier, StageTimes
+from .pipeline import HostCopier, StageTimes, is_out_of_memory
 from .preprocess import AlphaMode, Preprocessed, preprocess_image
 from .sources import Source
 from .writers import ImageFacts, OutputError, OutputStore
@@ -381,11 +381,12 @@ class StopSignals:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError) if t)
-    if isinstance(exc, oom_types):
-        return True
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc)
+    """What ends a job as out of memory: a device allocation failure (pipeline.is_out_of_memory), any
+    MemoryError (DeviceOutOfMemoryError is one), or a RuntimeError saying "out of memory"."""
+    return (
+        is_out_of_memory(exc)
+        or isinstance(exc, MemoryError)
+        or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
     )
 
 
