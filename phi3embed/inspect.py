@@ -38,6 +38,7 @@ from .preprocess import (
     AlphaMode,
     HDGrid,
     ImageInput,
+    check_image_file,
     global_crop,
     hd_grid,
     hd_image,
@@ -229,13 +230,8 @@ def image_size(path: str | os.PathLike[str], *, exif_transpose: bool = False) ->
     """
     label = os.fspath(path)
     p = Path(path)
-    if p.is_dir():
-        raise ImageError("is a directory, not an image file", path=label)
-    if not p.exists():
-        raise ImageError("broken symbolic link" if p.is_symlink() else "file not found", path=label)
     with image_errors(label, decoding=False):
-        if p.stat().st_size == 0:
-            raise ImageError("empty file (0 bytes)", path=label)
+        check_image_file(p, label)
         with Image.open(p) as img:
             width, height = img.size
             orientation = _orientation(img) if exif_transpose else 1

@@ -126,18 +126,22 @@ def open_image(source: ImageInput, *, name: str | None = None) -> Image.Image:
             img = Image.open(io.BytesIO(bytes(source)))
         else:
             path = Path(source)
-            if path.is_dir():
-                raise ImageError("is a directory, not an image file", path=label)
-            if not path.exists():
-                if path.is_symlink():
-                    raise ImageError("broken symbolic link", path=label)
-                raise ImageError("file not found", path=label)
-            if path.stat().st_size == 0:
-                raise ImageError("empty file (0 bytes)", path=label)
+            check_image_file(path, label)
             with open(path, "rb") as fh:
                 img = Image.open(io.BytesIO(fh.read()))
         img.load()  # decode now, so truncated files fail here and not later
     return img
+
+
+def check_image_file(path: Path, label: str) -> None:
+    """What can be wrong with a path before Pillow sees it (a folder, nothing there, a broken link, an empty
+    file), as the ImageError that names ``label``. Call it inside :func:`image_errors` (a stat can be denied)."""
+    if path.is_dir():
+        raise ImageError("is a directory, not an image file", path=label)
+    if not path.exists():
+        raise ImageError("broken symbolic link" if path.is_symlink() else "file not found", path=label)
+    if path.stat().st_size == 0:
+        raise ImageError("empty file (0 bytes)", path=label)
 
 
 @contextmanager
