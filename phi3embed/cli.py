@@ -26,7 +26,7 @@ import typer
 from .commands_inspect import DEFAULT_MODEL, MODEL_ENV, Alpha
 from .commands_inspect import register as register_inspect_commands
 from .commands_shards import register as register_shard_commands
-from .config import DEFAULT_BATCH_SIZE
+from .config import DEFAULT_BATCH_SIZE, default_workers, usable_cpus
 
 app = typer.Typer(
     name="phi3embed",
@@ -130,7 +130,10 @@ def encode_command(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option(min=0, help="Processes that read and tile images (default 0 = inline on CPU, up to 8 on CUDA)."),
+        typer.Option(
+            min=0,
+            help="Processes that read and tile images (default 0 = inline on CPU; on CUDA all cores but one, up to 32).",
+        ),
     ] = None,
     exif_transpose: Annotated[
         bool, typer.Option("--exif-transpose", help="Apply EXIF orientation first (the reference ignores it).")
@@ -300,8 +303,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
         batch = opts.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, 8)
         # On CPU decoding is a tiny share of the encoder's cost, and a worker process only competes with torch's
         # threads (measured: 6x slower with 1 worker on 2 cores); on CUDA workers keep the GPU fed.
-        workers = opts.workers
-        n_workers = workers if workers is not None else (min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0)
+        n_workers = opts.workers if opts.workers is not None else default_workers(dev.type)
         status = console.status(f"loading {opts.model}") if not opts.quiet and console.is_terminal else None
         if status is not None:
             status.start()
@@ -371,7 +373,7 @@ def _encode_ray(sources: list[Any], opts: _EncodeOptions, console: Any) -> int:
         raise _Usage(str(exc)) from None
 
     def connect() -> Any:
-        return ray_session(ray_address, num_cpus=os.cpu_count() or 1)
+        return ray_session(ray_address, num_cpus=usable_cpus())
 
     with contextlib.ExitStack() as stack:
         if ray_address:  # the cluster's resources decide the device; a local instance is started only when needed
@@ -380,7 +382,7 @@ def _encode_ray(sources: list[Any], opts: _EncodeOptions, console: Any) -> int:
         else:
             import torch
 
-            cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+            cpus, gpus = float(usable_cpus()), float(torch.cuda.device_count())
         dev_type = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
         if dev_type == "cuda" and gpus == 0:
             raise _Usage(f"--device cuda: {'the Ray cluster' if ray_address else 'this machine'} has no GPU")

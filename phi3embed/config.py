@@ -7,6 +7,7 @@ Defaults live in this module only.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,27 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Crops per forward pass when the caller does not say. CPU: 4 keeps loading + encoding a 16-crop image in
 # float32 under 2 GB of RSS and runs as close to the GEMM rate as larger batches (benchmarks/RESULTS.md).
 DEFAULT_BATCH_SIZE = {"cpu": 4, "cuda": 32}
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the platform has one (a batch scheduler such
+    as SLURM, ``taskset`` or a container's cpuset narrows it), else every CPU of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def default_workers(device_type: str) -> int:
+    """Decode worker processes when ``--workers`` is not given.
+
+    CPU: none (decoding inline costs ~0.2 s of a ~50 s image; a worker only competes with torch's threads).
+    CUDA: every usable core but one, up to 32. Decoding, resizing and tiling costs ~0.17 CPU-seconds per image
+    on the photo set (benchmarks/bench_pipeline.py, 2-core test host) and an H200 encodes ~70 images a second
+    in bf16, so feeding one GPU takes about 12 cores; the core left over runs the encoding and writing threads.
+    """
+    if device_type != "cuda":
+        return 0
+    return max(1, min(32, usable_cpus() - 1))
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 import torch
 from PIL import Image
 
-from .config import PreprocessConfig
+from .config import PreprocessConfig, usable_cpus
 from .embedder import Phi3VisionEmbedder
 from .errors import ImageError, Phi3EmbedError, UnsupportedImageError
 from .pipeline import HostCopier, StageTimes, is_out_of_memory
@@ -429,11 +429,12 @@ def run_local(
                 continue
             yield (p.source, p.facts), p.item
 
-    # CPU encoder and decode workers share the cores: never run more threads than cores (oversubscribed OpenMP
-    # threads spin and collapse throughput).
+    # This process and the decode workers share the cores: never run more threads than cores (oversubscribed
+    # OpenMP threads spin and collapse throughput). On CPU these threads run the encoder; on CUDA they run the
+    # host-side copies of the encoding thread, which a spinning thread pool would slow down as much.
     threads_before = torch.get_num_threads()
-    if embedder.device.type == "cpu" and workers > 0:
-        torch.set_num_threads(max(1, min(threads_before, (os.cpu_count() or 1) - workers)))
+    if workers > 0:
+        torch.set_num_threads(max(1, min(threads_before, usable_cpus() - workers)))
     signals = StopSignals()
     start = time.perf_counter()
     try:

@@ -228,3 +228,52 @@ def test_stage_times_account_for_the_encoding_thread(tmp_path: Path, embedder: P
     assert stages.assemble_s > 0 and stages.forward_s > 0 and stages.embed_s > 0 and summary.to_host_s > 0
     timed = stages.assemble_s + stages.forward_s + stages.embed_s + summary.to_host_s
     assert timed < summary.wall_s
+
+
+class _ThreadWatcher:
+    """Wraps the real embedder; records torch's thread count while the job encodes."""
+
+    def __init__(self, inner: Phi3VisionEmbedder) -> None:
+        self.inner = inner
+        self.threads: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def embed_stream(self, items: Any, *, times: Any = None) -> Any:
+        for out in self.inner.embed_stream(items, times=times):
+            self.threads.append(torch.get_num_threads())
+            yield out
+
+
+def test_job_threads_and_decode_workers_never_outnumber_the_cores(
+    tmp_path: Path, embedder: Phi3VisionEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On every device (on CUDA these threads do the host copies): torch threads + workers <= usable CPUs,
+    and the thread count is given back after the job."""
+    import phi3embed.jobs as jobs
+
+    monkeypatch.setattr(jobs, "usable_cpus", lambda: 3)
+    sources = [Source(n, str(GOLDEN / "images" / n), "") for n in GOOD[:2]]
+    watcher = _ThreadWatcher(embedder)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with store_for(tmp_path / "emb", embedder) as store:
+            summary = run_local(watcher, sources, store, workers=2)  # type: ignore[arg-type]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert summary.ok == 2 and watcher.threads == [1, 1]
+
+
+def test_usable_cpus_follow_the_affinity_mask_and_size_the_default_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import phi3embed.config as config
+
+    if hasattr(os, "sched_getaffinity"):
+        assert config.usable_cpus() == len(os.sched_getaffinity(0))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 9})  # e.g. a SLURM job given 3 CPUs
+        assert config.usable_cpus() == 3
+    for cpus, cuda_workers in ((1, 1), (2, 1), (16, 15), (96, 32)):
+        monkeypatch.setattr(config, "usable_cpus", lambda n=cpus: n)
+        assert (config.default_workers("cpu"), config.default_workers("cuda")) == (0, cuda_workers)
