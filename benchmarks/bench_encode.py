@@ -55,6 +55,7 @@ from images import IMAGES, ensure_images  # noqa: E402
 
 from phi3embed import Phi3VisionEmbedder, Preprocessed  # noqa: E402
 from phi3embed.allocator import state as allocator_state  # noqa: E402
+from phi3embed.config import default_workers  # noqa: E402
 from phi3embed.pipeline import encode_plain, encode_stream  # noqa: E402
 
 PHOTO_SET = [s.name for s in IMAGES if s.photo]
@@ -327,8 +328,35 @@ def max_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 # --------------------------------------------------------------------------- end to end (optional)
 
 
-def end_to_end(emb: Phi3VisionEmbedder, paths: list[Path], *, copies: int, workers: int, tmp: Path) -> dict[str, Any]:
-    """images/s of the CLI's worker pipeline (phi3embed.jobs.run_local) over ``copies`` copies of the images."""
+class DiscardStore:
+    """Stands in for OutputStore in an ``--e2e`` run with ``sink=discard``: takes each result, already on
+    the host, and drops it. The same pipeline without the disk, to tell the writer's share from the rest."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    def is_done(self, source: Any) -> bool:
+        return False
+
+    def write(self, source: Any, facts: Any, embeddings: torch.Tensor) -> dict[str, Any]:
+        embeddings.to(self.settings.dtype).cpu()
+        return {"status": "ok", "num_tokens": facts.num_tokens}
+
+    def write_error(self, source: Any, error: str, facts: Any = None) -> dict[str, Any]:
+        return {"status": "error", "error": error}
+
+    def close(self) -> None:
+        pass
+
+
+def end_to_end(
+    emb: Phi3VisionEmbedder, paths: list[Path], *, copies: int, workers: int, tmp: Path, sink: str = "disk"
+) -> dict[str, Any]:
+    """images/s of the CLI's worker pipeline (phi3embed.jobs.run_local) over ``copies`` copies of the images.
+
+    ``sink``: ``disk`` writes safetensors files under ``tmp`` as the CLI does; ``discard`` drops each result
+    once it is on the host (:class:`DiscardStore`).
+    """
     try:
         from phi3embed.jobs import run_local  # type: ignore[import-not-found,unused-ignore]
         from phi3embed.sources import expand_inputs  # type: ignore[import-not-found,unused-ignore]
@@ -356,7 +384,11 @@ def end_to_end(emb: Phi3VisionEmbedder, paths: list[Path], *, copies: int, worke
             format="safetensors",
             device=str(emb.device),
         )
-        store = OutputStore(tmp / "e2e-out", settings, overwrite=True).open()
+        store = (
+            DiscardStore(settings)
+            if sink == "discard"
+            else OutputStore(tmp / "e2e-out", settings, overwrite=True).open()
+        )
         sync(emb.device)
         t0 = time.perf_counter()
         try:
@@ -369,8 +401,10 @@ def end_to_end(emb: Phi3VisionEmbedder, paths: list[Path], *, copies: int, worke
         return {"skipped": f"end-to-end run failed: {type(exc).__name__}: {exc}"}
     ok = getattr(summary, "ok", len(sources))
     return {
+        "sink": sink,
         "images": ok,
         "workers": workers,
+        "torch_threads": torch.get_num_threads(),
         "batch_size": emb.batch_size,
         "seconds": round(wall, 3),
         "images_per_s": round(ok / wall, 3),
@@ -385,7 +419,10 @@ def end_to_end(emb: Phi3VisionEmbedder, paths: list[Path], *, copies: int, worke
             "to_host": round(summary.to_host_s, 2),
             "wait_writer": round(summary.wait_writer_s, 2),
             "writer_busy": round(summary.write_s, 2),
+            "cpu": round(getattr(summary, "encoder_cpu_s", float("nan")), 2),
         },
+        # involuntary context switches of the encoding thread: many = decode workers took its core
+        "encoder_thread_preempted": getattr(summary, "encoder_preempted", None),
     }
 
 
@@ -472,7 +509,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--compile", action="store_true", help="fast path with from_pretrained(compile=True)")
     ap.add_argument("--e2e", action="store_true", help="also time the CLI's worker pipeline (phi3embed.jobs)")
-    ap.add_argument("--e2e-workers", type=int, default=None, help="decode workers for --e2e (default: cores - 1)")
+    ap.add_argument("--e2e-workers", type=int, default=None, help="decode workers for --e2e (default: the CLI's)")
+    ap.add_argument(
+        "--e2e-sinks",
+        default="disk,discard",
+        help="--e2e outputs: disk (safetensors files, as the CLI writes), discard (dropped once on the host)",
+    )
     ap.add_argument("--e2e-seconds", type=float, default=20.0, help="size the --e2e image set to about this long")
     ap.add_argument("--json", type=Path, default=None, help="also write all figures to this JSON file")
     args = ap.parse_args(argv)
@@ -560,12 +602,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             best = min((r for r in report["runs"] if r["path"] == "fast"), key=lambda r: r["s_per_image"])
             emb.batch_size = best["batch_size"]
             copies = max(1, math.ceil(args.e2e_seconds * best["images_per_s"] / len(items)))
-            workers = args.e2e_workers or max(1, (os.cpu_count() or 2) - 1)
-            report["e2e"] = end_to_end(emb, [p for _, p in images], copies=copies, workers=workers, tmp=tmp)
-            if "images_per_s" in report["e2e"]:
-                report["e2e"]["encoder_only_images_per_s"] = best["images_per_s"]
-                report["e2e"]["ratio_to_encoder_only"] = round(report["e2e"]["images_per_s"] / best["images_per_s"], 3)
-            log(f"end to end: {report['e2e']}")
+            workers = args.e2e_workers if args.e2e_workers is not None else default_workers(device.type)
+            for sink in args.e2e_sinks.split(","):
+                key = "e2e" if sink == "disk" else f"e2e_{sink}"
+                report[key] = end_to_end(
+                    emb, [p for _, p in images], copies=copies, workers=workers, tmp=tmp, sink=sink
+                )
+                if "images_per_s" in report[key]:
+                    report[key]["encoder_only_images_per_s"] = best["images_per_s"]
+                    report[key]["ratio_to_encoder_only"] = round(report[key]["images_per_s"] / best["images_per_s"], 3)
+                log(f"end to end ({sink}): {report[key]}")
+                if args.json:  # each e2e run's figures survive a timeout in the next one
+                    args.json.write_text(json.dumps(report, indent=2) + "\n")
         del emb
         gc.collect()
         if device.type == "cuda":
@@ -606,8 +654,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"# allocator setting alone (fast vs fast-untuned, same batch): {report['speedup_allocator_tuning']}x")
     if diffs:
         print(f"# max|diff| vs plain: {json.dumps({k: f'{v:.2e}' for k, v in diffs.items()})}")
-    if "e2e" in report:
-        print(f"# end to end: {json.dumps(report['e2e'])}")
+    for key in ("e2e", "e2e_discard"):
+        if key in report:
+            print(f"# end to end ({report[key].get('sink', key)}): {json.dumps(report[key])}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

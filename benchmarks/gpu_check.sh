@@ -8,7 +8,8 @@
 #    a full-size random checkpoint in bf16 vs float32;
 # 2. the encode benchmark in bf16 (benchmarks/bench_encode.py): plain vs fast, crops-per-pass sweep, the
 #    encoder's rate vs a bf16 matmul measured in the same run, end-to-end images/s with decode workers
-#    (phi3embed.jobs, skipped with a note when that module is absent);
+#    (phi3embed.jobs, skipped with a note when that module is absent), once writing files to disk and once
+#    dropping the results on the host, each with the encoding thread's time by stage, CPU time, preemptions;
 # 3. the host-side feed alone (benchmarks/bench_pipeline.py): bytes and CPU time per image that the encoder's
 #    process spends moving crops from 15 decode workers to the device, float32 crops vs uint8 tiles;
 # 4. if time is left, the fast path once more with compile=True (torch.compile).

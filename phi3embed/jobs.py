@@ -303,6 +303,8 @@ class JobSummary:
     write_s: float = 0.0
     stages: StageTimes = field(default_factory=StageTimes)  # the encoding thread's own work, by stage
     to_host_s: float = 0.0  # encoding thread: starting each result's copy to the host
+    encoder_cpu_s: float = 0.0  # CPU time of the encoding thread (Linux; the process's elsewhere)
+    encoder_preempted: int = 0  # involuntary context switches of the encoding thread: it wanted a core
     worker_restarts: int = 0
     interrupted: str | None = None  # "SIGINT" / "SIGTERM"
     fatal: str | None = None
@@ -380,6 +382,22 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+def thread_usage() -> tuple[float, int]:
+    """CPU seconds and involuntary context switches of the calling thread so far.
+
+    Many switches mean other threads or processes (decode workers) took the core it was ready to run on.
+    Where the platform has no per-thread figures: the process's CPU time and 0.
+    """
+    try:
+        import resource  # not on Windows
+    except ImportError:  # pragma: no cover
+        return time.process_time(), 0
+    if not hasattr(resource, "RUSAGE_THREAD"):  # pragma: no cover - macOS
+        return time.process_time(), 0
+    ru = resource.getrusage(resource.RUSAGE_THREAD)
+    return ru.ru_utime + ru.ru_stime, ru.ru_nivcsw
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     """What ends a job as out of memory: a device allocation failure (pipeline.is_out_of_memory), any
     MemoryError (DeviceOutOfMemoryError is one), or a RuntimeError saying "out of memory"."""
@@ -436,7 +454,7 @@ def run_local(
     if workers > 0:
         torch.set_num_threads(max(1, min(threads_before, usable_cpus() - workers)))
     signals = StopSignals()
-    start = time.perf_counter()
+    start, (cpu_start, switches_start) = time.perf_counter(), thread_usage()
     try:
         pool.start(todo)  # forks the workers: before the writer and progress threads exist
         writer.start()
@@ -465,6 +483,8 @@ def run_local(
         signals.restore()
         torch.set_num_threads(threads_before)
         summary.wall_s = time.perf_counter() - start
+        cpu_end, switches_end = thread_usage()
+        summary.encoder_cpu_s, summary.encoder_preempted = cpu_end - cpu_start, switches_end - switches_start
         summary.wait_writer_s = writer.put_wait
         summary.write_s = writer.busy
         summary.worker_restarts = pool.restarts

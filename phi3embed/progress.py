@@ -196,7 +196,8 @@ def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, byte
         table.add_row(
             "encoder",
             f"{stages.batches} batches: assembling {stages.assemble_s:.1f} s, encoder {stages.forward_s:.1f} s, "
-            f"HD transform + projection {stages.embed_s:.1f} s, to host {summary.to_host_s:.1f} s",
+            f"HD transform + projection {stages.embed_s:.1f} s, to host {summary.to_host_s:.1f} s; "
+            f"{summary.encoder_cpu_s:.1f} s CPU, preempted {summary.encoder_preempted:,} times",
         )
     if summary.errors:
         shown = "\n".join(summary.errors)

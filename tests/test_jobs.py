@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,6 +231,41 @@ def test_stage_times_account_for_the_encoding_thread(tmp_path: Path, embedder: P
     assert stages.assemble_s > 0 and stages.forward_s > 0 and stages.embed_s > 0 and summary.to_host_s > 0
     timed = stages.assemble_s + stages.forward_s + stages.embed_s + summary.to_host_s
     assert timed < summary.wall_s
+    assert summary.encoder_cpu_s > 0 and summary.encoder_preempted >= 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_thread_usage_counts_this_threads_cpu_and_the_times_it_lost_its_core() -> None:
+    """The encoding thread's figures in the summary: its own CPU time only, and preemptions when another
+    process wants the same core."""
+    from phi3embed.jobs import thread_usage
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    cpu0, _ = thread_usage()
+    other = threading.Thread(target=spin, args=(0.2,))  # CPU spent by another thread is not ours
+    other.start()
+    other.join()
+    time.sleep(0.05)
+    assert thread_usage()[0] - cpu0 < 0.1
+
+    core = min(os.sched_getaffinity(0))
+    mask = os.sched_getaffinity(0)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(hog.pid, {core})
+        os.sched_setaffinity(0, {core})  # this thread and the hog now share one core
+        cpu0, switches0 = thread_usage()
+        spin(0.3)
+        cpu1, switches1 = thread_usage()
+    finally:
+        os.sched_setaffinity(0, mask)
+        hog.kill()
+        hog.wait()
+    assert cpu1 - cpu0 >= 0.3 and switches1 - switches0 > 0
 
 
 class _ThreadWatcher:
