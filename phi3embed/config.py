@@ -34,7 +34,7 @@ def usable_cpus() -> int:
 def default_workers(device_type: str) -> int:
     """Decode worker processes when ``--workers`` is not given.
 
-    CPU: none (decoding inline costs ~0.2 s of a ~50 s image; a worker only competes with torch's threads).
+    CPU: none (decoding inline costs ~0.17 s of a ~50 s image: workers would gain nothing).
     CUDA: every usable core but one, up to 32. Decoding, resizing and tiling costs ~0.17 CPU-seconds per image
     on the photo set (benchmarks/bench_pipeline.py, 2-core test host) and an H200 encodes ~70 images a second
     in bf16, so feeding one GPU takes about 12 cores; the core left over runs the encoding and writing threads.

@@ -284,13 +284,28 @@ class _ThreadWatcher:
             yield out
 
 
-def test_job_threads_and_decode_workers_never_outnumber_the_cores(
+def test_encoder_threads_make_room_for_busy_workers_only_on_cuda() -> None:
+    from phi3embed.jobs import encoder_threads
+
+    assert encoder_threads("cuda", 16, 15, 16) == 1  # 15 decoders feeding a GPU: one thread for host copies
+    assert encoder_threads("cuda", 16, 4, 16) == 12
+    assert encoder_threads("cuda", 16, 40, 16) == 1
+    assert encoder_threads("cuda", 8, 0, 16) == 8  # decoding inline: nothing to make room for
+    assert encoder_threads("cpu", 2, 1, 2) == 2  # CPU: the encoder is the work; workers are nicer instead
+
+
+def test_the_job_runs_with_the_encoder_threads_it_chose_and_gives_them_back(
     tmp_path: Path, embedder: Phi3VisionEmbedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On every device (on CUDA these threads do the host copies): torch threads + workers <= usable CPUs,
-    and the thread count is given back after the job."""
     import phi3embed.jobs as jobs
 
+    chosen: list[tuple[str, int, int, int]] = []
+
+    def choose(device_type: str, threads: int, workers: int, cpus: int) -> int:
+        chosen.append((device_type, threads, workers, cpus))
+        return 1
+
+    monkeypatch.setattr(jobs, "encoder_threads", choose)
     monkeypatch.setattr(jobs, "usable_cpus", lambda: 3)
     sources = [Source(n, str(GOLDEN / "images" / n), "") for n in GOOD[:2]]
     watcher = _ThreadWatcher(embedder)
@@ -302,7 +317,26 @@ def test_job_threads_and_decode_workers_never_outnumber_the_cores(
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+    assert chosen == [("cpu", 2, 2, 3)]
     assert summary.ok == 2 and watcher.threads == [1, 1]
+
+
+def _niceness(_: int) -> int:
+    return os.nice(0)
+
+
+def test_decode_workers_run_nicer_than_the_encoder() -> None:
+    from phi3embed.jobs import WORKER_NICENESS
+
+    pool: OrderedPool[int, int] = OrderedPool(
+        _niceness, workers=2, window=4, on_crash=lambda x: -1, niceness=WORKER_NICENESS
+    )
+    pool.start(range(4))
+    try:
+        seen = set(pool)
+    finally:
+        pool.close()
+    assert seen == {min(19, os.nice(0) + WORKER_NICENESS)}
 
 
 def test_usable_cpus_follow_the_affinity_mask_and_size_the_default_workers(monkeypatch: pytest.MonkeyPatch) -> None:
