@@ -12,12 +12,14 @@
 #    dropping the results on the host, each with the encoding thread's time by stage, CPU time, preemptions;
 # 3. the host-side feed alone (benchmarks/bench_pipeline.py): bytes and CPU time per image that the encoder's
 #    process spends moving crops from 15 decode workers to the device, float32 crops vs uint8 tiles;
-# 4. if time is left, the fast path once more with compile=True (torch.compile).
+# 4. the output side alone (benchmarks/bench_writer.py): fsynced 12 MB safetensors files per second on this
+#    box's /tmp, one at a time vs several at once (the job writes 4 at once);
+# 5. if time is left, the fast path once more with compile=True (torch.compile).
 #
 # Figures go to stdout and, when $OUT is set, into $OUT (gpu_check.log, gpu_parity.json, gpu_tests.log,
-# bench_cuda_bf16.json/.txt, bench_pipeline.json/.txt, bench_cuda_bf16_compile.json/.txt). Each stage has a
-# timeout and the whole check stops starting new stages after DEADLINE seconds (default 450), so it ends
-# inside 8 minutes.
+# bench_cuda_bf16.json/.txt, bench_pipeline.json/.txt, bench_writer.json/.txt,
+# bench_cuda_bf16_compile.json/.txt). Each stage has a timeout and the whole check stops starting new stages
+# after DEADLINE seconds (default 450), so it ends inside 8 minutes.
 #
 # Needs on that machine: python3 with torch (CUDA), transformers, safetensors, huggingface_hub, pillow, numpy,
 # pytest (the GPU image has them all). A package that is missing is installed from carried wheels only:
@@ -153,6 +155,10 @@ fi
 stage "host-side feed (${feed_args[*]})" 90 bench_pipeline.txt -- \
     "$PY" benchmarks/bench_pipeline.py "${feed_args[@]}" --json "$OUTDIR/bench_pipeline.json"
 
+# ------------------------------------------------------------------ 4b. the output side alone
+stage "output files, 1 vs several at a time" 60 bench_writer.txt -- \
+    "$PY" benchmarks/bench_writer.py --files 200 --file-threads 1,4,8,1,4,8 --json "$OUTDIR/bench_writer.json"
+
 # ------------------------------------------------------------------ 5. compile=True, if time is left
 if [ "$DEVICE" = cuda ] && [ "$(left 170)" -ge 170 ]; then
     stage "encode benchmark, fast path compiled" 170 bench_cuda_bf16_compile.txt -- \
@@ -164,7 +170,7 @@ fi
 
 # ------------------------------------------------------------------ summary
 say "done in $(elapsed)s; figures in $OUTDIR"
-for f in gpu_parity.json bench_cuda_bf16.json bench_pipeline.json bench_cuda_bf16_compile.json; do
+for f in gpu_parity.json bench_cuda_bf16.json bench_pipeline.json bench_writer.json bench_cuda_bf16_compile.json; do
     [ -f "$OUTDIR/$f" ] && say "  $OUTDIR/$f"
 done
 if [ ${#failed[@]} -gt 0 ]; then

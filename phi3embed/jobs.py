@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -268,18 +268,27 @@ class Reporter(Protocol):
 
 
 class _Writer(threading.Thread):
-    """Drains a bounded queue into the store and calls ``on_record`` after each record.
+    """Drains a bounded queue into the store, in order, and calls ``on_record`` after each record.
 
-    A failure (OutputError: disk full...) stops writing; the main thread re-raises it at its next put.
+    Per-image files are written by ``file_threads`` threads at once (:meth:`OutputStore.write_file`: every
+    file is fsynced, and a disk takes several at a time faster than one after another); this thread commits
+    their records to the manifest in input order. A failure (OutputError: disk full...) stops writing; the
+    main thread re-raises it at its next put. Files already being written are finished before the thread ends.
     """
 
-    def __init__(self, store: OutputStore, on_record: Callable[[dict[str, Any]], None], maxsize: int) -> None:
+    def __init__(
+        self, store: OutputStore, on_record: Callable[[dict[str, Any]], None], maxsize: int, file_threads: int = 4
+    ) -> None:
         super().__init__(name="phi3embed-writer", daemon=True)
         self.store, self.on_record = store, on_record
         self.queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize)
         self.error: BaseException | None = None
         self.busy = 0.0
         self.put_wait = 0.0
+        concurrent = file_threads > 1 and getattr(store, "concurrent_files", False)
+        self.files = ThreadPoolExecutor(file_threads, thread_name_prefix="phi3embed-file") if concurrent else None
+        self.in_flight_limit = 2 * file_threads
+        self._in_flight: deque[Future[dict[str, Any]] | tuple[Any, ...]] = deque()  # input order
 
     def put(self, item: tuple[Any, ...]) -> None:
         start = time.perf_counter()
@@ -294,15 +303,46 @@ class _Writer(threading.Thread):
                 continue  # keep draining so that the producer never blocks
             start = time.perf_counter()
             try:
-                kind, source, facts, payload = item
-                if kind == "ok":
-                    record = self.store.write(source, facts, payload.wait())  # HostResult: copy finished
-                else:
-                    record = self.store.write_error(source, payload, facts)
-                self.on_record(record)
+                self._take(item)
+                self._commit(keep=self.in_flight_limit)
             except BaseException as exc:
                 self.error = exc
             self.busy += time.perf_counter() - start
+        try:
+            if self.error is None:
+                self._commit(keep=0)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            if self.files is not None:
+                self.files.shutdown(wait=True)  # the store closes after this: no file is left half-written
+
+    def _take(self, item: tuple[Any, ...]) -> None:
+        kind, source, facts, payload = item
+        if self.files is None:
+            if kind == "ok":
+                record = self.store.write(source, facts, payload.wait())  # HostResult: copy finished
+            else:
+                record = self.store.write_error(source, payload, facts)
+            self.on_record(record)
+        elif kind == "ok":
+            self._in_flight.append(self.files.submit(lambda: self.store.write_file(source, facts, payload.wait())))
+        else:
+            self._in_flight.append(item)
+
+    def _commit(self, *, keep: int) -> None:
+        """Commit finished records in input order; wait for the oldest while more than ``keep`` are pending."""
+        while self._in_flight:
+            head = self._in_flight[0]
+            if isinstance(head, Future) and not head.done() and len(self._in_flight) <= keep:
+                return
+            self._in_flight.popleft()
+            if isinstance(head, Future):
+                record = self.store.commit(head.result())
+            else:
+                _, source, facts, error = head
+                record = self.store.write_error(source, error, facts)
+            self.on_record(record)
 
     def finish(self) -> None:
         self.queue.put(None)
@@ -453,10 +493,13 @@ def run_local(
     workers: int = 1,
     prefetch: int | None = None,
     writer_queue: int = 16,
+    file_threads: int = 4,
     reporter: Reporter | None = None,
     max_errors_kept: int = 5,
 ) -> JobSummary:
     """Encode every source not already done in ``store`` (opened by the caller). Returns the summary.
+
+    ``file_threads`` per-image output files are written at once (records still go to the manifest in order).
 
     Bad images become error records; out of memory and output failures end the job with ``summary.fatal``;
     SIGINT / SIGTERM end it with ``summary.interrupted``. Finished outputs are always kept.
@@ -477,7 +520,7 @@ def run_local(
     def on_record(record: dict[str, Any]) -> None:  # writer thread
         summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
 
-    writer = _Writer(store, on_record, writer_queue)
+    writer = _Writer(store, on_record, writer_queue, file_threads)
     copier = HostCopier(embedder.device)  # results leave the device off the compute stream
 
     def feed() -> Iterator[tuple[tuple[Source, ImageFacts], Preprocessed]]:

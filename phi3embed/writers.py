@@ -20,8 +20,11 @@ then are its records appended. Shard contents depend only on the sorted input or
 so a run killed at any moment and rerun writes byte-identical shards. Each shard also carries its records
 in its metadata, so a kill between the rename and the manifest append is repaired on the next open.
 
-The store is used from one thread at a time. The local engine (:mod:`phi3embed.jobs`) calls it from its
-writer thread; another engine producing tensors elsewhere can reuse it unchanged to get the same files.
+The store is used from one thread at a time, except :meth:`OutputStore.write_file`, which several threads may
+run at once (per-image formats: one fsync per file, and a disk takes several in parallel faster than one
+after another); its records then go to :meth:`OutputStore.commit` from one thread, in input order. The local
+engine (:mod:`phi3embed.jobs`) does that from its writer threads; another engine producing tensors elsewhere
+can reuse the store unchanged to get the same files.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -232,6 +236,7 @@ class OutputStore:
         self._seen: dict[str, _Seen] = {}
         self._attempts: dict[str, int] = {}
         self._checked_dirs: set[str] = set()
+        self._files_lock = threading.Lock()  # what write_file threads share: folders, temp names, counters
         self._tmp_count = 0
         self._dirty_dirs: set[Path] = set()  # folders with renames not yet made durable (fsync)
         self._manifest_fd: int | None = None
@@ -314,13 +319,14 @@ class OutputStore:
         """Make the renames so far durable, then the manifest: a record on disk never names a file whose
         rename a power loss could still undo (kill -9 cannot undo a rename; a power cut can)."""
         assert self._manifest_fd is not None
-        for folder in sorted(self._dirty_dirs):
+        with self._files_lock:
+            dirty, self._dirty_dirs = self._dirty_dirs, set()
+        for folder in sorted(dirty):
             fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self._dirty_dirs.clear()
         os.fsync(self._manifest_fd)
         self._last_sync = time.monotonic()
 
@@ -427,9 +433,10 @@ class OutputStore:
 
     def write_error(self, source: Source, error: str, facts: ImageFacts | None = None) -> dict[str, Any]:
         """Record that ``source`` failed (``error``: one line naming the file and the reason)."""
-        record = self._record(source, facts, status="error", error=" ".join(error.split()))
-        self._append([record])
-        return record
+        return self.commit(self._error_record(source, error, facts))
+
+    def _error_record(self, source: Source, error: str, facts: ImageFacts | None) -> dict[str, Any]:
+        return self._record(source, facts, status="error", error=" ".join(error.split()))
 
     def write(self, source: Source, facts: ImageFacts, embeddings: torch.Tensor) -> dict[str, Any]:
         """Store one image's ``[T, D]`` embeddings (any device/dtype; converted to the stored dtype).
@@ -438,14 +445,35 @@ class OutputStore:
         shard is written. A problem with this one output (e.g. its folder would leave DIR) gives an error
         record instead; a problem with DIR itself raises OutputError.
         """
-        tensor = embeddings.detach().to(self.settings.dtype).to("cpu").contiguous()
         if self.settings.format == "pack":
-            return self._add_to_shard(source, facts, tensor)
+            return self._add_to_shard(source, facts, self._host_tensor(embeddings))
+        return self.commit(self.write_file(source, facts, embeddings))
+
+    @property
+    def concurrent_files(self) -> bool:
+        """Whether :meth:`write_file` applies (per-image formats), so that several files can be written at once."""
+        return self.settings.format != "pack"
+
+    def commit(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append a record from :meth:`write_file` to the manifest (one thread, in input order)."""
+        self._append([record])
+        return record
+
+    def _host_tensor(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings.detach().to(self.settings.dtype).to("cpu").contiguous()
+
+    def write_file(self, source: Source, facts: ImageFacts, embeddings: torch.Tensor) -> dict[str, Any]:
+        """Per-image formats: write ``source``'s file durably into place and return its record, which is not
+        in the manifest until :meth:`commit`. Several threads may call this at once. A problem with this
+        one output gives an error record; a problem with DIR itself raises OutputError."""
+        assert self.concurrent_files, "packed shards are written by write()"
+        tensor = self._host_tensor(embeddings)
         rel = self.output_name(source)
         try:
-            final = self._safe_path(rel)
+            with self._files_lock:
+                final = self._safe_path(rel)
         except ImageError as exc:
-            return self.write_error(source, str(exc), facts)
+            return self._error_record(source, str(exc), facts)
         if self.settings.format == "npy":
             array = tensor.numpy()
             self._atomic_write(final, lambda fh: np.save(fh, array, allow_pickle=False))
@@ -454,9 +482,7 @@ class OutputStore:
             meta = self._file_metadata(source, facts)
             self._atomic_write(final, lambda fh: write_safetensors(fh, [(EMBED_KEY, tensor)], meta))
             key = EMBED_KEY
-        record = self._record(source, facts, status="ok", output=rel, key=key, shape=tuple(tensor.shape))
-        self._append([record])
-        return record
+        return self._record(source, facts, status="ok", output=rel, key=key, shape=tuple(tensor.shape))
 
     def _file_metadata(self, source: Source, facts: ImageFacts) -> dict[str, str]:
         s = self.settings
@@ -503,8 +529,9 @@ class OutputStore:
         return final
 
     def _atomic_write(self, final: Path, write: Callable[[IO[bytes]], None]) -> None:
-        self._tmp_count += 1
-        tmp = self._tmp / f"{self._tmp_count:09d}.part"
+        with self._files_lock:
+            self._tmp_count += 1
+            tmp = self._tmp / f"{self._tmp_count:09d}.part"
         try:
             with open(tmp, "wb") as fh:
                 write(fh)
@@ -512,12 +539,13 @@ class OutputStore:
                 os.fsync(fh.fileno())
                 size = fh.tell()
             os.replace(tmp, final)
-            self._dirty_dirs.add(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write {final}: {exc.strerror or exc}", path=self.root) from None
-        self.bytes_written += size
-        self.files_written += 1
+        with self._files_lock:
+            self._dirty_dirs.add(final.parent)
+            self.bytes_written += size
+            self.files_written += 1
 
     # ------------------------------------------------------------------ packed shards
 

@@ -349,3 +349,63 @@ def test_usable_cpus_follow_the_affinity_mask_and_size_the_default_workers(monke
     for cpus, cuda_workers in ((1, 1), (2, 1), (16, 15), (96, 32)):
         monkeypatch.setattr(config, "usable_cpus", lambda n=cpus: n)
         assert (config.default_workers("cpu"), config.default_workers("cuda")) == (0, cuda_workers)
+
+
+def test_files_are_written_several_at_a_time_and_recorded_in_input_order(
+    tmp_path: Path, embedder: Phi3VisionEmbedder
+) -> None:
+    """The first file is the slowest to write; the manifest still lists the encoded images in input order
+    (a bad image's record can come earlier: it skips the encoder), and the files overlapped in time."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    names = ["a.jpg", "b.png", "c_bad.png", "d.png", "e.png"]
+    for name, src in zip(names, [*GOOD[:2], None, *GOOD[2:4]], strict=True):
+        if src is None:
+            (imgs / name).write_bytes(b"not an image")
+        else:
+            shutil.copy(GOLDEN / "images" / src, imgs / name)
+    sources = expand_inputs([str(imgs)])
+    active, peak, lock = [0], [0], threading.Lock()
+    with store_for(tmp_path / "emb", embedder) as store:
+        write_file = store.write_file
+
+        def slow_write_file(source: Source, facts: Any, embeddings: torch.Tensor) -> dict[str, Any]:
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.6 if source.name == "a.jpg" else 0.05)
+            try:
+                return write_file(source, facts, embeddings)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        store.write_file = slow_write_file  # type: ignore[method-assign]
+        summary = run_local(embedder, sources, store, workers=0, file_threads=4)
+    records = list(iter_manifest(tmp_path / "emb" / "manifest.jsonl"))
+    assert [r["name"] for r in records if r["status"] == "ok"] == ["a.jpg", "b.png", "d.png", "e.png"]
+    assert sorted(r["name"] for r in records) == names
+    assert summary.ok == 4 and summary.failed == 1 and peak[0] >= 2
+    for name in ("a.jpg", "b.png", "d.png", "e.png"):
+        assert (tmp_path / "emb" / f"{name}.npy").is_file()
+
+
+def test_a_failing_file_write_ends_the_job_keeping_the_records_before_it(
+    tmp_path: Path, embedder: Phi3VisionEmbedder
+) -> None:
+    sources = [Source(f"{i}-{n}", str(GOLDEN / "images" / n), "") for i, n in enumerate(GOOD * 2)]
+    with store_for(tmp_path / "emb", embedder) as store:
+        write_file = store.write_file
+
+        def failing(source: Source, facts: Any, embeddings: torch.Tensor) -> dict[str, Any]:
+            if source.name.startswith("2-"):
+                time.sleep(0.2)  # later files finish first; their records must still not come before this one
+                raise OutputError("cannot write 2-...: No space left on device", path=tmp_path / "emb")
+            return write_file(source, facts, embeddings)
+
+        store.write_file = failing  # type: ignore[method-assign]
+        summary = run_local(embedder, sources, store, workers=0, file_threads=4)
+    assert summary.fatal is not None and "No space left on device" in summary.fatal
+    names = [r["name"] for r in iter_manifest(tmp_path / "emb" / "manifest.jsonl")]
+    assert names == [s.name for s in sources[:2]]
+    assert not (tmp_path / "emb" / TMP_DIR).exists()  # every file thread was done before the store closed
