@@ -2,7 +2,7 @@
 
 A GPU encodes ~70 images/s; at ~2,000 tokens x 3072 in bf16 that is ~12 MB per image, ~850 MB/s of
 safetensors files, each fsynced before it is renamed into place. This measures, in ONE process and on the
-disk under ``--dir``, how many such files per second the job's writer (phi3embed.jobs._Writer over
+disk under ``--dir``, how many such files per second the job's writer (phi3embed.jobs.Writer over
 OutputStore) keeps up with for each ``--file-threads`` setting (1 = one file after another, the plain way).
 Nothing is encoded: the tensors are random, already on the host.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from phi3embed.jobs import _Writer  # noqa: E402
+from phi3embed.jobs import Writer  # noqa: E402
 from phi3embed.pipeline import HostResult  # noqa: E402
 from phi3embed.sources import Source  # noqa: E402
 from phi3embed.writers import ImageFacts, OutputSettings, OutputStore  # noqa: E402
@@ -40,7 +40,7 @@ def one_setting(root: Path, tensors: list[torch.Tensor], *, threads: int, fmt: s
     out = root / f"out-{threads}"
     records: list[dict[str, Any]] = []
     with OutputStore(out, settings, overwrite=True) as store:
-        writer = _Writer(store, records.append, 16, threads)
+        writer = Writer(store, records.append, 16, threads)
         writer.start()
         start = time.perf_counter()
         for i, t in enumerate(tensors):

@@ -267,7 +267,7 @@ class Reporter(Protocol):
     def stop(self) -> None: ...
 
 
-class _Writer(threading.Thread):
+class Writer(threading.Thread):
     """Drains a bounded queue into the store, in order, and calls ``on_record`` after each record.
 
     Per-image files are written by ``file_threads`` threads at once (:meth:`OutputStore.write_file`: every
@@ -520,7 +520,7 @@ def run_local(
     def on_record(record: dict[str, Any]) -> None:  # writer thread
         summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
 
-    writer = _Writer(store, on_record, writer_queue, file_threads)
+    writer = Writer(store, on_record, writer_queue, file_threads)
     copier = HostCopier(embedder.device)  # results leave the device off the compute stream
 
     def feed() -> Iterator[tuple[tuple[Source, ImageFacts], Preprocessed]]:

@@ -32,11 +32,12 @@ from .checkpoint import resolve
 from .config import preprocess_config_from_dict, vision_config_from_dict
 from .embedder import Phi3VisionEmbedder, parse_dtype
 from .errors import CheckpointError, ImageError, Phi3EmbedError, UnsupportedImageError
-from .jobs import STOPS, JobSummary, Reporter, StopSignals, header_size, read_source
+from .jobs import STOPS, JobSummary, Reporter, StopSignals, Writer, header_size, read_source
 from .model import Phi3VisionModel
+from .pipeline import HostResult
 from .preprocess import AlphaMode, Preprocessed
 from .sources import Source
-from .writers import ImageFacts, OutputStore
+from .writers import ImageFacts, OutputError, OutputStore
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -443,6 +444,8 @@ def run_ray(
     reporter: Reporter | None = None,
     max_errors_kept: int = 5,
     connect: Callable[[], AbstractContextManager[Any]] | None = None,
+    writer_queue: int = 16,
+    file_threads: int = 4,
 ) -> JobSummary:
     """The Ray counterpart of :func:`phi3embed.jobs.run_local`: same skipping, same store, same summary.
 
@@ -450,8 +453,10 @@ def run_ray(
     entered only when there is work, so a rerun with nothing left to do starts no Ray. The sources not
     already done in ``store`` become a
     dataset of absolute paths; the actor pool encodes them; the results come back to this process in input
-    order and are written here, through ``store``, one at a time: the output directory is only ever written
-    by the driver, so it needs no locking across nodes and keeps the local engine's crash safety.
+    order and are written here, through ``store``, by the local engine's writer (a thread; ``file_threads``
+    per-image files at once, records in input order) while the next results arrive: the output directory is
+    only ever written by the driver, so it needs no locking across nodes and keeps the local engine's crash
+    safety.
     """
     import ray.data
 
@@ -459,10 +464,15 @@ def run_ray(
     todo = [s for s in sources if not store.is_done(s)]
     summary.skipped = len(sources) - len(todo)
 
+    def on_record(record: dict[str, Any]) -> None:  # writer thread
+        summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
+
+    writer = Writer(store, on_record, writer_queue, file_threads)
     signals = StopSignals()
     start = time.perf_counter()
     stack = ExitStack()
     try:
+        writer.start()
         if reporter is not None:
             reporter.start(total=len(todo), skipped=summary.skipped)
         if todo:
@@ -495,24 +505,28 @@ def run_ray(
                         crops=result.crops,
                         num_tokens=result.num_tokens,
                     )
-                    writing = time.perf_counter()
                     if result.ok and result.embedding is not None:
-                        record = store.write(source, facts, result.embedding)
+                        writer.put(("ok", source, facts, HostResult(result.embedding)))
                     else:
-                        record = store.write_error(source, result.error or f"{source.path}: unknown error", facts)
-                    summary.write_s += time.perf_counter() - writing
-                    summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
+                        writer.put(("error", source, facts, result.error or f"{source.path}: unknown error"))
     except STOPS as exc:
         summary.stopped(exc)
     except Exception as exc:  # the cluster or an actor failed (not a bad image: those are error records)
         summary.fatal = f"the Ray job failed: {_one_line(exc)}"
     finally:
         signals.exit_at_once()  # while cleaning up, a second signal exits at once (outputs stay whole)
+        if writer.is_alive():
+            writer.finish()  # what has arrived is written
         summary.wall_s = time.perf_counter() - start
+        summary.write_s, summary.wait_writer_s = writer.busy, writer.put_wait
         if reporter is not None:
             reporter.stop()
         stack.close()
         signals.restore()
+    if writer.error is not None and summary.fatal is None:
+        if not isinstance(writer.error, OutputError):
+            raise writer.error
+        summary.fatal = str(writer.error)
     return summary
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -320,6 +321,45 @@ def test_ray_pipeline_matches_local_encode_and_refuses_other_weights(
     assert bad.status == "error" and bad.error is not None
     assert bad.error.startswith(f"{corrupt}: ") and "truncated" in bad.error
     assert bad.embedding is None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own, on pickling its context
+def test_ray_driver_writes_through_the_writer_and_a_failing_output_ends_the_job(
+    tmp_path: Path, ray_instance: None
+) -> None:
+    """The driver hands results to the local engine's writer: several files at once, records in input order;
+    a disk failure on one output ends the job with that one line and keeps the records before it."""
+    from phi3embed.writers import OutputError
+
+    sources = [Source(f"{i}-{p.name}", str(p), "") for i, p in enumerate(IMAGES[:4])]
+    fingerprint = reference().fingerprint
+    spec = EncoderSpec(model=ckpt(), device="cpu", num_crops=NUM_CROPS, expect_fingerprint=fingerprint)
+    settings = OutputSettings(
+        model=ckpt(), fingerprint=fingerprint, num_crops=NUM_CROPS, dtype=torch.float32, compute_dtype=torch.float32
+    )
+    active, peak, lock = [0], [0], threading.Lock()
+    with OutputStore(tmp_path / "out", settings) as store:
+        write_file = store.write_file
+
+        def failing(source: Source, facts: Any, embeddings: torch.Tensor) -> dict[str, Any]:
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                if source.name.startswith("0-"):
+                    time.sleep(0.5)  # the others are written meanwhile, and recorded after it
+                if source.name.startswith("3-"):
+                    raise OutputError("cannot write 3-...: No space left on device", path=tmp_path / "out")
+                return write_file(source, facts, embeddings)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        store.write_file = failing  # type: ignore[method-assign]
+        summary = run_ray(spec, sources, store, actors=1, images_per_batch=4, restart_actors=False)
+    assert summary.fatal == f"{tmp_path / 'out'}: cannot write 3-...: No space left on device"
+    names = [json.loads(line)["name"] for line in (tmp_path / "out" / MANIFEST).read_text().splitlines()]
+    assert names == [s.name for s in sources[:3]] and summary.ok == 3 and peak[0] >= 2
 
 
 def test_null_bytes_cells_mean_read_the_path(encoder: RayEncoder, manifest: dict[str, Any]) -> None:
