@@ -332,6 +332,8 @@ class DiscardStore:
     """Stands in for OutputStore in an ``--e2e`` run with ``sink=discard``: takes each result, already on
     the host, and drops it. The same pipeline without the disk, to tell the writer's share from the rest."""
 
+    concurrent_files = False  # the writer calls write() for each result
+
     def __init__(self, settings: Any) -> None:
         self.settings = settings
 

@@ -285,7 +285,7 @@ class Writer(threading.Thread):
         self.error: BaseException | None = None
         self.busy = 0.0
         self.put_wait = 0.0
-        concurrent = file_threads > 1 and getattr(store, "concurrent_files", False)
+        concurrent = file_threads > 1 and store.concurrent_files
         self.files = ThreadPoolExecutor(file_threads, thread_name_prefix="phi3embed-file") if concurrent else None
         self.in_flight_limit = 2 * file_threads
         self._in_flight: deque[Future[dict[str, Any]] | tuple[Any, ...]] = deque()  # input order
@@ -319,16 +319,12 @@ class Writer(threading.Thread):
 
     def _take(self, item: tuple[Any, ...]) -> None:
         kind, source, facts, payload = item
-        if self.files is None:
-            if kind == "ok":
-                record = self.store.write(source, facts, payload.wait())  # HostResult: copy finished
-            else:
-                record = self.store.write_error(source, payload, facts)
-            self.on_record(record)
-        elif kind == "ok":
+        if kind != "ok":
+            self._in_flight.append(item)  # committed in turn by _commit
+        elif self.files is not None:
             self._in_flight.append(self.files.submit(lambda: self.store.write_file(source, facts, payload.wait())))
-        else:
-            self._in_flight.append(item)
+        else:  # one file at a time, or packed shards (their records are appended with the shard)
+            self.on_record(self.store.write(source, facts, payload.wait()))  # HostResult: copy finished
 
     def _commit(self, *, keep: int) -> None:
         """Commit finished records in input order; wait for the oldest while more than ``keep`` are pending."""
@@ -347,6 +343,16 @@ class Writer(threading.Thread):
     def finish(self) -> None:
         self.queue.put(None)
         self.join()
+
+    def account(self, summary: JobSummary) -> None:
+        """After the job (and :meth:`finish`): the writer's times into ``summary``, and its failure as
+        ``summary.fatal`` when it is an output failure the job did not already end on; any other failure is
+        a bug and is raised."""
+        summary.write_s, summary.wait_writer_s = self.busy, self.put_wait
+        if self.error is not None and summary.fatal is None:
+            if not isinstance(self.error, OutputError):
+                raise self.error
+            summary.fatal = str(self.error)
 
 
 # --------------------------------------------------------------------------- the job
@@ -565,13 +571,8 @@ def run_local(
         summary.wall_s = time.perf_counter() - start
         cpu_end, switches_end = thread_usage()
         summary.encoder_cpu_s, summary.encoder_preempted = cpu_end - cpu_start, switches_end - switches_start
-        summary.wait_writer_s = writer.put_wait
-        summary.write_s = writer.busy
         summary.worker_restarts = pool.restarts
         if reporter is not None:
             reporter.stop()
-    if writer.error is not None and summary.fatal is None:
-        if not isinstance(writer.error, OutputError):
-            raise writer.error
-        summary.fatal = str(writer.error)
+    writer.account(summary)
     return summary

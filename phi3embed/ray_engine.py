@@ -37,7 +37,7 @@ from .model import Phi3VisionModel
 from .pipeline import HostResult
 from .preprocess import AlphaMode, Preprocessed
 from .sources import Source
-from .writers import ImageFacts, OutputError, OutputStore
+from .writers import ImageFacts, OutputStore
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -518,15 +518,11 @@ def run_ray(
         if writer.is_alive():
             writer.finish()  # what has arrived is written
         summary.wall_s = time.perf_counter() - start
-        summary.write_s, summary.wait_writer_s = writer.busy, writer.put_wait
         if reporter is not None:
             reporter.stop()
         stack.close()
         signals.restore()
-    if writer.error is not None and summary.fatal is None:
-        if not isinstance(writer.error, OutputError):
-            raise writer.error
-        summary.fatal = str(writer.error)
+    writer.account(summary)
     return summary
 
 
