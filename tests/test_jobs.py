@@ -18,6 +18,7 @@ import pytest
 import torch
 from badfiles import EXPECTED_REASONS, make_bad_files
 from conftest import GOLDEN, TINY_128K
+from filewrites import FileWriteProbe
 
 from phi3embed import Phi3VisionEmbedder
 from phi3embed.jobs import STOPS, JobStop, JobSummary, OrderedPool, Preparer, run_local
@@ -365,27 +366,13 @@ def test_files_are_written_several_at_a_time_and_recorded_in_input_order(
         else:
             shutil.copy(GOLDEN / "images" / src, imgs / name)
     sources = expand_inputs([str(imgs)])
-    active, peak, lock = [0], [0], threading.Lock()
     with store_for(tmp_path / "emb", embedder) as store:
-        write_file = store.write_file
-
-        def slow_write_file(source: Source, facts: Any, embeddings: torch.Tensor) -> dict[str, Any]:
-            with lock:
-                active[0] += 1
-                peak[0] = max(peak[0], active[0])
-            time.sleep(0.6 if source.name == "a.jpg" else 0.05)
-            try:
-                return write_file(source, facts, embeddings)
-            finally:
-                with lock:
-                    active[0] -= 1
-
-        store.write_file = slow_write_file  # type: ignore[method-assign]
+        probe = FileWriteProbe(store, lambda source: time.sleep(0.6 if source.name == "a.jpg" else 0.05))
         summary = run_local(embedder, sources, store, workers=0, file_threads=4)
     records = list(iter_manifest(tmp_path / "emb" / "manifest.jsonl"))
     assert [r["name"] for r in records if r["status"] == "ok"] == ["a.jpg", "b.png", "d.png", "e.png"]
     assert sorted(r["name"] for r in records) == names
-    assert summary.ok == 4 and summary.failed == 1 and peak[0] >= 2
+    assert summary.ok == 4 and summary.failed == 1 and probe.peak >= 2
     for name in ("a.jpg", "b.png", "d.png", "e.png"):
         assert (tmp_path / "emb" / f"{name}.npy").is_file()
 
@@ -394,16 +381,14 @@ def test_a_failing_file_write_ends_the_job_keeping_the_records_before_it(
     tmp_path: Path, embedder: Phi3VisionEmbedder
 ) -> None:
     sources = [Source(f"{i}-{n}", str(GOLDEN / "images" / n), "") for i, n in enumerate(GOOD * 2)]
+
+    def fail_the_third(source: Source) -> None:
+        if source.name.startswith("2-"):
+            time.sleep(0.2)  # later files finish first; their records must still not come before this one
+            raise OutputError("cannot write 2-...: No space left on device", path=tmp_path / "emb")
+
     with store_for(tmp_path / "emb", embedder) as store:
-        write_file = store.write_file
-
-        def failing(source: Source, facts: Any, embeddings: torch.Tensor) -> dict[str, Any]:
-            if source.name.startswith("2-"):
-                time.sleep(0.2)  # later files finish first; their records must still not come before this one
-                raise OutputError("cannot write 2-...: No space left on device", path=tmp_path / "emb")
-            return write_file(source, facts, embeddings)
-
-        store.write_file = failing  # type: ignore[method-assign]
+        FileWriteProbe(store, fail_the_third)
         summary = run_local(embedder, sources, store, workers=0, file_threads=4)
     assert summary.fatal is not None and "No space left on device" in summary.fatal
     names = [r["name"] for r in iter_manifest(tmp_path / "emb" / "manifest.jsonl")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import GOLDEN, TINY_35, TINY_128K
+from filewrites import FileWriteProbe
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -337,29 +337,19 @@ def test_ray_driver_writes_through_the_writer_and_a_failing_output_ends_the_job(
     settings = OutputSettings(
         model=ckpt(), fingerprint=fingerprint, num_crops=NUM_CROPS, dtype=torch.float32, compute_dtype=torch.float32
     )
-    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow_first_fail_last(source: Source) -> None:
+        if source.name.startswith("0-"):
+            time.sleep(0.5)  # the others are written meanwhile, and recorded after it
+        if source.name.startswith("3-"):
+            raise OutputError("cannot write 3-...: No space left on device", path=tmp_path / "out")
+
     with OutputStore(tmp_path / "out", settings) as store:
-        write_file = store.write_file
-
-        def failing(source: Source, facts: Any, embeddings: torch.Tensor) -> dict[str, Any]:
-            with lock:
-                active[0] += 1
-                peak[0] = max(peak[0], active[0])
-            try:
-                if source.name.startswith("0-"):
-                    time.sleep(0.5)  # the others are written meanwhile, and recorded after it
-                if source.name.startswith("3-"):
-                    raise OutputError("cannot write 3-...: No space left on device", path=tmp_path / "out")
-                return write_file(source, facts, embeddings)
-            finally:
-                with lock:
-                    active[0] -= 1
-
-        store.write_file = failing  # type: ignore[method-assign]
+        probe = FileWriteProbe(store, slow_first_fail_last)
         summary = run_ray(spec, sources, store, actors=1, images_per_batch=4, restart_actors=False)
     assert summary.fatal == f"{tmp_path / 'out'}: cannot write 3-...: No space left on device"
     names = [json.loads(line)["name"] for line in (tmp_path / "out" / MANIFEST).read_text().splitlines()]
-    assert names == [s.name for s in sources[:3]] and summary.ok == 3 and peak[0] >= 2
+    assert names == [s.name for s in sources[:3]] and summary.ok == 3 and probe.peak >= 2
 
 
 def test_null_bytes_cells_mean_read_the_path(encoder: RayEncoder, manifest: dict[str, Any]) -> None:
