@@ -52,6 +52,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from flops import crop_flops, image_flops  # noqa: E402
 from images import IMAGES, ensure_images  # noqa: E402
+from report import save_json  # noqa: E402
 
 from phi3embed import Phi3VisionEmbedder, Preprocessed  # noqa: E402
 from phi3embed.allocator import state as allocator_state  # noqa: E402
@@ -593,9 +594,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["runs"].append(fig)
             if path == "plain":
                 plain_s = fig["s_per_image"]
-            if args.json:  # after every run: a run cut short by a timeout still leaves its figures
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(report, indent=2) + "\n")
+            save_json(args.json, report)
             log(
                 f"{path} bs={bs}: {fig['s_per_image']} s/image, {fig['ratio_to_limit']}x limit "
                 f"(GEMM {fig['gemm_gflops']} GFLOP/s), peak RSS {fig['peak_rss_mib']} MiB"
@@ -614,8 +613,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     report[key]["encoder_only_images_per_s"] = best["images_per_s"]
                     report[key]["ratio_to_encoder_only"] = round(report[key]["images_per_s"] / best["images_per_s"], 3)
                 log(f"end to end ({sink}): {report[key]}")
-                if args.json:  # each e2e run's figures survive a timeout in the next one
-                    args.json.write_text(json.dumps(report, indent=2) + "\n")
+                save_json(args.json, report)
         del emb
         gc.collect()
         if device.type == "cuda":
@@ -659,9 +657,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in ("e2e", "e2e_discard"):
         if key in report:
             print(f"# end to end ({report[key].get('sink', key)}): {json.dumps(report[key])}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(args.json, report)
     return report
 
 

@@ -24,7 +24,6 @@ device and the device is synchronised at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 from images import IMAGES, ensure_images  # noqa: E402
+from report import save_json  # noqa: E402
 
 from phi3embed.config import PreprocessConfig  # noqa: E402
 from phi3embed.jobs import OrderedPool, Prepared, Preparer, _crashed  # noqa: E402
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(float32/uint8 = {report['host_cpu_ratio']})"
     )
     shutil.rmtree(folder, ignore_errors=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(args.json, report)
     return report
 
 

@@ -25,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from report import save_json  # noqa: E402
 
 from phi3embed.jobs import Writer  # noqa: E402
 from phi3embed.pipeline import HostResult  # noqa: E402
@@ -112,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"| {r['file_threads']} | {r['files_per_s']} | {r['mb_per_s']} | {r['seconds']} |")
     if "speedup_vs_one_at_a_time" in report:
         print(f"# best of each setting vs one file at a time: {json.dumps(report['speedup_vs_one_at_a_time'])}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(args.json, report)
     return report
 
 
