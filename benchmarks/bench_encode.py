@@ -55,9 +55,9 @@ from images import IMAGES, ensure_images  # noqa: E402
 from report import save_json  # noqa: E402
 
 from phi3embed import Phi3VisionEmbedder, Preprocessed  # noqa: E402
-from phi3embed.allocator import state as allocator_state  # noqa: E402
-from phi3embed.config import default_workers  # noqa: E402
-from phi3embed.pipeline import encode_plain, encode_stream  # noqa: E402
+from phi3embed.core.allocator import state as allocator_state  # noqa: E402
+from phi3embed.core.batching import encode_plain, encode_stream  # noqa: E402
+from phi3embed.core.config import default_workers  # noqa: E402
 
 PHOTO_SET = [s.name for s in IMAGES if s.photo]
 
@@ -355,17 +355,17 @@ class DiscardStore:
 def end_to_end(
     emb: Phi3VisionEmbedder, paths: list[Path], *, copies: int, workers: int, tmp: Path, sink: str = "disk"
 ) -> dict[str, Any]:
-    """images/s of the CLI's worker pipeline (phi3embed.jobs.run_local) over ``copies`` copies of the images.
+    """images/s of the CLI's worker pipeline (phi3embed.jobs.local.run_local) over ``copies`` copies of the images.
 
     ``sink``: ``disk`` writes safetensors files under ``tmp`` as the CLI does; ``discard`` drops each result
     once it is on the host (:class:`DiscardStore`).
     """
     try:
-        from phi3embed.jobs import run_local  # type: ignore[import-not-found,unused-ignore]
-        from phi3embed.sources import expand_inputs  # type: ignore[import-not-found,unused-ignore]
-        from phi3embed.writers import OutputSettings, OutputStore  # type: ignore[import-not-found,unused-ignore]
+        from phi3embed.inputs.listing import expand_inputs  # type: ignore[import-not-found,unused-ignore]
+        from phi3embed.jobs.local import run_local  # type: ignore[import-not-found,unused-ignore]
+        from phi3embed.outputs.store import OutputSettings, OutputStore  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
-        return {"skipped": f"phi3embed.jobs not available ({exc})"}
+        return {"skipped": f"phi3embed.jobs.local not available ({exc})"}
     src = tmp / "e2e-images"
     src.mkdir(parents=True, exist_ok=True)
     for c in range(copies):
@@ -413,7 +413,7 @@ def end_to_end(
         "images_per_s": round(ok / wall, 3),
         "failed": getattr(summary, "failed", None),
         "fatal": getattr(summary, "fatal", None),
-        # where the encoding thread's time went (phi3embed.pipeline.StageTimes; waits from the job summary)
+        # where the encoding thread's time went (phi3embed.core.batching.StageTimes; waits from the job summary)
         "encoder_thread_s": {
             "wait_input": round(summary.wait_input_s, 2),
             "assemble": round(summary.stages.assemble_s, 2),
@@ -511,7 +511,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--min-seconds", type=float, default=None, help="repeat the image set up to this long (CUDA: 5)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--compile", action="store_true", help="fast path with from_pretrained(compile=True)")
-    ap.add_argument("--e2e", action="store_true", help="also time the CLI's worker pipeline (phi3embed.jobs)")
+    ap.add_argument("--e2e", action="store_true", help="also time the CLI's worker pipeline (phi3embed.jobs.local)")
     ap.add_argument("--e2e-workers", type=int, default=None, help="decode workers for --e2e (default: the CLI's)")
     ap.add_argument(
         "--e2e-sinks",

@@ -2,7 +2,7 @@
 
 A GPU encodes ~70 images/s; at ~2,000 tokens x 3072 in bf16 that is ~12 MB per image, ~850 MB/s of
 safetensors files, each fsynced before it is renamed into place. This measures, in ONE process and on the
-disk under ``--dir``, how many such files per second the job's writer (phi3embed.jobs.Writer over
+disk under ``--dir``, how many such files per second the job's writer (phi3embed.jobs.local.Writer over
 OutputStore) keeps up with for each ``--file-threads`` setting (1 = one file after another, the plain way).
 Nothing is encoded: the tensors are random, already on the host.
 
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from report import save_json  # noqa: E402
 
-from phi3embed.jobs import Writer  # noqa: E402
-from phi3embed.pipeline import HostResult  # noqa: E402
-from phi3embed.sources import Source  # noqa: E402
-from phi3embed.writers import ImageFacts, OutputSettings, OutputStore  # noqa: E402
+from phi3embed.core.batching import HostResult  # noqa: E402
+from phi3embed.inputs.listing import Source  # noqa: E402
+from phi3embed.jobs.local import Writer  # noqa: E402
+from phi3embed.outputs.store import ImageFacts, OutputSettings, OutputStore  # noqa: E402
 
 
 def one_setting(root: Path, tensors: list[torch.Tensor], *, threads: int, fmt: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ and activations are O(N*C) and left out (< 0.5 %). The patch embedding adds ``2 
 
 from __future__ import annotations
 
-from phi3embed.config import VisionConfig
+from phi3embed.core.config import VisionConfig
 
 
 def clip_layer_flops(cfg: VisionConfig) -> int:

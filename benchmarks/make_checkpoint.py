@@ -69,8 +69,8 @@ class Spec:
 
 def vision_specs() -> list[Spec]:
     """All vision tensors of the real model: names and shapes from our own model built on the meta device."""
-    from phi3embed.config import presets, vision_config_from_dict
-    from phi3embed.model import Phi3VisionModel
+    from phi3embed.core.config import presets, vision_config_from_dict
+    from phi3embed.core.model import Phi3VisionModel
 
     cfg = vision_config_from_dict(presets()[PRESET].config, where=PRESET)
     with torch.device("meta"):
@@ -177,7 +177,7 @@ def is_built(out: Path, want: dict[str, object]) -> bool:
 
 def build(out: Path, *, lm_layers: int = 18, shard1_layers: int = 3, seed: int = 0, force: bool = False) -> Path:
     """Build the checkpoint at ``out`` unless an identical one is already there. Returns ``out``."""
-    from phi3embed.config import presets
+    from phi3embed.core.config import presets
 
     want = recipe(lm_layers, shard1_layers, seed)
     if not force and is_built(out, want):

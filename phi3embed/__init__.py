@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from phi3embed.errors import (
     CheckpointError,
     ConfigError,
     DecompressionBombError,
@@ -23,35 +23,35 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ClipConfig": "config",
-    "PreprocessConfig": "config",
-    "VisionConfig": "config",
-    "Phi3VisionEmbedder": "embedder",
-    "num_image_tokens": "hd",
-    "HDGrid": "preprocess",
-    "Preprocessed": "preprocess",
-    "hd_grid": "preprocess",
-    "preprocess_image": "preprocess",
-    "load_text_embeddings": "merge",
-    "merge_image_embeddings": "merge",
-    "latest_records": "reader",
-    "read": "reader",
+    "ClipConfig": "core.config",
+    "PreprocessConfig": "core.config",
+    "VisionConfig": "core.config",
+    "Phi3VisionEmbedder": "core.embedder",
+    "num_image_tokens": "core.hd",
+    "HDGrid": "core.preprocess",
+    "Preprocessed": "core.preprocess",
+    "hd_grid": "core.preprocess",
+    "preprocess_image": "core.preprocess",
+    "load_text_embeddings": "core.prompt",
+    "merge_image_embeddings": "core.prompt",
+    "latest_records": "outputs.reader",
+    "read": "outputs.reader",
 }
 
 if TYPE_CHECKING:
-    from .config import ClipConfig, PreprocessConfig, VisionConfig
-    from .embedder import Phi3VisionEmbedder
-    from .hd import num_image_tokens
-    from .merge import load_text_embeddings, merge_image_embeddings
-    from .preprocess import HDGrid, Preprocessed, hd_grid, preprocess_image
-    from .reader import latest_records, read
+    from phi3embed.core.config import ClipConfig, PreprocessConfig, VisionConfig
+    from phi3embed.core.embedder import Phi3VisionEmbedder
+    from phi3embed.core.hd import num_image_tokens
+    from phi3embed.core.preprocess import HDGrid, Preprocessed, hd_grid, preprocess_image
+    from phi3embed.core.prompt import load_text_embeddings, merge_image_embeddings
+    from phi3embed.outputs.reader import latest_records, read
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'phi3embed' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(f"phi3embed.{module}"), name)
     globals()[name] = value
     return value
 

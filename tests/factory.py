@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from phi3embed.checkpoint import module_to_checkpoint_key
-from phi3embed.config import vision_config_from_dict
-from phi3embed.model import Phi3VisionModel
+from phi3embed.core.checkpoint import module_to_checkpoint_key
+from phi3embed.core.config import vision_config_from_dict
+from phi3embed.core.model import Phi3VisionModel
 
 
 def make_checkpoint(

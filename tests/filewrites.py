@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from phi3embed.sources import Source
-from phi3embed.writers import OutputStore
+from phi3embed.inputs.listing import Source
+from phi3embed.outputs.store import OutputStore
 
 
 class FileWriteProbe:

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.skipif(
 
 FAULTS = """
 import resource, torch
-from phi3embed.allocator import keep_freed_memory
+from phi3embed.core.allocator import keep_freed_memory
 from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-from phi3embed.model import QuickGELU
+from phi3embed.core.model import QuickGELU
 cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, hidden_act="quick_gelu")
 cfg._attn_implementation = "sdpa"
 layer = CLIPEncoderLayer(cfg).eval()  # one real-size CLIP-L layer, as the fast path builds it
@@ -62,7 +62,7 @@ def test_encoder_layer_reuses_freed_pages_instead_of_faulting_new_ones() -> None
 
 
 def test_environment_variable_turns_it_off() -> None:
-    code = "from phi3embed.allocator import keep_freed_memory, state; print(keep_freed_memory(), state())"
+    code = "from phi3embed.core.allocator import keep_freed_memory, state; print(keep_freed_memory(), state())"
     off = "off (PHI3EMBED_MALLOC_TUNING=0)"
     assert _run(code, env={"PHI3EMBED_MALLOC_TUNING": "0"}) == f"{off} {off}"
 
@@ -70,7 +70,7 @@ def test_environment_variable_turns_it_off() -> None:
 def test_fast_path_on_cpu_tunes_and_the_plain_path_does_not() -> None:
     code = f"""
 from phi3embed import Phi3VisionEmbedder
-from phi3embed.allocator import state
+from phi3embed.core.allocator import state
 Phi3VisionEmbedder.from_pretrained({str(GOLDEN / "checkpoints" / TINY_128K)!r}, plain=True)
 print(state())
 Phi3VisionEmbedder.from_pretrained({str(GOLDEN / "checkpoints" / TINY_128K)!r})

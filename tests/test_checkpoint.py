@@ -17,7 +17,7 @@ from conftest import TINY_35, TINY_128K
 from safetensors.torch import save_file
 
 from phi3embed import CheckpointError, ConfigError, Phi3VisionEmbedder
-from phi3embed.checkpoint import (
+from phi3embed.core.checkpoint import (
     VISION_PREFIX,
     checkpoint_to_module_key,
     module_to_checkpoint_key,

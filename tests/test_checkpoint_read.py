@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_35, TINY_128K
 from safetensors.torch import load_file
 
-from phi3embed.checkpoint import resolve
+from phi3embed.core.checkpoint import resolve
 from phi3embed.errors import CheckpointError
 
 

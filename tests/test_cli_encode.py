@@ -35,8 +35,8 @@ from conftest import GOLDEN, TINY_35, TINY_128K
 from typer.testing import CliRunner
 
 import phi3embed
-from phi3embed.cli import app, parse_size
-from phi3embed.writers import MANIFEST, TMP_DIR
+from phi3embed.cli.app import app, parse_size
+from phi3embed.outputs.store import MANIFEST, TMP_DIR
 
 _SCRIPT = Path(sys.executable).with_name("phi3embed")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "phi3embed"]

@@ -1,4 +1,4 @@
-"""phi3embed.compat.Phi3ImageEmbedding: golden parity and one test per SPEC 16 problem it fixes."""
+"""phi3embed.core.compat.Phi3ImageEmbedding: golden parity and one test per SPEC 16 problem it fixes."""
 
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from phi3embed import Phi3VisionEmbedder, load_text_embeddings
-from phi3embed.checkpoint import VISION_PREFIX, resolve
-from phi3embed.compat import (
+from phi3embed.core.checkpoint import VISION_PREFIX, resolve
+from phi3embed.core.compat import (
     Phi3ImageEmbedding,
     module_to_official_key,
     official_to_module_key,
     vision_state_dict,
 )
-from phi3embed.config import PreprocessConfig
+from phi3embed.core.config import PreprocessConfig
+from phi3embed.core.hd import image_tokens, num_image_tokens
+from phi3embed.core.preprocess import pad_crops, preprocess_image
 from phi3embed.errors import ConfigError, MergeError
-from phi3embed.hd import image_tokens, num_image_tokens
-from phi3embed.preprocess import pad_crops, preprocess_image
 
 MERGE_CASES = load_manifest()["merge_cases"]
 S, G2, C, D, VOCAB = 336, 576, 64, 96, 512  # tiny checkpoint: crop, patches per crop, CLIP width, LM width, vocab

@@ -25,7 +25,7 @@ import torch
 from conftest import GOLDEN, REPO, load_manifest
 
 from phi3embed import Phi3VisionEmbedder, Preprocessed
-from phi3embed.pipeline import encode_stream
+from phi3embed.core.batching import encode_stream
 
 pytestmark = pytest.mark.gpu
 
@@ -163,9 +163,9 @@ def test_local_job_on_cuda_writes_the_golden_numbers(tmp_path: Path, stored: str
     """The CLI's job on the device: worker processes, uint8 tiles through pinned memory, results copied to
     the host on the side stream (pipeline.HostCopier), written by the writer thread."""
     from phi3embed import read
-    from phi3embed.jobs import run_local
-    from phi3embed.sources import expand_inputs
-    from phi3embed.writers import OutputSettings, OutputStore
+    from phi3embed.inputs.listing import expand_inputs
+    from phi3embed.jobs.local import run_local
+    from phi3embed.outputs.store import OutputSettings, OutputStore
 
     checkpoint, num_crops = sorted(GROUPS)[0]
     emb = Phi3VisionEmbedder.from_pretrained(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from phi3embed.hd import grid_with_newlines, image_tokens, merge_2x2, num_image_tokens
+from phi3embed.core.hd import grid_with_newlines, image_tokens, merge_2x2, num_image_tokens
 
 
 def test_merge_2x2_channel_order() -> None:

@@ -1,4 +1,4 @@
-"""plan / preview / info: library functions (phi3embed.inspect) and their Typer commands."""
+"""plan / preview / info: library functions (phi3embed.inspection) and their Typer commands."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ from safetensors import safe_open
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from phi3embed.checkpoint import Checkpoint, resolve
-from phi3embed.commands_inspect import register
-from phi3embed.config import ClipConfig, PreprocessConfig, VisionConfig, vision_config_from_dict
+from phi3embed.cli.inspect_commands import register
+from phi3embed.core.checkpoint import Checkpoint, resolve
+from phi3embed.core.config import ClipConfig, PreprocessConfig, VisionConfig, vision_config_from_dict
+from phi3embed.core.model import Phi3VisionModel
+from phi3embed.core.preprocess import hd_grid, hd_image, preprocess_image, to_rgb
 from phi3embed.errors import ConfigError, ImageError
-from phi3embed.inspect import (
+from phi3embed.inspection import (
     _BACKGROUND,
     _LINE,
     OUT_DTYPE_ITEMSIZE,
@@ -38,8 +40,6 @@ from phi3embed.inspect import (
     tiling_preview,
     token_flops,
 )
-from phi3embed.model import Phi3VisionModel
-from phi3embed.preprocess import hd_grid, hd_image, preprocess_image, to_rgb
 
 # --------------------------------------------------------------------------- helpers
 

@@ -21,9 +21,9 @@ from conftest import GOLDEN, TINY_128K
 from filewrites import FileWriteProbe
 
 from phi3embed import Phi3VisionEmbedder
-from phi3embed.jobs import STOPS, JobStop, JobSummary, OrderedPool, Preparer, run_local
-from phi3embed.sources import Source, expand_inputs
-from phi3embed.writers import TMP_DIR, OutputError, OutputSettings, OutputStore, iter_manifest
+from phi3embed.inputs.listing import Source, expand_inputs
+from phi3embed.jobs.local import STOPS, JobStop, JobSummary, OrderedPool, Preparer, run_local
+from phi3embed.outputs.store import TMP_DIR, OutputError, OutputSettings, OutputStore, iter_manifest
 
 GOOD = ["photo_1000x750.jpg", "portrait_600x1400.png", "panorama_4000x120.png", "tiny_7x9.png"]
 
@@ -239,7 +239,7 @@ def test_stage_times_account_for_the_encoding_thread(tmp_path: Path, embedder: P
 def test_thread_usage_counts_this_threads_cpu_and_the_times_it_lost_its_core() -> None:
     """The encoding thread's figures in the summary: its own CPU time only, and preemptions when another
     process wants the same core."""
-    from phi3embed.jobs import thread_usage
+    from phi3embed.jobs.local import thread_usage
 
     def spin(seconds: float) -> None:
         end = time.thread_time() + seconds
@@ -286,7 +286,7 @@ class _ThreadWatcher:
 
 
 def test_encoder_threads_make_room_for_busy_workers_only_on_cuda() -> None:
-    from phi3embed.jobs import encoder_threads
+    from phi3embed.jobs.local import encoder_threads
 
     assert encoder_threads("cuda", 16, 15, 16) == 1  # 15 decoders feeding a GPU: one thread for host copies
     assert encoder_threads("cuda", 16, 4, 16) == 12
@@ -298,7 +298,7 @@ def test_encoder_threads_make_room_for_busy_workers_only_on_cuda() -> None:
 def test_the_job_runs_with_the_encoder_threads_it_chose_and_gives_them_back(
     tmp_path: Path, embedder: Phi3VisionEmbedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import phi3embed.jobs as jobs
+    import phi3embed.jobs.local as jobs
 
     chosen: list[tuple[str, int, int, int]] = []
 
@@ -327,7 +327,7 @@ def _niceness(_: int) -> int:
 
 
 def test_decode_workers_run_nicer_than_the_encoder() -> None:
-    from phi3embed.jobs import WORKER_NICENESS
+    from phi3embed.jobs.local import WORKER_NICENESS
 
     pool: OrderedPool[int, int] = OrderedPool(
         _niceness, workers=2, window=4, on_crash=lambda x: -1, niceness=WORKER_NICENESS
@@ -341,7 +341,7 @@ def test_decode_workers_run_nicer_than_the_encoder() -> None:
 
 
 def test_usable_cpus_follow_the_affinity_mask_and_size_the_default_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    import phi3embed.config as config
+    import phi3embed.core.config as config
 
     if hasattr(os, "sched_getaffinity"):
         assert config.usable_cpus() == len(os.sched_getaffinity(0))

@@ -20,10 +20,10 @@ from conftest import GOLDEN, TINY_128K
 from typer.testing import CliRunner
 
 import phi3embed
-from phi3embed.cli import app
-from phi3embed.manifests import check_outputs, write_combined
-from phi3embed.sources import expand_inputs, select_shard
-from phi3embed.writers import MANIFEST
+from phi3embed.cli.app import app
+from phi3embed.inputs.listing import expand_inputs, select_shard
+from phi3embed.outputs.combine import check_outputs, write_combined
+from phi3embed.outputs.store import MANIFEST
 
 CKPT = str(GOLDEN / "checkpoints" / TINY_128K)
 NAMES = ["rgb_336x336.png", "tiny_7x9.png", "gray_L_640x480.png", "palette_P_320x240.png", "webp_700x500.webp"]

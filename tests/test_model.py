@@ -11,7 +11,7 @@ from factory import make_checkpoint
 from PIL import Image
 
 from phi3embed import ConfigError, Phi3VisionEmbedder
-from phi3embed.config import ClipConfig, vision_config_from_dict
+from phi3embed.core.config import ClipConfig, vision_config_from_dict
 
 IMG = Image.fromarray(np.random.default_rng(5).integers(0, 256, (300, 520, 3), dtype=np.uint8))
 

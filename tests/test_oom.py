@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_128K
 
 from phi3embed import DeviceOutOfMemoryError, MergeError, Phi3EmbedError, Phi3VisionEmbedder
-from phi3embed.pipeline import encode_plain, encode_stream, is_out_of_memory
+from phi3embed.core.batching import encode_plain, encode_stream, is_out_of_memory
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 

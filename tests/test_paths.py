@@ -21,8 +21,8 @@ from conftest import GOLDEN, load_manifest
 from transformers.activations import QuickGELUActivation
 
 from phi3embed import Phi3VisionEmbedder, Preprocessed
-from phi3embed.model import QuickGELU
-from phi3embed.pipeline import encode_stream
+from phi3embed.core.batching import encode_stream
+from phi3embed.core.model import QuickGELU
 
 MANIFEST = load_manifest()
 ATOL = MANIFEST.get("tolerances", {}).get("embeddings", {}).get("atol", 1e-4)
@@ -156,7 +156,7 @@ def test_compiled_fast_path_matches_golden() -> None:
 
 
 def test_default_batch_size_follows_the_device_and_is_validated() -> None:
-    from phi3embed.embedder import DEFAULT_BATCH_SIZE
+    from phi3embed.core.embedder import DEFAULT_BATCH_SIZE
     from phi3embed.errors import ConfigError
 
     root = GOLDEN / "checkpoints" / "tiny-phi3v-128k-f32"

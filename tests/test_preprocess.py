@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from phi3embed import DecompressionBombError, ImageError, UnsupportedImageError, hd_grid, num_image_tokens
-from phi3embed.config import PreprocessConfig
-from phi3embed.preprocess import hd_scale, image_errors, open_image, preprocess_image, to_rgb
+from phi3embed.core.config import PreprocessConfig
+from phi3embed.core.preprocess import hd_scale, image_errors, open_image, preprocess_image, to_rgb
 
 # SPEC section 3, "Worked examples (verified)" against the official processor: (W, H, num_crops, [H', W'], T)
 WORKED = [

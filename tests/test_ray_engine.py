@@ -26,8 +26,9 @@ from typer.testing import CliRunner
 
 import phi3embed
 from phi3embed import CheckpointError, Phi3VisionEmbedder
-from phi3embed.cli import app
-from phi3embed.ray_engine import (
+from phi3embed.cli.app import app
+from phi3embed.inputs.listing import Source
+from phi3embed.jobs.ray_engine import (
     BYTES,
     PATH,
     EncodedImage,
@@ -41,8 +42,7 @@ from phi3embed.ray_engine import (
     ray_session,
     run_ray,
 )
-from phi3embed.sources import Source
-from phi3embed.writers import MANIFEST, OutputSettings, OutputStore
+from phi3embed.outputs.store import MANIFEST, OutputSettings, OutputStore
 
 NUM_CROPS = 4  # small grids keep the tiny model quick
 IMAGES = sorted((GOLDEN / "images").iterdir()) if (GOLDEN / "images").is_dir() else []
@@ -329,7 +329,7 @@ def test_ray_driver_writes_through_the_writer_and_a_failing_output_ends_the_job(
 ) -> None:
     """The driver hands results to the local engine's writer: several files at once, records in input order;
     a disk failure on one output ends the job with that one line and keeps the records before it."""
-    from phi3embed.writers import OutputError
+    from phi3embed.outputs.store import OutputError
 
     sources = [Source(f"{i}-{p.name}", str(p), "") for i, p in enumerate(IMAGES[:4])]
     fingerprint = reference().fingerprint
@@ -497,7 +497,7 @@ def test_ray_engine_usage_errors_come_before_any_work(tmp_path: Path, golden: Pa
 
 
 def test_a_wrapped_error_is_told_in_one_line() -> None:
-    from phi3embed.ray_engine import _one_line
+    from phi3embed.jobs.ray_engine import _one_line
 
     class Wrapped(Exception):
         pass

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from phi3embed.sources import (
+from phi3embed.inputs.listing import (
     InputError,
     Source,
     expand_inputs,

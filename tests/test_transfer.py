@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3embed.config import PreprocessConfig
-from phi3embed.pipeline import HostCopier, _Assembler
-from phi3embed.preprocess import (
+from phi3embed.core.batching import HostCopier, _Assembler
+from phi3embed.core.config import PreprocessConfig
+from phi3embed.core.preprocess import (
     Preprocessed,
     global_crop,
     hd_image,
@@ -52,7 +52,7 @@ def test_table_gives_the_arithmetic_bits_for_every_value(mean: tuple[float, ...]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_and_device_lookups_agree_in_every_dtype(dtype: torch.dtype) -> None:
     """numpy's take on the CPU, index_select on CUDA: the same table entries, whatever the dtype."""
-    from phi3embed.preprocess import _lookup_numpy, _lookup_torch
+    from phi3embed.core.preprocess import _lookup_numpy, _lookup_torch
 
     tiles = torch.randint(0, 256, (3, 3, 17, 19), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     table = normalization_table(ODD_MEAN, ODD_STD).to(dtype)

@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 import phi3embed
 from phi3embed.errors import ConfigError
-from phi3embed.sources import Source
-from phi3embed.writers import (
+from phi3embed.inputs.listing import Source
+from phi3embed.outputs.store import (
     MANIFEST,
     TMP_DIR,
     ImageFacts,

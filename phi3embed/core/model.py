@@ -16,10 +16,15 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from .checkpoint import Checkpoint, check_vision_tensors, checkpoint_to_module_key, module_to_checkpoint_key
-from .config import VisionConfig
-from .errors import CheckpointError
-from .hd import image_tokens
+from phi3embed.core.checkpoint import (
+    Checkpoint,
+    check_vision_tensors,
+    checkpoint_to_module_key,
+    module_to_checkpoint_key,
+)
+from phi3embed.core.config import VisionConfig
+from phi3embed.core.hd import image_tokens
+from phi3embed.errors import CheckpointError
 
 
 class QuickGELU(nn.Module):
@@ -174,7 +179,7 @@ class Phi3VisionModel(nn.Module):
         prefix = model.clip_prefix
         wanted = {module_to_checkpoint_key(k, clip_prefix=prefix): k for k in model.state_dict()}
         fast_keys = set(wanted) if not full_depth else _output_determining_keys(cfg, set(wanted), prefix)
-        from .checkpoint import new_hasher
+        from phi3embed.core.checkpoint import new_hasher
 
         hasher = new_hasher()
         raw = ckpt.read(sorted(wanted), dtype=dtype, device=device, hash_keys=fast_keys, hasher=hasher)

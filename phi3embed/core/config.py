@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from phi3embed.errors import ConfigError
 
 CLIP_MODEL_NAME = "openai/clip-vit-large-patch14-336"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -249,7 +249,7 @@ def presets() -> dict[str, Preset]:
     try:
         folder: Any = resources.files("phi3embed.configs")
     except ModuleNotFoundError:  # running from a source tree on PYTHONPATH, not installed
-        folder = Path(__file__).resolve().parent.parent / "configs"
+        folder = Path(__file__).resolve().parents[2] / "configs"
     for entry in folder.iterdir():
         if entry.name.endswith(".json"):
             raw = json.loads(entry.read_text(encoding="utf-8"))

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import Checkpoint, check_vision_tensors, module_to_checkpoint_key, resolve
-from .config import (
+from phi3embed.core.checkpoint import Checkpoint, check_vision_tensors, module_to_checkpoint_key, resolve
+from phi3embed.core.config import (
     ClipConfig,
     PreprocessConfig,
     VisionConfig,
@@ -32,9 +32,8 @@ from .config import (
     read_json,
     vision_config_from_dict,
 )
-from .errors import ConfigError, ImageError, Phi3EmbedError
-from .hd import num_image_tokens
-from .preprocess import (
+from phi3embed.core.hd import num_image_tokens
+from phi3embed.core.preprocess import (
     AlphaMode,
     HDGrid,
     ImageInput,
@@ -47,6 +46,7 @@ from .preprocess import (
     open_image,
     to_rgb,
 )
+from phi3embed.errors import ConfigError, ImageError, Phi3EmbedError
 
 #: Bytes per element of the stored output dtypes.
 OUT_DTYPE_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -194,7 +194,7 @@ def _expand(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
     """Files as given; directories recursed (sorted) for names with an image extension.
 
     Entries named like images that are not readable files (directories, broken links) are yielded too,
-    so they show up as error rows. Minimal on purpose: ``phi3embed.sources`` is the full version.
+    so they show up as error rows. Minimal on purpose: ``phi3embed.inputs.listing`` is the full version.
     """
     for raw in paths:
         path = Path(raw)
@@ -225,7 +225,7 @@ def image_size(path: str | os.PathLike[str], *, exif_transpose: bool = False) ->
     """``(width, height)`` from the image header, without decoding pixel data.
 
     With ``exif_transpose`` the size after applying the EXIF orientation (orientations 5-8 swap the sides).
-    Raises ImageError (naming the file) for everything :func:`phi3embed.preprocess.open_image` would reject
+    Raises ImageError (naming the file) for everything :func:`phi3embed.core.preprocess.open_image` would reject
     at open time; damage further inside the file only shows when it is decoded.
     """
     label = os.fspath(path)
@@ -491,7 +491,7 @@ def render_preview(
 ) -> Image.Image:
     """A picture of how ``image`` is tiled for the model.
 
-    Left: the resized, white-padded HD image (:func:`phi3embed.preprocess.hd_image`, so exactly the
+    Left: the resized, white-padded HD image (:func:`phi3embed.core.preprocess.hd_image`, so exactly the
     pixels the crops are cut from), scaled down to fit ``max_side`` if larger, with the crop grid drawn
     and each crop numbered 1..n in row-major order, its position in ``pixel_values`` after the global view
     (0); its 12x12 tokens land in token rows interleaved with its row neighbours'. The resized image's own
@@ -673,10 +673,10 @@ def model_info(
 ) -> ModelInfo:
     """Describe a checkpoint from its config files and safetensors headers; never reads tensor data.
 
-    Resolution is :func:`phi3embed.checkpoint.resolve`: a hub id not yet in the cache is fetched as
+    Resolution is :func:`phi3embed.core.checkpoint.resolve`: a hub id not yet in the cache is fetched as
     ``encode`` would fetch it (configs and the shards holding vision tensors).
     """
-    from .model import Phi3VisionModel  # heavy import (transformers), only needed here
+    from phi3embed.core.model import Phi3VisionModel  # heavy import (transformers), only needed here
 
     text = os.fspath(source)
     ckpt = resolve(text, revision=revision)

@@ -1,6 +1,6 @@
-"""Typer command ``merge-manifests``: are the shard outputs of a job complete? (over :mod:`phi3embed.manifests`)
+"""Typer command ``merge-manifests``: are the shard outputs of a job complete? (over :mod:`phi3embed.outputs.combine`)
 
-``register(app)`` adds it to the application that ``phi3embed.cli`` builds. People read stderr; ``--json``
+``register(app)`` adds it to the application that ``phi3embed.cli.app`` builds. People read stderr; ``--json``
 puts the report on stdout. Exit codes: 0 complete, 1 incomplete (missing, failed or lost images, or
 shards made with different settings), 2 usage errors (a DIR without manifest, an INPUT naming nothing).
 """
@@ -51,9 +51,9 @@ def merge_manifests_command(
 ) -> None:
     from rich.console import Console
 
-    from .errors import Phi3EmbedError
-    from .manifests import check_outputs, write_combined
-    from .sources import expand_inputs
+    from phi3embed.errors import Phi3EmbedError
+    from phi3embed.inputs.listing import expand_inputs
+    from phi3embed.outputs.combine import check_outputs, write_combined
 
     try:
         sources = expand_inputs(inputs, exclude=[str(d) for d in dirs]) if inputs else None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
-from .errors import Phi3EmbedError
+from phi3embed.errors import Phi3EmbedError
 
 IMAGE_EXTENSIONS = frozenset(
     {

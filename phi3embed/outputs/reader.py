@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import Phi3EmbedError
-from .writers import EMBED_KEY, MANIFEST, iter_manifest
+from phi3embed.errors import Phi3EmbedError
+from phi3embed.outputs.store import EMBED_KEY, MANIFEST, iter_manifest
 
 
 def latest_records(out_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .config import find_preset, read_json
-from .errors import CheckpointError, ConfigError
+from phi3embed.core.config import find_preset, read_json
+from phi3embed.errors import CheckpointError, ConfigError
 
 VISION_PREFIX = "model.vision_embed_tokens."
 CLIP_PREFIX = VISION_PREFIX + "img_processor.vision_model."

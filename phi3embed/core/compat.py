@@ -6,7 +6,7 @@ returning the merged ``hidden_states``, same ``set_img_features`` / ``set_img_si
 and the official parameter names (``img_processor``, ``img_projection``, ``glb_GN``, ``sub_GN``), so the
 checkpoint's ``model.vision_embed_tokens.*`` tensors (prefix stripped, see :func:`vision_state_dict`) load with
 ``load_state_dict`` under transformers 4 and 5 alike. The numbers come from phi3embed's own pieces
-(:mod:`phi3embed.hd`, :mod:`phi3embed.model`, :mod:`phi3embed.merge`), which match the official code.
+(:mod:`phi3embed.core.hd`, :mod:`phi3embed.core.model`, :mod:`phi3embed.core.prompt`), which match the official code.
 
 What is accepted (``S`` = crop size 336, ``g`` = patches per side 24, ``C`` = CLIP width):
 
@@ -40,7 +40,7 @@ The problems of the seed class (SPEC 16) and what this class does instead:
 7. ``hd_transform_order`` defaults to the released ``sub_glb``;
 8. ``projection_cls="linear"`` with HD is ``Linear(4C, D)``, the width the HD transform produces;
 9. ``type_feature="cls_patch"`` is rejected at construction (ConfigError);
-10. image rows go to the placeholder positions in row-major order (:func:`phi3embed.merge.merge_image_embeddings`),
+10. image rows go to the placeholder positions in row-major order (:func:`phi3embed.core.prompt.merge_image_embeddings`),
     however the runs are split over rows;
 11. ids are clamped into ``[0, vocab_size - 1]`` on a copy: ``input_ids`` is never modified;
 12. CLIP dimensions come from the config (``clip_vision_config``, else ViT-L/14-336); attention is SDPA, as
@@ -65,12 +65,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import VISION_PREFIX, check_vision_tensors, resolve
-from .config import VisionConfig, vision_config_from_dict
-from .errors import ConfigError, MergeError
-from .hd import image_tokens, num_image_tokens
-from .merge import image_mask, merge_image_embeddings, read_text_embeddings
-from .model import build_clip, build_projection, materialise_buffers
+from phi3embed.core.checkpoint import VISION_PREFIX, check_vision_tensors, resolve
+from phi3embed.core.config import VisionConfig, vision_config_from_dict
+from phi3embed.core.hd import image_tokens, num_image_tokens
+from phi3embed.core.model import build_clip, build_projection, materialise_buffers
+from phi3embed.core.prompt import image_mask, merge_image_embeddings, read_text_embeddings
+from phi3embed.errors import ConfigError, MergeError
 
 OFFICIAL_CLIP_PREFIX = "img_processor.vision_model."  # how the checkpoint names CLIP (after the vision prefix)
 EMBD_LAYER_KEYS = (

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # importing jobs pulls in torch: not needed to print a line
-    from .jobs import JobSummary
+    from phi3embed.jobs.local import JobSummary
 
 
 def say(console: Console, line: str, style: str | None = None) -> None:
@@ -63,7 +63,7 @@ class _FailedColumn(ProgressColumn):
 
 
 class ProgressReporter:
-    """Implements :class:`phi3embed.jobs.Reporter` for people. Thread-safe (``advance`` runs in the writer)."""
+    """Implements :class:`phi3embed.jobs.local.Reporter` for people. Thread-safe (``advance`` runs in the writer)."""
 
     def __init__(self, console: Console, *, show_progress: bool = True, status_interval: float = 30.0) -> None:
         self.console = console

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import PreprocessConfig
-from .errors import DecompressionBombError, ImageError, UnsupportedImageError
-from .hd import num_image_tokens
+from phi3embed.core.config import PreprocessConfig
+from phi3embed.core.hd import num_image_tokens
+from phi3embed.errors import DecompressionBombError, ImageError, UnsupportedImageError
 
 AlphaMode = Literal["drop", "white"]
 ImageInput = Union[str, "os.PathLike[str]", Image.Image, bytes]  # noqa: UP007 (runtime alias, py3.10)
@@ -149,7 +149,7 @@ def image_errors(label: str, *, decoding: bool = True) -> Iterator[None]:
     """Pillow's failures inside the block -> the one-line ImageErrors of :func:`open_image`, naming ``label``
     (decompression-bomb warnings are silenced; ImageErrors pass through as they are).
 
-    ``decoding=False`` is for header-only reads (:func:`phi3embed.inspect.image_size`): a damaged file
+    ``decoding=False`` is for header-only reads (:func:`phi3embed.inspection.image_size`): a damaged file
     "cannot read image header" there, and a MemoryError is not turned into an ImageError.
     """
     try:

@@ -1,6 +1,6 @@
-"""Typer commands ``plan``, ``preview`` and ``info``: thin translations over :mod:`phi3embed.inspect`.
+"""Typer commands ``plan``, ``preview`` and ``info``: thin translations over :mod:`phi3embed.inspection`.
 
-``register(app)`` adds them to the application that ``phi3embed.cli`` builds. stdout carries only the
+``register(app)`` adds them to the application that ``phi3embed.cli.app`` builds. stdout carries only the
 requested output (a table for people, or JSON with ``--json``); messages go to stderr. A
 :class:`~phi3embed.errors.Phi3EmbedError` becomes one line on stderr and exit code 2; ``plan`` exits 1
 when some inputs could not be planned (they are reported, the others are still planned).
@@ -22,11 +22,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .config import VisionConfig
-from .errors import ConfigError, ImageError, Phi3EmbedError
+from phi3embed.core.config import VisionConfig
+from phi3embed.errors import ConfigError, ImageError, Phi3EmbedError
 
 if TYPE_CHECKING:  # .inspect imports torch: only the command that runs pays for it, not --help
-    from .inspect import PlanResult
+    from phi3embed.inspection import PlanResult
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
 MODEL_ENV = "PHI3EMBED_MODEL"
@@ -82,7 +82,7 @@ def _settings(model: str | None, num_crops: int | None) -> tuple[VisionConfig, i
     With ``--num-crops`` and no explicit ``--model``, a model that cannot be read (e.g. a stale
     ``PHI3EMBED_MODEL``) is not an error: the released models' configuration is used, with a warning.
     """
-    from .inspect import model_configs
+    from phi3embed.inspection import model_configs
 
     source = _model_source(model)
     try:
@@ -130,7 +130,7 @@ def plan_command(
     Exit code 0 when every input can be planned, 1 when some cannot, 2 on usage, model or config errors.
     """
 
-    from .inspect import plan
+    from phi3embed.inspection import plan
 
     def work() -> "tuple[PlanResult, str]":
         vision, crops, label = _settings(model, num_crops)
@@ -217,7 +217,7 @@ def preview_command(
 ) -> None:
     """Draw how an image is tiled: the padded HD image with its numbered crop grid, the global view, tokens."""
 
-    from .inspect import render_preview
+    from phi3embed.inspection import render_preview
 
     def work() -> str:
         vision, crops, _ = _settings(model, num_crops)
@@ -253,7 +253,7 @@ def info_command(
     as_json: _Json = False,
 ) -> None:
     """Describe a checkpoint from its configs and weight headers (no tensor data is read)."""
-    from .inspect import model_info
+    from phi3embed.inspection import model_info
 
     info = _guard(lambda: model_info(_model_source(model), num_crops=num_crops, revision=revision))
     if as_json:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import Phi3EmbedError
-from .sources import Source
-from .writers import MANIFEST, iter_manifest, record_signature
+from phi3embed.errors import Phi3EmbedError
+from phi3embed.inputs.listing import Source
+from phi3embed.outputs.store import MANIFEST, iter_manifest, record_signature
 
 
 @dataclass

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import TEXT_EMBED_KEY, Checkpoint, resolve
-from .embedder import parse_dtype
-from .errors import CheckpointError, MergeError
+from phi3embed.core.checkpoint import TEXT_EMBED_KEY, Checkpoint, resolve
+from phi3embed.core.embedder import parse_dtype
+from phi3embed.errors import CheckpointError, MergeError
 
 MAX_INPUT_ID = 10**9  # ids in (-MAX_INPUT_ID, 0) are image placeholders
 

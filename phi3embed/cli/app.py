@@ -23,10 +23,10 @@ from typing import Annotated, Any
 
 import typer
 
-from .commands_inspect import DEFAULT_MODEL, MODEL_ENV, Alpha
-from .commands_inspect import register as register_inspect_commands
-from .commands_shards import register as register_shard_commands
-from .config import DEFAULT_BATCH_SIZE, default_workers, usable_cpus
+from phi3embed.cli.combine import register as register_shard_commands
+from phi3embed.cli.inspect_commands import DEFAULT_MODEL, MODEL_ENV, Alpha
+from phi3embed.cli.inspect_commands import register as register_inspect_commands
+from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers, usable_cpus
 
 app = typer.Typer(
     name="phi3embed",
@@ -242,8 +242,8 @@ class _EncodeOptions:
 
 def _options(*, shard: str | None, pack: str | None, **options: Any) -> _EncodeOptions:
     """The command's options -> :class:`_EncodeOptions`; an inconsistent combination is a :class:`_Usage`."""
-    from .errors import Phi3EmbedError
-    from .sources import parse_shard
+    from phi3embed.errors import Phi3EmbedError
+    from phi3embed.inputs.listing import parse_shard
 
     try:
         shard_spec = parse_shard(shard) if shard is not None else None
@@ -260,8 +260,8 @@ def _options(*, shard: str | None, pack: str | None, **options: Any) -> _EncodeO
 
 
 def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
-    from .errors import Phi3EmbedError
-    from .sources import expand_inputs, select_shard
+    from phi3embed.errors import Phi3EmbedError
+    from phi3embed.inputs.listing import expand_inputs, select_shard
 
     try:
         sources = expand_inputs(inputs, exclude=[str(opts.out)])
@@ -275,7 +275,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
 
     from rich.console import Console
 
-    from .progress import say
+    from phi3embed.cli.progress import say
 
     console = Console(stderr=True)
     if not sources:
@@ -285,7 +285,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
         return 0
     _check_writable(opts.out)
 
-    from .checkpoint import resolve
+    from phi3embed.core.checkpoint import resolve
 
     try:  # find the checkpoint first: a wrong --model is reported before transformers is even imported
         checkpoint_dir = str(resolve(opts.model).root)
@@ -295,7 +295,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
     if opts.engine == "ray":
         return _encode_ray(sources, opts, console)
 
-    from .embedder import Phi3VisionEmbedder, resolve_device
+    from phi3embed.core.embedder import Phi3VisionEmbedder, resolve_device
 
     try:
         dev = resolve_device(opts.device)
@@ -329,7 +329,7 @@ def _dtypes(device_type: str, opts: _EncodeOptions) -> tuple[Any, Any]:
     stores float32 on CPU, the compute dtype on CUDA (float32 when npy cannot hold it)."""
     import torch
 
-    from .embedder import parse_dtype
+    from phi3embed.core.embedder import parse_dtype
 
     dtype, out_dtype = opts.dtype, opts.out_dtype
     compute = parse_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if device_type == "cuda" else torch.float32)
@@ -346,12 +346,12 @@ def _encode_ray(sources: list[Any], opts: _EncodeOptions, console: Any) -> int:
     """``--engine ray``: the same job on a Ray actor pool; the outputs are written here, as locally."""
     from dataclasses import replace
 
-    from .embedder import ImageOptions
-    from .errors import Phi3EmbedError
-    from .progress import say
+    from phi3embed.cli.progress import say
+    from phi3embed.core.embedder import ImageOptions
+    from phi3embed.errors import Phi3EmbedError
 
     try:
-        from .ray_engine import EncoderSpec, checkpoint_facts, cluster_resources, ray_session, run_ray
+        from phi3embed.jobs.ray_engine import EncoderSpec, checkpoint_facts, cluster_resources, ray_session, run_ray
     except ImportError:
         raise _Usage("--engine ray needs Ray: pip install 'phi3embed[ray]'") from None
     device, model, ray_address, alpha = opts.device, opts.model, opts.ray_address, opts.alpha
@@ -476,10 +476,10 @@ def _run(
     console: Any,
     runner: Any = None,
 ) -> int:
-    from .errors import Phi3EmbedError
-    from .jobs import run_local
-    from .progress import ProgressReporter, RunInfo, render_summary, say
-    from .writers import OutputSettings, OutputStore, dtype_name
+    from phi3embed.cli.progress import ProgressReporter, RunInfo, render_summary, say
+    from phi3embed.errors import Phi3EmbedError
+    from phi3embed.jobs.local import run_local
+    from phi3embed.outputs.store import OutputSettings, OutputStore, dtype_name
 
     out, model, fmt, pack_bytes, quiet = opts.out, opts.model, opts.output_format, opts.pack_bytes, opts.quiet
     printer = _JsonlPrinter() if opts.jsonl else None

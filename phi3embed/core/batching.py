@@ -16,9 +16,9 @@ from typing import Generic, TypeVar
 
 import torch
 
-from .errors import DeviceOutOfMemoryError
-from .model import Phi3VisionModel
-from .preprocess import Preprocessed, normalization_table, normalize_tiles, pad_crops
+from phi3embed.core.model import Phi3VisionModel
+from phi3embed.core.preprocess import Preprocessed, normalization_table, normalize_tiles, pad_crops
+from phi3embed.errors import DeviceOutOfMemoryError
 
 K = TypeVar("K")
 _OOM_TYPES: tuple[type[BaseException], ...] = tuple(

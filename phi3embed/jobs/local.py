@@ -39,13 +39,13 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 import torch
 from PIL import Image
 
-from .config import PreprocessConfig, usable_cpus
-from .embedder import Phi3VisionEmbedder
-from .errors import ImageError, Phi3EmbedError, UnsupportedImageError
-from .pipeline import HostCopier, StageTimes, is_out_of_memory
-from .preprocess import AlphaMode, Preprocessed, preprocess_image
-from .sources import Source
-from .writers import ImageFacts, OutputError, OutputStore
+from phi3embed.core.batching import HostCopier, StageTimes, is_out_of_memory
+from phi3embed.core.config import PreprocessConfig, usable_cpus
+from phi3embed.core.embedder import Phi3VisionEmbedder
+from phi3embed.core.preprocess import AlphaMode, Preprocessed, preprocess_image
+from phi3embed.errors import ImageError, Phi3EmbedError, UnsupportedImageError
+from phi3embed.inputs.listing import Source
+from phi3embed.outputs.store import ImageFacts, OutputError, OutputStore
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -258,7 +258,7 @@ def _crashed(source: Source) -> Prepared:
 
 
 class Reporter(Protocol):
-    """What the job tells people about (implemented by phi3embed.progress)."""
+    """What the job tells people about (implemented by phi3embed.cli.progress)."""
 
     def start(self, *, total: int, skipped: int) -> None: ...
 

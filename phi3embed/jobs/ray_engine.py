@@ -28,16 +28,16 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from .checkpoint import resolve
-from .config import preprocess_config_from_dict, vision_config_from_dict
-from .embedder import Phi3VisionEmbedder, parse_dtype
-from .errors import CheckpointError, ImageError, Phi3EmbedError, UnsupportedImageError
-from .jobs import STOPS, JobSummary, Reporter, StopSignals, Writer, header_size, read_source
-from .model import Phi3VisionModel
-from .pipeline import HostResult
-from .preprocess import AlphaMode, Preprocessed
-from .sources import Source
-from .writers import ImageFacts, OutputStore
+from phi3embed.core.batching import HostResult
+from phi3embed.core.checkpoint import resolve
+from phi3embed.core.config import preprocess_config_from_dict, vision_config_from_dict
+from phi3embed.core.embedder import Phi3VisionEmbedder, parse_dtype
+from phi3embed.core.model import Phi3VisionModel
+from phi3embed.core.preprocess import AlphaMode, Preprocessed
+from phi3embed.errors import CheckpointError, ImageError, Phi3EmbedError, UnsupportedImageError
+from phi3embed.inputs.listing import Source
+from phi3embed.jobs.local import STOPS, JobSummary, Reporter, StopSignals, Writer, header_size, read_source
+from phi3embed.outputs.store import ImageFacts, OutputStore
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -447,7 +447,7 @@ def run_ray(
     writer_queue: int = 16,
     file_threads: int = 4,
 ) -> JobSummary:
-    """The Ray counterpart of :func:`phi3embed.jobs.run_local`: same skipping, same store, same summary.
+    """The Ray counterpart of :func:`phi3embed.jobs.local.run_local`: same skipping, same store, same summary.
 
     Ray must be initialised (:func:`ray_session`), or ``connect()`` gives a context in which it is: it is
     entered only when there is work, so a rerun with nothing left to do starts no Ray. The sources not

@@ -8,20 +8,20 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .allocator import keep_freed_memory
-from .checkpoint import Checkpoint, resolve
-from .config import (
+from phi3embed.core.allocator import keep_freed_memory
+from phi3embed.core.batching import StageTimes, encode_plain, encode_stream
+from phi3embed.core.checkpoint import Checkpoint, resolve
+from phi3embed.core.config import (
     DEFAULT_BATCH_SIZE,
     PreprocessConfig,
     VisionConfig,
     preprocess_config_from_dict,
     vision_config_from_dict,
 )
-from .errors import ConfigError
-from .hd import num_image_tokens
-from .model import Phi3VisionModel
-from .pipeline import StageTimes, encode_plain, encode_stream
-from .preprocess import AlphaMode, ImageInput, Preprocessed, hd_grid, preprocess_image
+from phi3embed.core.hd import num_image_tokens
+from phi3embed.core.model import Phi3VisionModel
+from phi3embed.core.preprocess import AlphaMode, ImageInput, Preprocessed, hd_grid, preprocess_image
+from phi3embed.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

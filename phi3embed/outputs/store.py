@@ -23,7 +23,7 @@ in its metadata, so a kill between the rename and the manifest append is repaire
 The store is used from one thread at a time, except :meth:`OutputStore.write_file`, which several threads may
 run at once (per-image formats: one fsync per file, and a disk takes several in parallel faster than one
 after another); its records then go to :meth:`OutputStore.commit` from one thread, in input order. The local
-engine (:mod:`phi3embed.jobs`) does that from its writer threads; another engine producing tensors elsewhere
+engine (:mod:`phi3embed.jobs.local`) does that from its writer threads; another engine producing tensors elsewhere
 can reuse the store unchanged to get the same files.
 """
 
@@ -46,8 +46,8 @@ from typing import IO, Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from .errors import ConfigError, ImageError, Phi3EmbedError
-from .sources import Source
+from phi3embed.errors import ConfigError, ImageError, Phi3EmbedError
+from phi3embed.inputs.listing import Source
 
 try:  # advisory locks: POSIX only; elsewhere a second concurrent run is simply not detected
     import fcntl

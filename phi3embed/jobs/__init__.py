@@ -1,0 +1,1 @@
+"""One job (sources -> records) and the engines that run it: the local pipeline and a Ray Data pool."""

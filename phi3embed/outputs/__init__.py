@@ -1,0 +1,1 @@
+"""Where results go: the manifest, atomic publishing, resume, per-image and packed writers, the reader."""
