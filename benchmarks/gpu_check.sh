@@ -25,8 +25,8 @@
 # pytest (the GPU image has them all). A package that is missing is installed from carried wheels only:
 # run benchmarks/fetch_gpu_wheels.sh here and carry ".whl"; only wheels of missing packages are installed,
 # into /tmp/site (torch is never reinstalled).
-# Golden data: $PHI3EMBED_GOLDEN, ./shared/golden, ./.golden or ../shared/golden. On the device machine
-# ../shared does not travel: `cp -r ../shared/golden .golden` here (36 MB, git-ignored) and carry ".golden".
+# Golden data: the trimmed set in the repository (tests/data/golden, travels with the working tree) unless
+# $PHI3EMBED_GOLDEN names another one (e.g. the full set).
 #
 # Dry run on a CPU box: GPU_CHECK_DEVICE=cpu DEADLINE=1500 BENCH_TIMEOUT=900 PYTHON=.venv/bin/python
 # bash benchmarks/gpu_check.sh (tiny parity tests on the CPU and bench_encode --quick; GPU_CHECK_PYTEST_ARGS /
@@ -111,7 +111,7 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
       f"cuda available {torch.cuda.is_available()}, cpus {__import__('os').cpu_count()}")
 EOF
 
-for g in "${PHI3EMBED_GOLDEN:-}" "$PWD/shared/golden" "$PWD/.golden" "$PWD/../shared/golden"; do
+for g in "${PHI3EMBED_GOLDEN:-}" "$PWD/tests/data/golden"; do
     if [ -n "$g" ] && [ -f "$g/MANIFEST.json" ]; then
         export PHI3EMBED_GOLDEN=$g
         break

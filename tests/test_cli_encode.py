@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import typer.main
 from badfiles import EXPECTED_REASONS, make_bad_files
-from conftest import GOLDEN, TINY_35, TINY_128K
+from conftest import GOLDEN, TINY_35, TINY_128K, GoldenEmbeddings, golden_embeddings
 from typer.testing import CliRunner
 
 import phi3embed
@@ -240,9 +240,9 @@ def records(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
 
 
-def golden(ckpt: str, num_crops: int, image: str) -> np.ndarray:
+def golden(ckpt: str, num_crops: int, image: str) -> GoldenEmbeddings:
     stem = image.rsplit(".", 1)[0]
-    return np.load(GOLDEN / "expected" / ckpt / str(num_crops) / f"{stem}.npz")["embeddings"]
+    return golden_embeddings(f"expected/{ckpt}/{num_crops}/{stem}.npz")
 
 
 # --------------------------------------------------------------------------- crash safety first (long chains)
@@ -314,7 +314,7 @@ def test_outputs_equal_the_golden_embeddings(ws: Workspace) -> None:
         ours = np.load(out / f"{image}.npy")
         expected = golden(TINY_128K, 16, image)
         assert ours.shape == expected.shape and ours.dtype == np.float32
-        worst = max(worst, float(np.abs(ours - expected).max()))
+        worst = max(worst, expected.max_abs(ours))
     assert worst <= 1e-4, worst
     for record in records(out):
         assert set(record) >= REQUIRED_FIELDS
@@ -340,7 +340,7 @@ def test_stdin_glob_and_packed_shards_read_back_exactly(ws: Workspace) -> None:
     assert [r["name"] for r, _ in got] == sorted(STDIN_JPEGS + pngs)
     for record, tensor in got:
         expected = golden(TINY_35, 4, record["name"].removeprefix("imgs/"))
-        assert float(np.abs(tensor.numpy() - expected).max()) <= 1e-4
+        assert expected.max_abs(tensor.numpy()) <= 1e-4
         assert record["key"] == record["name"] and record["format"] == "pack"
     printed = [json.loads(line) for line in b.stdout.splitlines()]
     assert sorted(printed, key=lambda r: r["name"]) == sorted(records(out), key=lambda r: r["name"])

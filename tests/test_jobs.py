@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 from badfiles import EXPECTED_REASONS, make_bad_files
-from conftest import GOLDEN, TINY_128K
+from conftest import GOLDEN, TINY_128K, GoldenEmbeddings
+from conftest import golden_embeddings as golden_embeddings_of
 from filewrites import FileWriteProbe
 
 from phi3embed import Phi3VisionEmbedder
@@ -43,9 +44,9 @@ def store_for(out: Path, e: Phi3VisionEmbedder, **kw: Any) -> OutputStore:
     return OutputStore(out, s, **kw)
 
 
-def golden_embeddings(name: str) -> np.ndarray:
+def golden_embeddings(name: str) -> GoldenEmbeddings:
     stem = name.rsplit(".", 1)[0]
-    return np.load(GOLDEN / "expected" / TINY_128K / "4" / f"{stem}.npz")["embeddings"]
+    return golden_embeddings_of(f"expected/{TINY_128K}/4/{stem}.npz")
 
 
 class Recorder:
@@ -80,7 +81,7 @@ def test_good_and_bad_images_in_worker_processes(tmp_path: Path, embedder: Phi3V
     for name in GOOD:
         assert by_name[name]["status"] == "ok"
         out = np.load(tmp_path / "emb" / f"{name}.npy")
-        assert np.abs(out - golden_embeddings(name)).max() <= 1e-4
+        assert golden_embeddings(name).max_abs(out) <= 1e-4
     as_root = os.geteuid() == 0  # root reads a chmod 000 file: the CLI test covers that case
     for fname, reason in EXPECTED_REASONS.items():
         record = by_name[f"bad/{fname}"]

@@ -1,4 +1,8 @@
-"""Golden parity: every case of ../shared/golden/MANIFEST.json against the official implementation's outputs."""
+"""Golden parity: every case of the golden MANIFEST.json against the official implementation's outputs.
+
+Runs against the trimmed in-repo set (tests/data/golden) or the full one (PHI3EMBED_GOLDEN): files absent from the
+trimmed set are covered by the sha256 values in MANIFEST.json, compact embedding files by GoldenEmbeddings.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN, load_manifest
+from conftest import GOLDEN, golden_embeddings, load_manifest
 from PIL import Image
 
 from phi3embed import Phi3VisionEmbedder
@@ -57,7 +61,7 @@ def test_processor_case(case: dict[str, Any]) -> None:
     assert [grid.rows, grid.cols] == case["crops_hw"]
     assert list(hd.shape[:2]) == case["hd_image_hw"]
     assert sha256(hd) == case["hd_image_sha256"]
-    if case["hd_image_png"]:
+    if case["hd_image_png"] and (GOLDEN / case["hd_image_png"]).is_file():  # the trimmed set keeps only a few
         assert np.array_equal(hd, np.asarray(Image.open(GOLDEN / case["hd_image_png"]).convert("RGB")))
     assert tuple(pv.shape) == tuple(case["pixel_values_unpadded_shape"])
     assert sha256(pv.numpy()) == case["pixel_values_unpadded_sha256"]
@@ -66,6 +70,8 @@ def test_processor_case(case: dict[str, Any]) -> None:
     assert tuple(padded.shape) == tuple(case["pixel_values_shape"][1:])
     assert sha256(padded.numpy()) == case["pixel_values_sha256"]
 
+    if not (GOLDEN / case["file"]).is_file():  # trimmed set: the sha256 values above are the whole evidence
+        return
     ref = np.load(GOLDEN / case["file"])
     assert ref["image_sizes"].tolist() == [case["image_sizes"]]
     assert int(ref["num_img_tokens"][0]) == case["num_img_tokens"]
@@ -93,9 +99,12 @@ def test_embedding_case(case: dict[str, Any]) -> None:
     assert item.num_tokens == case["num_img_tokens"] == emb.num_tokens(item.grid.width, item.grid.height)
     (out,) = emb.embed([item])
     ref = np.load(GOLDEN / case["file"])
-    assert out.shape == tuple(case["embeddings_shape"]) == ref["embeddings"].shape
+    assert ref["image_sizes"].tolist() == [case["image_sizes"]]
+    assert int(ref["num_img_tokens"][0]) == case["num_img_tokens"]
+    want = golden_embeddings(case["file"], case["embeddings_sha256"])
+    assert out.shape == tuple(case["embeddings_shape"]) == want.shape
     assert out.dtype == torch.float32
-    diff = float(np.abs(out.numpy() - ref["embeddings"]).max())
+    diff = want.max_abs(out.numpy())  # full array, else sha256, else sample + row statistics (lower bounds)
     assert diff <= EMB_ATOL, f"max|diff| {diff}"
 
     with torch.inference_mode():
@@ -103,7 +112,7 @@ def test_embedding_case(case: dict[str, Any]) -> None:
     assert feats.shape == tuple(case["clip_features_shape"])
     if "clip_features" in ref:
         assert float(np.abs(feats - ref["clip_features"]).max()) <= CLIP_ATOL
-    else:
+    elif "clip_features_sample" in ref:  # compact files of the trimmed set carry no CLIP summaries
         flat = feats.reshape(-1)
         np.testing.assert_allclose(flat[ref["clip_features_sample_index"]], ref["clip_features_sample"], atol=CLIP_ATOL)
         f64 = torch.from_numpy(feats).double()
@@ -124,12 +133,12 @@ def test_alpha_over_white_variant(case: dict[str, Any]) -> None:
         GOLDEN / "checkpoints" / case["checkpoint"], num_crops=case["num_crops"], alpha="white"
     )
     (out,) = emb.encode([GOLDEN / case["image"]])
-    ref = np.load(GOLDEN / case["file"])
+    ref = golden_embeddings(case["file"])
     assert out.shape[0] == case["num_img_tokens"]
-    assert float(np.abs(out.numpy() - ref["embeddings"]).max()) <= EMB_ATOL
-    # and the default (drop alpha, the official 4.x behaviour) really differs for this image
+    assert ref.max_abs(out.numpy()) <= EMB_ATOL
+    # and the default (drop alpha, the official 4.x behaviour) really differs for this image (a lower bound > 1e-2)
     (dropped,) = embedder(case["checkpoint"], case["num_crops"]).encode([GOLDEN / case["image"]])
-    assert float(np.abs(dropped.numpy() - ref["embeddings"]).max()) > 1e-2
+    assert ref.max_abs(dropped.numpy()) > 1e-2
 
 
 @pytest.mark.parametrize("case", MANIFEST.get("bf16_native_cases", []), ids=case_id)
