@@ -18,8 +18,8 @@ from conftest import GOLDEN, golden_embeddings, load_manifest
 from PIL import Image
 
 from phi3embed import Phi3VisionEmbedder
-from phi3embed.config import PreprocessConfig
-from phi3embed.preprocess import hd_grid, hd_image, open_image, pad_crops, preprocess_rgb, to_rgb
+from phi3embed.core.config import PreprocessConfig
+from phi3embed.core.preprocess import hd_grid, hd_image, open_image, pad_crops, preprocess_rgb, to_rgb
 
 MANIFEST = load_manifest()
 TOL = MANIFEST.get("tolerances", {})
