@@ -341,12 +341,16 @@ class DiscardStore:
     def is_done(self, source: Any) -> bool:
         return False
 
-    def write(self, source: Any, facts: Any, embeddings: torch.Tensor) -> dict[str, Any]:
-        embeddings.to(self.settings.dtype).cpu()
-        return {"status": "ok", "num_tokens": facts.num_tokens}
+    def write(self, source: Any, facts: Any, embeddings: torch.Tensor) -> Any:
+        from phi3embed.outputs.records import new_record  # type: ignore[import-not-found,unused-ignore]
 
-    def write_error(self, source: Any, error: str, facts: Any = None) -> dict[str, Any]:
-        return {"status": "error", "error": error}
+        embeddings.to(self.settings.dtype).cpu()
+        return new_record(self.settings, source, facts, status="ok")
+
+    def write_error(self, source: Any, error: str, facts: Any = None) -> Any:
+        from phi3embed.outputs.records import error_record  # type: ignore[import-not-found,unused-ignore]
+
+        return error_record(self.settings, source, error, facts)
 
     def close(self) -> None:
         pass
@@ -355,17 +359,19 @@ class DiscardStore:
 def end_to_end(
     emb: Phi3VisionEmbedder, paths: list[Path], *, copies: int, workers: int, tmp: Path, sink: str = "disk"
 ) -> dict[str, Any]:
-    """images/s of the CLI's worker pipeline (phi3embed.jobs.local.run_local) over ``copies`` copies of the images.
+    """images/s of the CLI's worker pipeline (phi3embed.jobs.core.run_job + LocalEngine) over ``copies`` copies of the images.
 
     ``sink``: ``disk`` writes safetensors files under ``tmp`` as the CLI does; ``discard`` drops each result
     once it is on the host (:class:`DiscardStore`).
     """
     try:
         from phi3embed.inputs.listing import expand_inputs  # type: ignore[import-not-found,unused-ignore]
-        from phi3embed.jobs.local import run_local  # type: ignore[import-not-found,unused-ignore]
-        from phi3embed.outputs.store import OutputSettings, OutputStore  # type: ignore[import-not-found,unused-ignore]
+        from phi3embed.jobs.core import run_job  # type: ignore[import-not-found,unused-ignore]
+        from phi3embed.jobs.local import LocalEngine  # type: ignore[import-not-found,unused-ignore]
+        from phi3embed.outputs.records import OutputSettings  # type: ignore[import-not-found,unused-ignore]
+        from phi3embed.outputs.store import OutputStore  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
-        return {"skipped": f"phi3embed.jobs.local not available ({exc})"}
+        return {"skipped": f"phi3embed.jobs not available ({exc})"}
     src = tmp / "e2e-images"
     src.mkdir(parents=True, exist_ok=True)
     for c in range(copies):
@@ -395,7 +401,7 @@ def end_to_end(
         sync(emb.device)
         t0 = time.perf_counter()
         try:
-            summary = run_local(emb, sources, store, workers=workers)
+            summary = run_job(sources, store, LocalEngine(emb, workers=workers))  # type: ignore[arg-type]
         finally:
             store.close()
         sync(emb.device)

@@ -2,7 +2,7 @@
 
 A GPU encodes ~70 images/s; at ~2,000 tokens x 3072 in bf16 that is ~12 MB per image, ~850 MB/s of
 safetensors files, each fsynced before it is renamed into place. This measures, in ONE process and on the
-disk under ``--dir``, how many such files per second the job's writer (phi3embed.jobs.local.Writer over
+disk under ``--dir``, how many such files per second the job's writer (phi3embed.jobs.core.Writer over
 OutputStore) keeps up with for each ``--file-threads`` setting (1 = one file after another, the plain way).
 Nothing is encoded: the tensors are random, already on the host.
 
@@ -29,8 +29,9 @@ from report import save_json  # noqa: E402
 
 from phi3embed.core.batching import HostResult  # noqa: E402
 from phi3embed.inputs.listing import Source  # noqa: E402
-from phi3embed.jobs.local import Writer  # noqa: E402
-from phi3embed.outputs.store import ImageFacts, OutputSettings, OutputStore  # noqa: E402
+from phi3embed.jobs.core import JobSummary, Result, Writer  # noqa: E402
+from phi3embed.outputs.records import ImageFacts, OutputSettings  # noqa: E402
+from phi3embed.outputs.store import OutputStore  # noqa: E402
 
 
 def one_setting(root: Path, tensors: list[torch.Tensor], *, threads: int, fmt: str) -> dict[str, Any]:
@@ -39,20 +40,21 @@ def one_setting(root: Path, tensors: list[torch.Tensor], *, threads: int, fmt: s
         format=fmt,  # type: ignore[arg-type]
     )  # fmt: skip
     out = root / f"out-{threads}"
-    records: list[dict[str, Any]] = []
+    summary = JobSummary()
     with OutputStore(out, settings, overwrite=True) as store:
-        writer = Writer(store, records.append, 16, threads)
+        writer = Writer(store, summary, maxsize=16, file_threads=threads)
         writer.start()
         start = time.perf_counter()
         for i, t in enumerate(tensors):
             facts = ImageFacts(num_tokens=t.shape[0])
-            writer.put(("ok", Source(f"img{i:05d}.jpg", f"/nowhere/img{i:05d}.jpg", ""), facts, HostResult(t)))
+            source = Source(f"img{i:05d}.jpg", f"/nowhere/img{i:05d}.jpg", "")
+            writer.put(Result(source, facts, embeddings=HostResult(t)))
         writer.finish()
         seconds = time.perf_counter() - start
         written = store.bytes_written
     if writer.error is not None:
         raise writer.error
-    assert len(records) == len(tensors) and all(r["status"] == "ok" for r in records)
+    assert summary.ok == len(tensors) and summary.failed == 0
     shutil.rmtree(out)
     return {
         "file_threads": threads,

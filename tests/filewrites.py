@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from phi3embed.inputs.listing import Source
+from phi3embed.outputs.records import Record
 from phi3embed.outputs.store import OutputStore
 
 
@@ -23,7 +24,7 @@ class FileWriteProbe:
         self._lock = threading.Lock()
         store.write_file = self  # type: ignore[method-assign]
 
-    def __call__(self, source: Source, facts: Any, embeddings: torch.Tensor) -> dict[str, Any]:
+    def __call__(self, source: Source, facts: Any, embeddings: torch.Tensor) -> Record:
         with self._lock:
             self.active += 1
             self.peak = max(self.peak, self.active)

@@ -5,9 +5,9 @@ of imports and model loads overlaps) and each test then waits for the runs it ch
 
 * A   golden images folder, tiny 128k checkpoint at its own num_crops (16), npy, --jsonl, 2 workers
 * B   stdin list + glob pattern + a folder of every bad-input kind, tiny 3.5 checkpoint at num_crops 4,
-      --pack (2 images per shard), --jsonl; as root with CAP_DAC_OVERRIDE dropped, so that chmod 000 bites
+      --pack (2 images per pack file), --jsonl; as root with CAP_DAC_OVERRIDE dropped, so that chmod 000 bites
 * K1  A's command, SIGKILLed after its first finished image; then K2 (SIGINT mid-way) and K3 finish it
-* KP1 B's command, SIGKILLed after its first shard; then KP2 finishes it
+* KP1 B's command, SIGKILLed after its first pack; then KP2 finishes it
 * S0, S1  A's command with --shard 0/2 and 1/2 into one folder, at the same time
 """
 
@@ -36,7 +36,8 @@ from typer.testing import CliRunner
 
 import phi3embed
 from phi3embed.cli.app import app, parse_size
-from phi3embed.outputs.store import MANIFEST, TMP_DIR
+from phi3embed.outputs.manifest import MANIFEST
+from phi3embed.outputs.publish import TMP_DIR
 
 _SCRIPT = Path(sys.executable).with_name("phi3embed")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "phi3embed"]
@@ -50,7 +51,7 @@ ENV = {
 }
 STDIN_JPEGS = [f"imgs/{p.name}" for p in sorted(IMAGES.iterdir()) if p.suffix != ".png"]
 B_STDIN = "".join(f"{line}\n" for line in [*STDIN_JPEGS, "bad/dir.jpg"])
-PACK = "600kB"  # 757 tokens x 96 x float32 = 290,688 bytes: two images per shard
+PACK = "600kB"  # 757 tokens x 96 x float32 = 290,688 bytes: two images per pack
 REQUIRED_FIELDS = {
     "name", "source", "output", "status", "error", "width", "height", "image_sizes", "crops", "num_tokens",
     "dtype", "num_crops", "model", "fingerprint", "sha256",
@@ -248,6 +249,7 @@ def golden(ckpt: str, num_crops: int, image: str) -> GoldenEmbeddings:
 # --------------------------------------------------------------------------- crash safety first (long chains)
 
 
+@pytest.mark.e2e  # console-script subprocesses (the module starts them all, kill -9 and resume among them)
 def test_sigkill_then_resume_gives_identical_files_and_no_strays(ws: Workspace) -> None:
     k1 = ws.runs["K1"].wait()
     out = ws.out("K")
@@ -285,7 +287,8 @@ def test_sigkill_then_resume_gives_identical_files_and_no_strays(ws: Workspace) 
     assert {n: (out / f"{n}.npy").stat().st_mtime_ns for n in first} == mtimes  # finished work was not redone
 
 
-def test_sigkill_of_a_packed_run_then_resume_gives_identical_shards(ws: Workspace) -> None:
+@pytest.mark.e2e  # console-script subprocesses (the module starts them all, kill -9 and resume among them)
+def test_sigkill_of_a_packed_run_then_resume_gives_identical_packs(ws: Workspace) -> None:
     kp1 = ws.runs["KP1"].wait()
     out = ws.out("KP")
     assert ws.runs["KP1"].signalled and kp1.rc == -signal.SIGKILL
@@ -305,6 +308,7 @@ def test_sigkill_of_a_packed_run_then_resume_gives_identical_shards(ws: Workspac
 # --------------------------------------------------------------------------- outputs
 
 
+@pytest.mark.e2e  # console-script subprocesses (the module starts them all, kill -9 and resume among them)
 def test_outputs_equal_the_golden_embeddings(ws: Workspace) -> None:
     a = ws.runs["A"].wait()
     assert a.rc == 0, a.stderr
@@ -322,6 +326,7 @@ def test_outputs_equal_the_golden_embeddings(ws: Workspace) -> None:
         assert record["num_tokens"] == record["shape"][0] and len(record["sha256"]) == 64
 
 
+@pytest.mark.e2e  # console-script subprocesses (the module starts them all, kill -9 and resume among them)
 def test_jsonl_stdout_holds_only_the_records(ws: Workspace) -> None:
     a = ws.runs["A"].wait()
     lines = a.stdout.splitlines()
@@ -331,7 +336,8 @@ def test_jsonl_stdout_holds_only_the_records(ws: Workspace) -> None:
     assert "phi3embed encode" in a.stderr and "14 written" in a.stderr and "error:" not in a.stderr
 
 
-def test_stdin_glob_and_packed_shards_read_back_exactly(ws: Workspace) -> None:
+@pytest.mark.e2e  # console-script subprocesses (the module starts them all, kill -9 and resume among them)
+def test_stdin_glob_and_packs_read_back_exactly(ws: Workspace) -> None:
     b = ws.runs["B"].wait()
     out = ws.out("B")
     assert sorted(p.name for p in out.iterdir()) == [f"emb-{i:05d}.safetensors" for i in range(7)] + [MANIFEST]
@@ -346,6 +352,7 @@ def test_stdin_glob_and_packed_shards_read_back_exactly(ws: Workspace) -> None:
     assert sorted(printed, key=lambda r: r["name"]) == sorted(records(out), key=lambda r: r["name"])
 
 
+@pytest.mark.e2e  # console-script subprocesses (the module starts them all, kill -9 and resume among them)
 def test_every_bad_input_gets_an_error_record_and_one_stderr_line(ws: Workspace) -> None:
     b = ws.runs["B"].wait()
     assert b.rc == 1, b.stderr
@@ -367,7 +374,8 @@ def test_every_bad_input_gets_an_error_record_and_one_stderr_line(ws: Workspace)
     assert "14 written" in b.stderr and f"{len(expected)} failed" in b.stderr
 
 
-def test_shards_together_equal_a_full_run(ws: Workspace) -> None:
+@pytest.mark.e2e  # console-script subprocesses (the module starts them all, kill -9 and resume among them)
+def test_shard_parts_together_equal_a_full_run(ws: Workspace) -> None:
     s0, s1 = ws.runs["S0"].wait(), ws.runs["S1"].wait()
     assert (s0.rc, s1.rc) == (0, 0), s0.stderr + s1.stderr
     assert s0.stdout == s1.stdout == s0.stderr == s1.stderr == ""  # --quiet
@@ -383,6 +391,7 @@ def test_shards_together_equal_a_full_run(ws: Workspace) -> None:
 # --------------------------------------------------------------------------- usage
 
 
+@pytest.mark.e2e  # console-script subprocesses (the module starts them all, kill -9 and resume among them)
 def test_model_errors_exit_2_before_any_work(ws: Workspace) -> None:
     r = ws.runs["NOMODEL"].wait()
     assert r.rc == 2 and r.stdout == ""
@@ -418,10 +427,12 @@ def test_pack_sizes() -> None:
 
 
 def test_help_for_every_command() -> None:
-    commands = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
-    assert "encode" in commands
+    group = typer.main.get_command(app)
+    commands = sorted(group.commands)  # type: ignore[attr-defined]
+    shown = [c for c in commands if not group.commands[c].hidden]  # type: ignore[attr-defined]
+    assert "encode" in commands and "combine" in shown and "merge-manifests" not in shown
     top = subprocess.run([*CLI, "--help"], env=ENV, capture_output=True, text=True, timeout=60)
-    assert top.returncode == 0 and all(c in top.stdout for c in commands) and top.stderr == ""
+    assert top.returncode == 0 and all(c in top.stdout for c in shown) and top.stderr == ""
     for command in commands:  # each command's help in this process: the console script is checked above
         r = invoke([command, "--help"], cwd=Path.cwd())
         assert r.exit_code == 0 and "Usage:" in r.stdout and r.stderr == "", command

@@ -169,8 +169,10 @@ def test_local_job_on_cuda_writes_the_golden_numbers(tmp_path: Path, stored: str
     the host on the side stream (pipeline.HostCopier), written by the writer thread."""
     from phi3embed import read
     from phi3embed.inputs.listing import expand_inputs
-    from phi3embed.jobs.local import run_local
-    from phi3embed.outputs.store import OutputSettings, OutputStore
+    from phi3embed.jobs.core import run_job
+    from phi3embed.jobs.local import LocalEngine
+    from phi3embed.outputs.records import OutputSettings
+    from phi3embed.outputs.store import OutputStore
 
     checkpoint, num_crops = sorted(GROUPS)[0]
     emb = Phi3VisionEmbedder.from_pretrained(
@@ -188,7 +190,7 @@ def test_local_job_on_cuda_writes_the_golden_numbers(tmp_path: Path, stored: str
         device=str(emb.device),
     )
     with OutputStore(tmp_path / "out", settings) as store:
-        summary = run_local(emb, sources, store, workers=2)
+        summary = run_job(sources, store, LocalEngine(emb, stored_dtype=getattr(torch, stored), workers=2))
     assert (summary.ok, summary.failed, summary.fatal) == (len(cases), 0, None)
     got = {Path(record["name"]).name: tensor for record, tensor in read(tmp_path / "out")}
     worst = 0.0

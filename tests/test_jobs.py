@@ -1,4 +1,5 @@
-"""The local engine in-process: ordering, bad inputs, worker crashes, interruption, out of memory."""
+"""The local engine through the job core, in-process: ordering, bad inputs, worker crashes, interruption,
+out of memory."""
 
 from __future__ import annotations
 
@@ -23,8 +24,13 @@ from filewrites import FileWriteProbe
 
 from phi3embed import Phi3VisionEmbedder
 from phi3embed.inputs.listing import Source, expand_inputs
-from phi3embed.jobs.local import STOPS, JobStop, JobSummary, OrderedPool, Preparer, run_local
-from phi3embed.outputs.store import TMP_DIR, OutputError, OutputSettings, OutputStore, iter_manifest
+from phi3embed.jobs.core import STOPS, JobStop, JobSummary, Reporter, run_job
+from phi3embed.jobs.local import LocalEngine, OrderedPool
+from phi3embed.jobs.prepare import Preparer
+from phi3embed.outputs.manifest import iter_manifest
+from phi3embed.outputs.publish import TMP_DIR, OutputError
+from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, error_record, new_record
+from phi3embed.outputs.store import OutputStore
 
 GOOD = ["photo_1000x750.jpg", "portrait_600x1400.png", "panorama_4000x120.png", "tiny_7x9.png"]
 
@@ -44,6 +50,20 @@ def store_for(out: Path, e: Phi3VisionEmbedder, **kw: Any) -> OutputStore:
     return OutputStore(out, s, **kw)
 
 
+def run_local(
+    embedder: Phi3VisionEmbedder,
+    sources: list[Source],
+    store: OutputStore,
+    *,
+    workers: int = 1,
+    reporter: Reporter | None = None,
+    file_threads: int = 4,
+) -> JobSummary:
+    """One job on the local engine, as the command runs it."""
+    engine = LocalEngine(embedder, workers=workers)
+    return run_job(sources, store, engine, reporter=reporter, file_threads=file_threads)
+
+
 def golden_embeddings(name: str) -> GoldenEmbeddings:
     stem = name.rsplit(".", 1)[0]
     return golden_embeddings_of(f"expected/{TINY_128K}/4/{stem}.npz")
@@ -51,14 +71,14 @@ def golden_embeddings(name: str) -> GoldenEmbeddings:
 
 class Recorder:
     def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
+        self.records: list[Record] = []
         self.started: tuple[int, int] | None = None
         self.stopped = False
 
     def start(self, *, total: int, skipped: int) -> None:
         self.started = (total, skipped)
 
-    def advance(self, record: dict[str, Any]) -> None:
+    def advance(self, record: Record) -> None:
         self.records.append(record)
 
     def stop(self) -> None:
@@ -135,7 +155,7 @@ def test_signals_stop_cleanly_keeping_finished_outputs(
     rec = Recorder()
     advance = rec.advance
 
-    def advance_then_interrupt(record: dict[str, Any]) -> None:
+    def advance_then_interrupt(record: Record) -> None:
         advance(record)
         if len(rec.records) == 2:
             os.kill(os.getpid(), sig)
@@ -180,14 +200,16 @@ def test_out_of_memory_is_one_clear_message(tmp_path: Path, embedder: Phi3Vision
 
 
 def test_summary_counts_each_record_once_and_keeps_the_first_errors() -> None:
-    """JobSummary.count is the bookkeeping both engines do per written record."""
+    """JobSummary.count is the bookkeeping the writer does per written record, whatever the engine."""
     rec = Recorder()
     summary = JobSummary(listed=4)
+    s = OutputSettings(model="m", fingerprint="f", num_crops=4, dtype=torch.float32, compute_dtype=torch.float32)
+    src = Source("a.png", "a.png", "")
     written = [
-        {"status": "ok", "num_tokens": 10},
-        {"status": "error", "error": "a.png: first"},
-        {"status": "ok", "num_tokens": None},
-        {"status": "error", "error": "b.png: second"},
+        new_record(s, src, ImageFacts(num_tokens=10), status="ok"),
+        error_record(s, src, "a.png: first"),
+        new_record(s, src, ImageFacts(), status="ok"),
+        error_record(s, src, "b.png: second"),
     ]
     for record in written:
         summary.count(record, reporter=rec, keep_errors=1)

@@ -1,6 +1,6 @@
-"""merge-manifests: are the shard outputs of a job complete, and one manifest that reads as the whole job.
+"""combine: are the outputs of a job's --shard parts complete, and one manifest that reads as the whole job.
 
-The shards are made by ``encode --shard I/N`` in this process (tiny checkpoint, no worker processes), the
+The parts are made by ``encode --shard I/N`` in this process (tiny checkpoint, no worker processes), the
 check runs through the command, also in this process (the console script itself is tested in
 test_cli_encode.py).
 """
@@ -23,7 +23,7 @@ import phi3embed
 from phi3embed.cli.app import app
 from phi3embed.inputs.listing import expand_inputs, select_shard
 from phi3embed.outputs.combine import check_outputs, write_combined
-from phi3embed.outputs.store import MANIFEST
+from phi3embed.outputs.manifest import MANIFEST
 
 CKPT = str(GOLDEN / "checkpoints" / TINY_128K)
 NAMES = ["rgb_336x336.png", "tiny_7x9.png", "gray_L_640x480.png", "palette_P_320x240.png", "webp_700x500.webp"]
@@ -67,13 +67,13 @@ def job(tmp_path_factory: pytest.TempPathFactory, golden: Path) -> Job:
 
 
 def merge(job: Job, *args: str) -> tuple[int, dict[str, Any], str]:
-    result = cli("merge-manifests", *args, "--json", cwd=job.root)
+    result = cli("combine", *args, "--json", cwd=job.root)
     return result.exit_code, json.loads(result.stdout), result.stderr
 
 
 def test_shards_together_are_complete_and_read_as_the_full_run(job: Job) -> None:
     proc = cli(
-        "merge-manifests", "part-0", "part-1", "--inputs", "imgs", "--write", "all/manifest.jsonl", "--json",
+        "combine", "part-0", "part-1", "--inputs", "imgs", "-o", "all/manifest.jsonl", "--json",
         cwd=job.root,
     )  # fmt: skip
     assert proc.exit_code == 0, proc.stderr
@@ -89,7 +89,7 @@ def test_shards_together_are_complete_and_read_as_the_full_run(job: Job) -> None
     assert merged.keys() == whole.keys() and all(torch.equal(merged[n], whole[n]) for n in whole)
 
 
-def test_a_missing_shard_is_reported(job: Job) -> None:
+def test_a_missing_part_is_reported(job: Job) -> None:
     code, report, err = merge(job, "part-0", "--inputs", "imgs")
     expected = sorted(r["name"] for r in map(json.loads, (job / "part-1" / MANIFEST).read_text().splitlines()))
     assert code == 1 and not report["complete"]
@@ -109,7 +109,7 @@ def test_failed_lost_and_mixed_outputs_are_reported(job: Job, tmp_path: Path) ->
     (work / "part-1" / victim["output"]).unlink()
     code, report, _ = merge(work, "part-0", "part-1", "--inputs", "imgs")
     assert code == 1 and report["lost"] == [victim["name"]]
-    # ... until the shard is run again (resume re-encodes exactly that image)
+    # ... until the part is run again (resume re-encodes exactly that image)
     encode(work.root, "imgs", "-o", "part-1", "--shard", "1/2")
     assert merge(work, "part-0", "part-1", "--inputs", "imgs")[0] == 0
     # failed: an input whose only record is an error
@@ -119,7 +119,7 @@ def test_failed_lost_and_mixed_outputs_are_reported(job: Job, tmp_path: Path) ->
     code, report, err = merge(work, "part-0", "part-1", "part-bad", "--inputs", "imgs", "--inputs", "bad")
     assert code == 1 and [f["name"] for f in report["failed"]] == ["broken.png"]
     assert report["failed"][0]["error"].startswith("bad/broken.png: ") and "bad/broken.png" in err
-    # mixed settings: one shard made with another num_crops
+    # mixed settings: one part made with another num_crops
     shutil.rmtree(work / "part-1")
     result = cli(
         "encode", "imgs", "-o", "part-1", "--shard", "1/2", "--model", CKPT, "--num-crops", "3", "--workers", "0",
@@ -143,11 +143,21 @@ def test_an_ok_record_anywhere_beats_errors_elsewhere(job: Job, tmp_path: Path) 
 
 def test_usage_errors(job: Job, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = cli("merge-manifests", str(tmp_path / "empty"), cwd=job.root)
+    result = cli("combine", str(tmp_path / "empty"), cwd=job.root)
     assert result.exit_code == 2 and "no manifest.jsonl" in result.stderr
-    result = cli("merge-manifests", "part-0", "part-1", "--write", "part-0/manifest.jsonl", cwd=job.root)
+    result = cli("combine", "part-0", "part-1", "--out", "part-0/manifest.jsonl", cwd=job.root)
     assert result.exit_code == 2 and "is the manifest of part-0" in result.stderr
-    result = cli("merge-manifests", "part-0", "--inputs", "nowhere", cwd=job.root)
+    result = cli("combine", "part-0", "--inputs", "nowhere", cwd=job.root)
     assert result.exit_code == 2 and "nowhere" in result.stderr
     with pytest.raises(phi3embed.Phi3EmbedError):
         write_combined(check_outputs([job / "part-0"]), job / "part-0" / MANIFEST)
+
+
+def test_merge_manifests_is_a_hidden_alias_of_combine(job: Job, tmp_path: Path) -> None:
+    """Scripts written for the old name keep working; the help lists only ``combine``."""
+    out = tmp_path / "all.jsonl"
+    proc = cli("merge-manifests", "part-0", "part-1", "--inputs", "imgs", "--out", str(out), "--json", cwd=job.root)
+    assert proc.exit_code == 0 and json.loads(proc.stdout)["complete"], proc.stderr
+    assert [json.loads(line)["name"] for line in out.read_text().splitlines()] == sorted(NAMES)
+    top = cli("--help", cwd=job.root).stdout
+    assert "combine" in top and "merge-manifests" not in top

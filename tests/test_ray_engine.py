@@ -28,21 +28,25 @@ import phi3embed
 from phi3embed import CheckpointError, Phi3VisionEmbedder
 from phi3embed.cli.app import app
 from phi3embed.inputs.listing import Source
+from phi3embed.jobs.core import JobSummary, run_job
 from phi3embed.jobs.ray_engine import (
     BYTES,
     PATH,
     EncodedImage,
     EncoderSpec,
     RayEncoder,
+    RayEngine,
     build_pipeline,
     checkpoint_facts,
     decode_rows,
     embedding_bytes,
     embedding_from_bytes,
     ray_session,
-    run_ray,
+    spec_info,
 )
-from phi3embed.outputs.store import MANIFEST, OutputSettings, OutputStore
+from phi3embed.outputs.manifest import MANIFEST
+from phi3embed.outputs.records import OutputSettings
+from phi3embed.outputs.store import OutputStore
 
 NUM_CROPS = 4  # small grids keep the tiny model quick
 IMAGES = sorted((GOLDEN / "images").iterdir()) if (GOLDEN / "images").is_dir() else []
@@ -61,6 +65,11 @@ def reference(name: str = TINY_128K) -> Phi3VisionEmbedder:
 def expected(path: Path, name: str = TINY_128K) -> torch.Tensor:
     (emb,) = reference(name).encode([path])
     return emb
+
+
+def run_ray(spec: EncoderSpec, sources: list[Source], store: OutputStore, **engine: Any) -> JobSummary:
+    """One job on the Ray engine (Ray already initialised), as the command runs it."""
+    return run_job(sources, store, RayEngine(spec, spec_info(spec, actors=engine["actors"]), **engine))
 
 
 def batch_of(paths: list[Any], **columns: list[Any]) -> dict[str, np.ndarray]:
@@ -179,15 +188,17 @@ def test_bad_images_become_error_rows_and_good_ones_survive(
 def test_unexpected_decoder_exception_is_an_error_row(
     encoder: RayEncoder, monkeypatch: pytest.MonkeyPatch, manifest: dict[str, Any]
 ) -> None:
-    real = encoder.embedder.preprocess
+    import phi3embed.jobs.prepare as prepare
+
+    real = prepare.preprocess_image
     victim = IMAGES[1]
 
-    def flaky(image: Any, *, name: str | None = None) -> Any:
+    def flaky(image: Any, config: Any, *, name: str | None = None, **options: Any) -> Any:
         if name == str(victim):
             raise RuntimeError("decoder bug\nsecond line")
-        return real(image, name=name)
+        return real(image, config, name=name, **options)
 
-    monkeypatch.setattr(encoder.embedder, "preprocess", flaky)
+    monkeypatch.setattr(prepare, "preprocess_image", flaky)
     first, second = decode_rows(encoder(batch_of(IMAGES[:2])))
     check_ok(first, IMAGES[0], manifest)
     assert second.status == "error"
@@ -278,6 +289,7 @@ def ray_instance() -> Iterator[None]:
     assert not ray.is_initialized()
 
 
+@pytest.mark.e2e  # starts Ray
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own, on pickling its context
 def test_ray_pipeline_matches_local_encode_and_refuses_other_weights(
     tmp_path: Path, manifest: dict[str, Any], ray_instance: None
@@ -323,13 +335,14 @@ def test_ray_pipeline_matches_local_encode_and_refuses_other_weights(
     assert bad.embedding is None
 
 
+@pytest.mark.e2e  # starts Ray
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own, on pickling its context
 def test_ray_driver_writes_through_the_writer_and_a_failing_output_ends_the_job(
     tmp_path: Path, ray_instance: None
 ) -> None:
     """The driver hands results to the local engine's writer: several files at once, records in input order;
     a disk failure on one output ends the job with that one line and keeps the records before it."""
-    from phi3embed.outputs.store import OutputError
+    from phi3embed.outputs.publish import OutputError
 
     sources = [Source(f"{i}-{p.name}", str(p), "") for i, p in enumerate(IMAGES[:4])]
     fingerprint = reference().fingerprint
@@ -433,6 +446,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, golden: Path, ray_instance: N
     return Jobs(root, runs)
 
 
+@pytest.mark.e2e  # starts Ray
 def test_ray_engine_writes_what_the_local_engine_writes(jobs: Jobs) -> None:
     local, ray = jobs.runs["local"], jobs.runs["ray"]
     assert local.code == 1 and ray.code == 1, ray.err  # 1: some image failed, as the local engine says
@@ -457,6 +471,7 @@ def test_ray_engine_writes_what_the_local_engine_writes(jobs: Jobs) -> None:
         assert torch.equal(torch.from_numpy(np.load(jobs.root / "ray" / f"{path.name}.npy")), expected(path))
 
 
+@pytest.mark.e2e  # starts Ray
 def test_ray_engine_rerun_skips_finished_images(jobs: Jobs) -> None:
     again = jobs.runs["ray-again"]
     assert again.code == 0, again.err
@@ -467,13 +482,14 @@ def test_ray_engine_rerun_skips_finished_images(jobs: Jobs) -> None:
     assert tree(jobs.root / "ray") == tree(jobs.root / "local")
 
 
-def test_ray_engine_packs_the_same_shards_in_bfloat16(jobs: Jobs) -> None:
+@pytest.mark.e2e  # starts Ray
+def test_ray_engine_writes_the_same_packs_in_bfloat16(jobs: Jobs) -> None:
     local, ray = jobs.runs["local-pack"], jobs.runs["ray-pack"]
     assert local.code == 1 and ray.code == 1, ray.err
     assert ray.err.strip().startswith("error: imgs/corrupt.jpg")  # --quiet: only the failure line
-    shards = tree(jobs.root / "ray-pack")
-    assert len(shards) > 2 and all(name.startswith("emb-") for name in shards)
-    assert shards == tree(jobs.root / "local-pack")
+    packs = tree(jobs.root / "ray-pack")
+    assert len(packs) > 2 and all(name.startswith("emb-") for name in packs)
+    assert packs == tree(jobs.root / "local-pack")
     tensors = dict((r["name"], t) for r, t in phi3embed.read(jobs.root / "ray-pack"))
     for path in IMAGES:
         assert tensors[path.name].dtype == torch.bfloat16

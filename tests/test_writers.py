@@ -1,4 +1,4 @@
-"""OutputStore: formats, atomic writes, manifest, resume rules, packed shards and their repair, the reader."""
+"""OutputStore and its parts: formats, atomic writes, manifest, resume rules, packs and their repair, the reader."""
 
 from __future__ import annotations
 
@@ -15,15 +15,10 @@ from safetensors import safe_open
 import phi3embed
 from phi3embed.errors import ConfigError
 from phi3embed.inputs.listing import Source
-from phi3embed.outputs.store import (
-    MANIFEST,
-    TMP_DIR,
-    ImageFacts,
-    OutputError,
-    OutputSettings,
-    OutputStore,
-    iter_manifest,
-)
+from phi3embed.outputs.manifest import MANIFEST, iter_manifest
+from phi3embed.outputs.publish import TMP_DIR, OutputError
+from phi3embed.outputs.records import ImageFacts, OutputSettings, Record
+from phi3embed.outputs.store import OutputStore
 
 
 def settings(**over: Any) -> OutputSettings:
@@ -168,14 +163,14 @@ def test_reader_names_a_lost_output(tmp_path: Path, images: list[Source]) -> Non
         list(phi3embed.read(tmp_path))
 
 
-def test_pack_shards_by_size_and_reader(tmp_path: Path, images: list[Source]) -> None:
+def test_packs_by_size_and_reader(tmp_path: Path, images: list[Source]) -> None:
     out = tmp_path / "emb"
     one = emb(0).numel() * 4  # bytes of one image
     with OutputStore(out, settings(format="pack", pack_bytes=2 * one)) as store:
         for i, src in enumerate(images):
             record = store.write(src, facts_for(src, 6), emb(i))
             assert record["output"] == f"emb-{i // 2:05d}.safetensors" and record["key"] == src.name
-        assert not (out / "emb-00002.safetensors").exists()  # the last shard is written at close
+        assert not (out / "emb-00002.safetensors").exists()  # the last pack is written at close
     assert listing(out) == ["emb-00000.safetensors", "emb-00001.safetensors", "emb-00002.safetensors", MANIFEST]
     with safe_open(str(out / "emb-00001.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == ["sub/c.jpg", "sub/d.jpg"]
@@ -200,7 +195,7 @@ def test_pack_resume_after_kill_is_byte_identical_and_repairs_the_manifest(
     full = tmp_path / "full"
     _pack_run(full, images)
     killed = tmp_path / "killed"
-    _pack_run(killed, images[:4])  # 2 full shards written...
+    _pack_run(killed, images[:4])  # 2 full packs written...
     lines = (killed / MANIFEST).read_bytes().splitlines(keepends=True)
     (killed / MANIFEST).write_bytes(b"".join(lines[:3]))  # ...but the kill came before the last record
     (killed / TMP_DIR / "all").mkdir(parents=True)
@@ -214,7 +209,7 @@ def test_pack_resume_after_kill_is_byte_identical_and_repairs_the_manifest(
     assert sorted(r["name"] for r in records) == sorted(s.name for s in images)  # each exactly once
 
 
-def test_pack_shards_of_a_job_array_do_not_collide(tmp_path: Path, images: list[Source]) -> None:
+def test_packs_of_a_job_array_do_not_collide(tmp_path: Path, images: list[Source]) -> None:
     out = tmp_path / "emb"
     _pack_run(out, images[:2], shard=(0, 2))
     _pack_run(out, images[2:], shard=(1, 2))
@@ -254,3 +249,22 @@ def test_renamed_folders_are_synced_before_the_manifest(
     manifest = str((tmp_path / "out" / "manifest.jsonl").resolve())
     assert sub in synced and manifest in synced
     assert synced.index(sub) < synced.index(manifest)
+
+
+def test_records_keep_the_manifest_bytes_and_read_like_dicts(tmp_path: Path, images: list[Source]) -> None:
+    """The one Record type writes the same JSON as ever (field order included) and reads back equal."""
+    with OutputStore(tmp_path / "emb", settings()) as store:
+        written = store.write(images[1], facts_for(images[1], 6), emb(1))
+    line = (tmp_path / "emb" / MANIFEST).read_text().splitlines()[0]
+    data = json.loads(line)
+    assert list(data) == [
+        "name", "source", "status", "output", "key", "error", "width", "height", "image_sizes", "crops",
+        "num_tokens", "shape", "dtype", "num_crops", "model", "fingerprint", "compute_dtype", "format", "alpha",
+        "exif_transpose", "device", "sha256", "size", "mtime_ns", "attempt", "time",
+    ]  # fmt: skip
+    assert line == json.dumps(written.to_json(), ensure_ascii=True)
+    assert Record.from_json(data) == written and written["name"] == written.name == "b.png"
+    assert "attempt" not in Record.from_json({**data, "attempt": None, "time": None}).to_json()  # type: ignore[union-attr]
+    with pytest.raises(KeyError):
+        written["nope"]
+    assert Record.from_json({"status": "ok"}) is None

@@ -11,7 +11,6 @@ or the job stopped on out of memory / a failing output directory (finished outpu
 
 # No ``from __future__ import annotations``: Typer reads the annotations at runtime.
 
-import contextlib
 import json
 import os
 import re
@@ -19,14 +18,17 @@ import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from phi3embed.cli.combine import register as register_shard_commands
-from phi3embed.cli.inspect_commands import DEFAULT_MODEL, MODEL_ENV, Alpha
+from phi3embed.cli.combine import register as register_combine_commands
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
-from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers, usable_cpus
+from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha
+from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers
+
+if TYPE_CHECKING:
+    from phi3embed.outputs.records import Record
 
 app = typer.Typer(
     name="phi3embed",
@@ -37,9 +39,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# the inspection commands (plan, preview, info) and merge-manifests live in their own modules
+# the inspection commands (plan, preview, info) and combine live in their own modules
 register_inspect_commands(app)
-register_shard_commands(app)
+register_combine_commands(app)
 
 
 @app.callback()
@@ -96,7 +98,7 @@ ENCODE_HELP = """Encode images into Phi-3-vision image-token embeddings.
 
 INPUT: image files, directories (recursed; images found by extension or content), glob patterns (quote them: 'imgs/**/*.jpg'), or - to read newline-separated paths from stdin.
 
-Output: DIR/<path relative to its input root>.<format>, e.g. imgs/a/b.jpg -> DIR/a/b.jpg.npy, holding one num_tokens x hidden array (safetensors: key image_embeds). With --pack: numbered shards DIR/emb-00000.safetensors, one tensor per image. DIR/manifest.jsonl gets one JSON record per image and attempt. Rerunning the same command skips finished images (--overwrite redoes them).
+Output: DIR/<path relative to its input root>.<format>, e.g. imgs/a/b.jpg -> DIR/a/b.jpg.npy, holding one num_tokens x hidden array (safetensors: key image_embeds). With --pack: numbered pack files DIR/emb-00000.safetensors, one tensor per image. DIR/manifest.jsonl gets one JSON record per image and attempt. Rerunning the same command skips finished images (--overwrite redoes them).
 
 Exit codes: 0 all images done; 1 some images failed (see the error records); 2 usage, model, checkpoint or output-directory problems, or out of memory; 130 Ctrl-C; 143 SIGTERM. Finished outputs are always kept.
 """
@@ -144,12 +146,12 @@ def encode_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Encode again images already done.")] = False,
     shard: Annotated[
         str | None,
-        typer.Option(metavar="I/N", help="Only shard I of N (0-based), split by a stable hash of each name."),
+        typer.Option(metavar="I/N", help="Only part I of N (0-based), split by a stable hash of each name."),
     ] = None,
     pack: Annotated[
         str | None,
         typer.Option(
-            metavar="SIZE", help="Write safetensors shards of about SIZE (e.g. 1GB) instead of one file per image."
+            metavar="SIZE", help="Write safetensors pack files of about SIZE (e.g. 1GB) instead of one file per image."
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
@@ -211,7 +213,7 @@ def encode_command(
 
 @dataclass(frozen=True)
 class _EncodeOptions:
-    """The options of one ``encode`` job, parsed and checked: what both engines and :func:`_run` read."""
+    """The options of one ``encode`` job, parsed and checked: what the engine builders and :func:`_run` read."""
 
     out: Path
     model: str
@@ -219,7 +221,7 @@ class _EncodeOptions:
     device: str
     dtype: str  # compute dtype name or "auto"
     out_dtype: str  # stored dtype name or "auto"
-    fmt: str | None  # --format as given (None: npy, or the shards of --pack)
+    fmt: str | None  # --format as given (None: npy, or the packs of --pack)
     batch_size: int | None
     workers: int | None
     exif_transpose: bool
@@ -236,7 +238,7 @@ class _EncodeOptions:
 
     @property
     def output_format(self) -> str:
-        """What the store writes: ``pack`` (shards), else one ``npy`` / ``safetensors`` file per image."""
+        """What the store writes: ``pack`` (pack files), else one ``npy`` / ``safetensors`` file per image."""
         return "pack" if self.pack_bytes is not None else (self.fmt or "npy")
 
 
@@ -253,7 +255,7 @@ def _options(*, shard: str | None, pack: str | None, **options: Any) -> _EncodeO
         shard=shard, shard_spec=shard_spec, pack_bytes=parse_size(pack) if pack is not None else None, **options
     )
     if opts.pack_bytes is not None and opts.fmt == "npy":
-        raise _Usage("--pack writes safetensors shards: leave out --format npy")
+        raise _Usage("--pack writes safetensors pack files: leave out --format npy")
     if opts.fmt == "npy" and opts.out_dtype == "bfloat16":
         raise _Usage("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
     return opts
@@ -292,221 +294,113 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
 
-    if opts.engine == "ray":
-        return _encode_ray(sources, opts, console)
-
-    from phi3embed.core.embedder import Phi3VisionEmbedder, resolve_device
-
     try:
-        dev = resolve_device(opts.device)
-        compute, stored = _dtypes(dev.type, opts)
-        batch = opts.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, 8)
-        # On CPU decoding is ~0.3% of an image's time, so workers gain nothing; on CUDA they keep the GPU fed.
-        n_workers = opts.workers if opts.workers is not None else default_workers(dev.type)
-        status = console.status(f"loading {opts.model}") if not opts.quiet and console.is_terminal else None
-        if status is not None:
-            status.start()
-        try:
-            embedder = Phi3VisionEmbedder.from_pretrained(
-                checkpoint_dir,
-                device=dev,
-                dtype=compute,
-                num_crops=opts.num_crops,
-                alpha=opts.alpha,  # type: ignore[arg-type]
-                exif_transpose=opts.exif_transpose,
-                batch_size=batch,
-            )
-        finally:
-            if status is not None:
-                status.stop()
+        engine = _ray_engine(opts, console) if opts.engine == "ray" else _local_engine(opts, checkpoint_dir, console)
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
-    return _run(embedder, sources, opts, stored=stored, workers=n_workers, console=console)
+    return _run(engine, sources, opts, console=console)
 
 
-def _dtypes(device_type: str, opts: _EncodeOptions) -> tuple[Any, Any]:
-    """(compute, stored) torch dtypes from the options: auto computes in float32 on CPU, bfloat16 on CUDA;
-    stores float32 on CPU, the compute dtype on CUDA (float32 when npy cannot hold it)."""
-    import torch
+def _local_engine(opts: _EncodeOptions, checkpoint_dir: str, console: Any) -> Any:
+    """Load the embedder here: the local engine. On CPU the allocator keeps freed memory for reuse
+    (phi3embed/core/allocator.py): the command owns its process, a library user decides for theirs."""
+    from phi3embed.core.allocator import keep_freed_memory
+    from phi3embed.core.embedder import Phi3VisionEmbedder, resolve_device
+    from phi3embed.jobs.core import stored_dtypes
+    from phi3embed.jobs.local import LocalEngine
 
-    from phi3embed.core.embedder import parse_dtype
+    dev = resolve_device(opts.device)
+    compute, stored = stored_dtypes(
+        dev.type, dtype=opts.dtype, out_dtype=opts.out_dtype, output_format=opts.output_format
+    )
+    batch = opts.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, 8)
+    # On CPU decoding is ~0.3% of an image's time, so workers gain nothing; on CUDA they keep the GPU fed.
+    workers = opts.workers if opts.workers is not None else default_workers(dev.type)
+    if dev.type == "cpu":
+        keep_freed_memory()
+    status = console.status(f"loading {opts.model}") if not opts.quiet and console.is_terminal else None
+    if status is not None:
+        status.start()
+    try:
+        embedder = Phi3VisionEmbedder.from_pretrained(
+            checkpoint_dir,
+            device=dev,
+            dtype=compute,
+            num_crops=opts.num_crops,
+            alpha=opts.alpha,  # type: ignore[arg-type]
+            exif_transpose=opts.exif_transpose,
+            batch_size=batch,
+        )
+    finally:
+        if status is not None:
+            status.stop()
+    return LocalEngine(embedder, stored_dtype=stored, workers=workers)
 
-    dtype, out_dtype = opts.dtype, opts.out_dtype
-    compute = parse_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if device_type == "cuda" else torch.float32)
-    if out_dtype != "auto":
-        stored = parse_dtype(out_dtype)
-    elif device_type == "cuda" and not (opts.output_format == "npy" and compute == torch.bfloat16):
-        stored = compute
-    else:
-        stored = torch.float32
-    return compute, stored
 
-
-def _encode_ray(sources: list[Any], opts: _EncodeOptions, console: Any) -> int:
-    """``--engine ray``: the same job on a Ray actor pool; the outputs are written here, as locally."""
-    from dataclasses import replace
-
+def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
+    """``--engine ray``: the same job on a Ray actor pool (planned by phi3embed.jobs.ray_engine.plan)."""
     from phi3embed.cli.progress import say
-    from phi3embed.core.embedder import ImageOptions
-    from phi3embed.errors import Phi3EmbedError
 
     try:
-        from phi3embed.jobs.ray_engine import EncoderSpec, checkpoint_facts, cluster_resources, ray_session, run_ray
+        from phi3embed.jobs.ray_engine import RayOptions, plan
     except ImportError:
         raise _Usage("--engine ray needs Ray: pip install 'phi3embed[ray]'") from None
-    device, model, ray_address, alpha = opts.device, opts.model, opts.ray_address, opts.alpha
-    if device not in ("auto", "cpu", "cuda"):
-        raise _Usage(f"--engine ray places one actor per GPU itself: use --device auto, cuda or cpu, not {device!r}")
-    # Every node resolves the checkpoint itself: a local directory by its absolute path (it must be on a
-    # filesystem all nodes share), a hub id or preset by name (each node's hub cache).
-    actor_model = os.path.abspath(model) if os.path.isdir(model) else model
-    spec = EncoderSpec(
-        model=actor_model,
+    options = RayOptions(
+        model=opts.model,
+        device=opts.device,
+        dtype=opts.dtype,
+        out_dtype=opts.out_dtype,
+        output_format=opts.output_format,
         num_crops=opts.num_crops,
-        alpha=alpha,  # type: ignore[arg-type]
+        alpha=opts.alpha,  # type: ignore[arg-type]
         exif_transpose=opts.exif_transpose,
+        batch_size=opts.batch_size,
+        decode_threads=opts.workers,
+        actors=opts.actors,
+        address=opts.ray_address,
     )
-    try:
-        fingerprint, crops = checkpoint_facts(spec)  # hashes the vision weights here: actors must match
-    except Phi3EmbedError as exc:
-        raise _Usage(str(exc)) from None
-
-    def connect() -> Any:
-        return ray_session(ray_address, num_cpus=usable_cpus())
-
-    with contextlib.ExitStack() as stack:
-        if ray_address:  # the cluster's resources decide the device; a local instance is started only when needed
-            _enter_ray(stack, connect(), ray_address)
-            cpus, gpus = cluster_resources()
-        else:
-            import torch
-
-            cpus, gpus = float(usable_cpus()), float(torch.cuda.device_count())
-        dev_type = "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
-        if dev_type == "cuda" and gpus == 0:
-            raise _Usage(f"--device cuda: {'the Ray cluster' if ray_address else 'this machine'} has no GPU")
-        try:
-            compute, stored = _dtypes(dev_type, opts)
-        except Phi3EmbedError as exc:
-            raise _Usage(str(exc)) from None
-        n_actors = opts.actors or max(1, int(gpus if dev_type == "cuda" else cpus))
-        batch = opts.batch_size or DEFAULT_BATCH_SIZE[dev_type]
-        threads = opts.workers if opts.workers is not None else (4 if dev_type == "cuda" else 0)
-        spec = replace(
-            spec,
-            device=dev_type,
-            dtype=str(compute).removeprefix("torch."),
-            out_dtype=str(stored).removeprefix("torch."),
-            batch_size=batch,
-            decode_threads=threads,
-            expect_fingerprint=fingerprint,
-        )
-
-        def announce(where: str) -> None:
-            if not opts.quiet:
-                say(
-                    console,
-                    f"phi3embed encode: {n_actors} Ray actor{'s' if n_actors != 1 else ''} on {dev_type}, "
-                    f"{where} ({int(cpus)} CPUs, {int(gpus)} GPUs)",
-                )
-
-        @contextlib.contextmanager
-        def start_local() -> Any:
-            with contextlib.ExitStack() as inner:
-                _enter_ray(inner, connect(), None)
-                announce("local Ray instance")
-                yield
-
-        if ray_address:
-            announce(f"Ray cluster {ray_address}")
-        view = _EngineView(
-            fingerprint=fingerprint,
-            num_crops=crops,
-            dtype=compute,
-            image_options=ImageOptions(alpha=alpha, exif_transpose=opts.exif_transpose),  # type: ignore[arg-type]
-            device="cuda:0" if dev_type == "cuda" else "cpu",  # what each actor sees (Ray gives it one GPU)
-            batch_size=batch,
-        )
-        return _run(
-            view,
-            sources,
-            opts,
-            stored=stored,
-            workers=n_actors,
-            console=console,
-            runner=lambda todo, store, reporter: run_ray(
-                spec,
-                todo,
-                store,
-                actors=n_actors,
-                restart_actors=bool(ray_address),
-                reporter=reporter,
-                connect=None if ray_address else start_local,
-            ),
-        )
+    return plan(options, announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"))
 
 
-def _enter_ray(stack: contextlib.ExitStack, session: Any, address: str | None) -> None:
-    try:
-        stack.enter_context(session)
-    except Exception as exc:  # Ray cannot start, or the cluster cannot be reached
-        what = f"connect to Ray at {address}" if address else "start a local Ray instance"
-        raise _Usage(f"cannot {what}: {' '.join(str(exc).split())}") from None
-
-
-@dataclass(frozen=True)
-class _EngineView:
-    """What :func:`_run` reads of an embedder, for an engine whose model lives elsewhere (Ray actors)."""
-
-    fingerprint: str
-    num_crops: int
-    dtype: Any
-    image_options: Any
-    device: str
-    batch_size: int
-
-
-def _run(
-    embedder: Any,
-    sources: list[Any],
-    opts: _EncodeOptions,
-    *,
-    stored: Any,
-    workers: int,
-    console: Any,
-    runner: Any = None,
-) -> int:
+def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any) -> int:
+    """Open the store, run the job, render the summary; the exit code."""
     from phi3embed.cli.progress import ProgressReporter, RunInfo, render_summary, say
     from phi3embed.errors import Phi3EmbedError
-    from phi3embed.jobs.local import run_local
-    from phi3embed.outputs.store import OutputSettings, OutputStore, dtype_name
+    from phi3embed.jobs.core import run_job
+    from phi3embed.outputs.formats import dtype_name
+    from phi3embed.outputs.records import OutputSettings
+    from phi3embed.outputs.store import OutputStore
 
-    out, model, fmt, pack_bytes, quiet = opts.out, opts.model, opts.output_format, opts.pack_bytes, opts.quiet
-    printer = _JsonlPrinter() if opts.jsonl else None
+    info, fmt, pack_bytes, quiet = engine.info, opts.output_format, opts.pack_bytes, opts.quiet
     try:
-        settings = OutputSettings(
-            model=model,
-            fingerprint=embedder.fingerprint,
-            num_crops=embedder.num_crops,
-            dtype=stored,
-            compute_dtype=embedder.dtype,
-            format=fmt,  # type: ignore[arg-type]
-            pack_bytes=pack_bytes,
-            alpha=embedder.image_options.alpha,
-            exif_transpose=embedder.image_options.exif_transpose,
-            device=str(embedder.device),
-        )
-        store = OutputStore(out, settings, overwrite=opts.overwrite, shard=opts.shard_spec, on_record=printer).open()
-    except Phi3EmbedError as exc:
-        raise _Usage(str(exc)) from None
-    reporter = ProgressReporter(console, show_progress=not quiet)
-    try:
-        if runner is not None:
-            summary = runner(sources, store, reporter)
-        else:
-            summary = run_local(embedder, sources, store, workers=workers, reporter=reporter)
+        try:
+            settings = OutputSettings(
+                model=opts.model,
+                fingerprint=info.fingerprint,
+                num_crops=info.num_crops,
+                dtype=info.stored_dtype,
+                compute_dtype=info.compute_dtype,
+                format=fmt,  # type: ignore[arg-type]
+                pack_bytes=pack_bytes,
+                alpha=info.alpha,
+                exif_transpose=info.exif_transpose,
+                device=info.device,
+            )
+            store = OutputStore(
+                opts.out,
+                settings,
+                overwrite=opts.overwrite,
+                shard=opts.shard_spec,
+                on_record=_JsonlPrinter() if opts.jsonl else None,
+            ).open()
+        except Phi3EmbedError as exc:
+            raise _Usage(str(exc)) from None
+        try:
+            summary = run_job(sources, store, engine, reporter=ProgressReporter(console, show_progress=not quiet))
+        finally:
+            store.close()
     finally:
-        store.close()
+        engine.close()
     if summary.fatal:
         code = 2
     elif summary.interrupted:
@@ -514,27 +408,27 @@ def _run(
     else:
         code = 1 if summary.failed else 0
     if store.recovered and not quiet:
-        say(console, f"note: restored {store.recovered} manifest records from shards a killed run had written")
+        say(console, f"note: restored {store.recovered} manifest records from packs a killed run had written")
     if summary.fatal:
         say(console, f"error: {summary.fatal}", "bold red")
     if not quiet:
         if fmt == "pack":
-            output = f"safetensors shards of up to {pack_bytes:,} bytes, {dtype_name(stored)}"
+            output = f"safetensors packs of up to {pack_bytes:,} bytes, {dtype_name(info.stored_dtype)}"
         else:
-            output = f"{fmt} {dtype_name(stored)}"
-        info = RunInfo(
-            out_dir=str(out),
+            output = f"{fmt} {dtype_name(info.stored_dtype)}"
+        run = RunInfo(
+            out_dir=str(opts.out),
             output=output,
-            model=model,
-            fingerprint=embedder.fingerprint,
-            device=str(embedder.device),
-            compute_dtype=dtype_name(embedder.dtype),
-            num_crops=embedder.num_crops,
-            batch_size=embedder.batch_size,
-            workers=workers,
+            model=opts.model,
+            fingerprint=info.fingerprint,
+            device=info.device,
+            compute_dtype=dtype_name(info.compute_dtype),
+            num_crops=info.num_crops,
+            batch_size=info.batch_size,
+            workers=info.workers,
             exit_code=code,
         )
-        render_summary(console, summary, info, bytes_written=store.bytes_written, files=store.files_written)
+        render_summary(console, summary, run, bytes_written=store.bytes_written, files=store.files_written)
     return code
 
 
@@ -557,11 +451,11 @@ class _JsonlPrinter:
     def __init__(self) -> None:
         self.closed = False
 
-    def __call__(self, record: dict[str, Any]) -> None:
+    def __call__(self, record: "Record") -> None:
         if self.closed:
             return
         try:
-            sys.stdout.write(json.dumps(record, ensure_ascii=True) + "\n")
+            sys.stdout.write(json.dumps(record.to_json(), ensure_ascii=True) + "\n")
             sys.stdout.flush()
         except BrokenPipeError:
             self.closed = True

@@ -1,8 +1,9 @@
-"""Typer command ``merge-manifests``: are the shard outputs of a job complete? (over :mod:`phi3embed.outputs.combine`)
+"""Typer command ``combine``: are the outputs of a job's ``--shard`` parts complete? (over :mod:`phi3embed.outputs.combine`)
 
-``register(app)`` adds it to the application that ``phi3embed.cli.app`` builds. People read stderr; ``--json``
+``register(app)`` adds it to the application that ``phi3embed.cli.app`` builds, with ``merge-manifests`` (its
+name before 0.2) as a hidden alias so that existing scripts keep working. People read stderr; ``--json``
 puts the report on stdout. Exit codes: 0 complete, 1 incomplete (missing, failed or lost images, or
-shards made with different settings), 2 usage errors (a DIR without manifest, an INPUT naming nothing).
+parts made with different settings), 2 usage errors (a DIR without manifest, an INPUT naming nothing).
 """
 
 # No ``from __future__ import annotations``: Typer reads these annotations at runtime.
@@ -15,25 +16,26 @@ import typer
 
 SHOWN = 10  # names listed per problem kind for people (--json lists all)
 
-MERGE_HELP = """Check that the outputs of a sharded job are complete, and optionally write one manifest for all.
+COMBINE_HELP = """Check that the outputs of a job split with --shard are complete, and optionally write one manifest for all.
 
-DIR...: the output directories of the shards (or one directory all shards wrote into).
+DIR...: the output directories of the parts (or one directory all parts wrote into).
 
 With --inputs (the INPUT arguments of encode, without --shard), every listed image must have an ok record whose output file exists, in one of the DIRs; without it, only the recorded images are checked. All ok records must share the same model fingerprint and settings.
 
---write FILE writes the best record of every image (names sorted), with output paths relative to FILE's folder: phi3embed.read() on that folder then reads the whole job.
+-o/--out FILE writes the best record of every image (names sorted), with output paths relative to FILE's folder: phi3embed.read() on that folder then reads the whole job.
 
 Exit codes: 0 complete; 1 incomplete (missing, failed or lost images, mixed settings); 2 usage errors.
 """
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``merge-manifests`` to ``app``."""
-    app.command("merge-manifests", help=MERGE_HELP, no_args_is_help=True)(merge_manifests_command)
+    """Add ``combine`` (and its hidden alias ``merge-manifests``) to ``app``."""
+    app.command("combine", help=COMBINE_HELP, no_args_is_help=True)(combine_command)
+    app.command("merge-manifests", help=COMBINE_HELP, no_args_is_help=True, hidden=True)(combine_command)
 
 
-def merge_manifests_command(
-    dirs: Annotated[list[Path], typer.Argument(metavar="DIR...", help="Output directories of the shards.")],
+def combine_command(
+    dirs: Annotated[list[Path], typer.Argument(metavar="DIR...", help="Output directories of the parts.")],
     inputs: Annotated[
         list[str] | None,
         typer.Option(
@@ -43,8 +45,8 @@ def merge_manifests_command(
             help="The full input list, as given to encode (repeat for several; - reads paths from stdin).",
         ),
     ] = None,
-    write: Annotated[
-        Path | None, typer.Option("--write", "-w", metavar="FILE", help="Write the combined manifest here.")
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", metavar="FILE", help="Write the combined manifest here.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report on stderr (the exit code tells).")] = False,
@@ -58,11 +60,11 @@ def merge_manifests_command(
     try:
         sources = expand_inputs(inputs, exclude=[str(d) for d in dirs]) if inputs else None
         report = check_outputs(dirs, sources)
-        written = write_combined(report, write) if write is not None else None
+        written = write_combined(report, out) if out is not None else None
     except Phi3EmbedError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    failures = {name: report.chosen[name].record.get("error") for name in report.failed}
+    failures = {name: report.chosen[name].record.error for name in report.failed}
     data: dict[str, Any] = {
         "complete": report.complete,
         "dirs": [str(d) for d in dirs],
@@ -73,7 +75,7 @@ def merge_manifests_command(
         "missing": report.missing,
         "lost": report.lost,
         "mixed_settings": report.mixed_settings,
-        "combined_manifest": str(write) if write is not None else None,
+        "combined_manifest": str(out) if out is not None else None,
     }
     if as_json:
         typer.echo(json.dumps(data, ensure_ascii=True))
@@ -90,7 +92,7 @@ def _render(console: Any, data: dict[str, Any], written: int | None) -> None:
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     state = Text("complete", style="bold green") if data["complete"] else Text("incomplete", style="bold red")
-    table.add_row("phi3embed merge-manifests", state)
+    table.add_row("phi3embed combine", state)
     table.add_row("directories", ", ".join(data["dirs"]))
     listed = "not given (only recorded images are checked)" if data["listed"] is None else str(data["listed"])
     table.add_row("images", f"{listed} listed, {data['recorded']} recorded, {data['ok']} ok")
@@ -111,5 +113,5 @@ def _render(console: Any, data: dict[str, Any], written: int | None) -> None:
     if written is not None:
         table.add_row("combined", f"{data['combined_manifest']} ({written} records)")
     if not data["complete"]:
-        table.add_row("next", "rerun the shards that miss images (same command): finished images are skipped")
+        table.add_row("next", "rerun the parts that miss images (same command): finished images are skipped")
     console.print(table, highlight=False)

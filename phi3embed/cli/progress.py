@@ -27,7 +27,8 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # importing jobs pulls in torch: not needed to print a line
-    from phi3embed.jobs.local import JobSummary
+    from phi3embed.jobs.core import JobSummary
+    from phi3embed.outputs.records import Record
 
 
 def say(console: Console, line: str, style: str | None = None) -> None:
@@ -63,7 +64,7 @@ class _FailedColumn(ProgressColumn):
 
 
 class ProgressReporter:
-    """Implements :class:`phi3embed.jobs.local.Reporter` for people. Thread-safe (``advance`` runs in the writer)."""
+    """Implements :class:`phi3embed.jobs.core.Reporter` for people. Thread-safe (``advance`` runs in the writer)."""
 
     def __init__(self, console: Console, *, show_progress: bool = True, status_interval: float = 30.0) -> None:
         self.console = console
@@ -96,14 +97,14 @@ class ProgressReporter:
             self._task = self._progress.add_task("encode", total=total, tokens=0, failed=0)
             self._progress.start()
 
-    def advance(self, record: dict[str, Any]) -> None:
+    def advance(self, record: Record) -> None:
         with self._lock:
             self._done += 1
-            if record["status"] == "ok":
-                self._tokens += record.get("num_tokens") or 0
+            if record.ok:
+                self._tokens += record.num_tokens or 0
             else:
                 self._failed += 1
-                say(self.console, f"error: {record['error']}", "red")
+                say(self.console, f"error: {record.error}", "red")
             if self._progress is not None:
                 self._progress.update(self._task, advance=1, tokens=self._tokens, failed=self._failed)
             elif self.show_progress and time.monotonic() - self._last_status >= self.status_interval:
@@ -131,14 +132,14 @@ class RunInfo:
     """The facts of a run the summary shows besides the counts."""
 
     out_dir: str
-    output: str  # e.g. "npy float32" or "pack safetensors bfloat16, shards up to 1.0 GB"
+    output: str  # e.g. "npy float32" or "safetensors packs of up to 1,000,000,000 bytes, bfloat16"
     model: str
     fingerprint: str
     device: str
     compute_dtype: str
     num_crops: int
     batch_size: int
-    workers: int
+    workers: int  # decode workers (local engine) or actors (Ray)
     exit_code: int
 
 

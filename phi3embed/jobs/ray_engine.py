@@ -1,10 +1,15 @@
 """Ray Data engine: the encoder as a stateful callable class for ``ray.data.Dataset.map_batches``.
 
 Each actor loads the checkpoint once (:class:`RayEncoder`), then turns batches of paths (or image bytes)
-into rows of embeddings plus the facts a manifest record needs. Bad images become ``status="error"``
+into rows of embeddings plus the facts a manifest record needs, preparing each image with the same
+:class:`phi3embed.jobs.prepare.Preparer` as the local engine. Bad images become ``status="error"``
 rows; they never raise. Embeddings travel as raw bytes + dtype + shape, because numpy (and so Arrow)
 has no bfloat16: :func:`decode_rows` on the driver rebuilds the exact tensor the actor computed, so the
 files the driver writes are byte-identical to the local engine's.
+
+:class:`RayEngine` is the :class:`phi3embed.jobs.core.Engine` that ``phi3embed encode --engine ray`` runs through
+:func:`phi3embed.jobs.core.run_job`; :func:`plan` sizes it (device, actors, the checkpoint's fingerprint hashed
+on the driver) from the command's options.
 
 Nothing here imports ``ray`` at module import time: the actor class is plain Python that Ray ships to
 workers, and :func:`build_pipeline` / :func:`ray_session` import it when called.
@@ -12,14 +17,12 @@ workers, and :func:`build_pipeline` / :func:`ray_session` import it when called.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import os
 import re
-import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,16 +31,19 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
+from phi3embed.core.allocator import keep_freed_memory
 from phi3embed.core.batching import HostResult
 from phi3embed.core.checkpoint import resolve
-from phi3embed.core.config import preprocess_config_from_dict, vision_config_from_dict
-from phi3embed.core.embedder import Phi3VisionEmbedder, parse_dtype
+from phi3embed.core.config import DEFAULT_BATCH_SIZE, preprocess_config_from_dict, usable_cpus, vision_config_from_dict
+from phi3embed.core.embedder import Phi3VisionEmbedder, parse_dtype, resolve_device
 from phi3embed.core.model import Phi3VisionModel
 from phi3embed.core.preprocess import AlphaMode, Preprocessed
-from phi3embed.errors import CheckpointError, ImageError, Phi3EmbedError, UnsupportedImageError
+from phi3embed.errors import CheckpointError, Phi3EmbedError
 from phi3embed.inputs.listing import Source
-from phi3embed.jobs.local import STOPS, JobSummary, Reporter, StopSignals, Writer, header_size, read_source
-from phi3embed.outputs.store import ImageFacts, OutputStore
+from phi3embed.jobs.core import EngineInfo, JobSummary, Result, stored_dtypes
+from phi3embed.jobs.prepare import Prepared, Preparer
+from phi3embed.outputs.formats import dtype_name
+from phi3embed.outputs.records import ImageFacts
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -64,7 +70,7 @@ RESULT_COLUMNS = (
     "dtype",  # stored dtype name of the embedding ("" for error rows)
     "dim",  # hidden size D of the embedding
     "embedding",  # raw bytes of the contiguous [num_tokens, D] tensor (b"" for error rows)
-    "seconds",  # spent reading, decoding and tiling this image
+    "seconds",  # CPU time spent reading, decoding and tiling this image
 )
 
 
@@ -85,9 +91,12 @@ class EncoderSpec:
     expect_fingerprint: str | None = None  # refuse to run on weights other than the driver's
 
     def load(self) -> Phi3VisionEmbedder:
+        device = resolve_device(self.device)
+        if device.type == "cpu":  # the actor owns its process, as the CLI does (phi3embed/core/allocator.py)
+            keep_freed_memory()
         return Phi3VisionEmbedder.from_pretrained(
             self.model,
-            device=self.device,
+            device=device,
             dtype=self.dtype,
             num_crops=self.num_crops,
             revision=self.revision,
@@ -102,7 +111,7 @@ def checkpoint_facts(spec: EncoderSpec) -> tuple[str, int]:
     (the vision tensors are read and hashed one at a time, then dropped: no GPU, little memory)."""
     ckpt = resolve(spec.model, revision=spec.revision)
     vcfg = vision_config_from_dict(ckpt.config, where=str(ckpt.root / "config.json"))
-    pcfg = preprocess_config_from_dict(ckpt.preprocessor_config, crop_size=vcfg.clip.image_size)
+    pcfg = preprocess_config_from_dict(ckpt.preprocessor_config, clip=vcfg.clip)
     _, fingerprint = Phi3VisionModel.from_checkpoint(ckpt, vcfg, device="meta")
     return fingerprint, spec.num_crops or pcfg.num_crops
 
@@ -137,6 +146,31 @@ class _Row:
     embedding: bytes = b""
     seconds: float = 0.0
 
+    @classmethod
+    def of(cls, prepared: Prepared) -> _Row:
+        """The row's facts (UNKNOWN / "" where a fact is None)."""
+        f = prepared.facts
+
+        def known(v: int | None) -> int:
+            return UNKNOWN if v is None else v
+
+        image_h, image_w = f.image_sizes or (None, None)
+        rows, cols = f.crops or (None, None)
+        return cls(
+            error=prepared.error or "",
+            width=known(f.width),
+            height=known(f.height),
+            image_h=known(image_h),
+            image_w=known(image_w),
+            rows=known(rows),
+            cols=known(cols),
+            num_tokens=known(f.num_tokens),
+            sha256=f.sha256 or "",
+            size=known(f.size),
+            mtime_ns=known(f.mtime_ns),
+            seconds=prepared.seconds,
+        )
+
 
 _INT_COLUMNS = frozenset(k for k, v in _Row.__dataclass_fields__.items() if v.type == "int")
 
@@ -168,38 +202,16 @@ class RayEncoder:
                 path=spec.model,
             )
         self.out_dtype = parse_dtype(spec.out_dtype) if spec.out_dtype else self.embedder.dtype
-        self.out_dtype_name = str(self.out_dtype).removeprefix("torch.")
+        self.out_dtype_name = dtype_name(self.out_dtype)
+        options = self.embedder.image_options
+        self.preparer = Preparer(
+            self.embedder.preprocess_config, alpha=options.alpha, exif_transpose=options.exif_transpose
+        )
         self._pool = ThreadPoolExecutor(spec.decode_threads) if spec.decode_threads > 0 else None
 
     def _prepare(self, path: str, label: str, data: bytes | None) -> tuple[_Row, Preprocessed | None]:
-        """Read, hash, decode and tile one image. Never raises for a bad image."""
-        row = _Row()
-        start = time.perf_counter()
-        try:
-            if data is None:
-                data, row.mtime_ns = read_source(path, label=label)
-            row.sha256 = hashlib.sha256(data).hexdigest()
-            row.size = len(data)
-            item = self.embedder.preprocess(data, name=label)
-        except ImageError as exc:
-            row.error = str(exc)
-            if isinstance(exc, UnsupportedImageError) and data:  # decoded fine: its size explains why
-                width, height = header_size(data)
-                row.width = UNKNOWN if width is None else width
-                row.height = UNKNOWN if height is None else height
-            row.seconds = time.perf_counter() - start
-            return row, None
-        except Exception as exc:  # a decoder bug must not stop the job either
-            row.error = " ".join(f"{label}: unexpected {type(exc).__name__} while reading: {exc}".split())
-            row.seconds = time.perf_counter() - start
-            return row, None
-        row.seconds = time.perf_counter() - start
-        grid = item.grid
-        row.width, row.height = grid.width, grid.height
-        row.image_h, row.image_w = grid.image_sizes
-        row.rows, row.cols = grid.rows, grid.cols
-        row.num_tokens = item.num_tokens
-        return row, item
+        prepared = self.preparer.prepare(path, label=label, data=data)
+        return _Row.of(prepared), prepared.item
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch[PATH]]
@@ -264,6 +276,19 @@ class EncodedImage:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def image_facts(self) -> ImageFacts:
+        """The row's facts as a manifest record takes them."""
+        return ImageFacts(
+            sha256=self.sha256,
+            size=self.size,
+            mtime_ns=self.mtime_ns,
+            width=self.width,
+            height=self.height,
+            image_sizes=self.image_sizes,
+            crops=self.crops,
+            num_tokens=self.num_tokens,
+        )
 
     def facts(self) -> dict[str, Any]:
         """The manifest fields this row determines (not the embedding, not the extras)."""
@@ -432,98 +457,203 @@ def default_images_per_batch(todo: int, actors: int) -> int:
     return max(1, min(16, -(-todo // (4 * actors))))
 
 
-def run_ray(
-    spec: EncoderSpec,
-    sources: list[Source],
-    store: OutputStore,
-    *,
-    actors: int,
-    images_per_batch: int | None = None,
-    cpus_per_actor: float = 1.0,
-    restart_actors: bool = True,
-    reporter: Reporter | None = None,
-    max_errors_kept: int = 5,
-    connect: Callable[[], AbstractContextManager[Any]] | None = None,
-    writer_queue: int = 16,
-    file_threads: int = 4,
-) -> JobSummary:
-    """The Ray counterpart of :func:`phi3embed.jobs.local.run_local`: same skipping, same store, same summary.
+@dataclass(frozen=True)
+class RayOptions:
+    """What ``encode --engine ray`` was asked for (``"auto"`` / None: decided by :func:`plan`)."""
 
-    Ray must be initialised (:func:`ray_session`), or ``connect()`` gives a context in which it is: it is
-    entered only when there is work, so a rerun with nothing left to do starts no Ray. The sources not
-    already done in ``store`` become a
-    dataset of absolute paths; the actor pool encodes them; the results come back to this process in input
-    order and are written here, through ``store``, by the local engine's writer (a thread; ``file_threads``
-    per-image files at once, records in input order) while the next results arrive: the output directory is
-    only ever written by the driver, so it needs no locking across nodes and keeps the local engine's crash
-    safety.
-    """
-    import ray.data
+    model: str
+    device: str = "auto"  # auto, cpu or cuda: Ray gives each actor its GPU
+    dtype: str = "auto"
+    out_dtype: str = "auto"
+    output_format: str = "npy"
+    num_crops: int | None = None
+    alpha: AlphaMode = "drop"
+    exif_transpose: bool = False
+    batch_size: int | None = None
+    decode_threads: int | None = None  # per actor (default 4 on GPUs, inline on CPU)
+    actors: int | None = None  # default: one per GPU of the cluster; without GPUs one per CPU
+    address: str | None = None  # a running cluster; None: a private local instance, started when needed
 
-    summary = JobSummary(listed=len(sources))
-    todo = [s for s in sources if not store.is_done(s)]
-    summary.skipped = len(sources) - len(todo)
 
-    def on_record(record: dict[str, Any]) -> None:  # writer thread
-        summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
-
-    writer = Writer(store, on_record, writer_queue, file_threads)
-    signals = StopSignals()
-    start = time.perf_counter()
-    stack = ExitStack()
+def plan(options: RayOptions, *, announce: Callable[[str], None] = lambda line: None) -> RayEngine:
+    """Size the job from the options and the cluster: device, dtypes, actors; the vision weights are hashed
+    here on the driver (every actor must find the same). Connects to ``options.address`` now (its resources
+    decide the device); a local instance is started only when there is work (:meth:`RayEngine.open`).
+    Raises Phi3EmbedError for options that cannot work."""
+    if options.device not in ("auto", "cpu", "cuda"):
+        raise Phi3EmbedError(
+            f"--engine ray places one actor per GPU itself: use --device auto, cuda or cpu, not {options.device!r}"
+        )
+    # Every node resolves the checkpoint itself: a local directory by its absolute path (it must be on a
+    # filesystem all nodes share), a hub id or preset by name (each node's hub cache).
+    model = os.path.abspath(options.model) if os.path.isdir(options.model) else options.model
+    spec = EncoderSpec(
+        model=model, num_crops=options.num_crops, alpha=options.alpha, exif_transpose=options.exif_transpose
+    )
+    fingerprint, num_crops = checkpoint_facts(spec)
+    session = ExitStack()
     try:
-        writer.start()
-        if reporter is not None:
-            reporter.start(total=len(todo), skipped=summary.skipped)
-        if todo:
-            if connect is not None:
-                stack.enter_context(connect())
-            ctx = ray.data.DataContext.get_current()
-            ctx.execution_options.preserve_order = True  # input order: packed shards as the local engine's
-            rows = [{PATH: os.path.abspath(s.path), LABEL: s.path, "index": i} for i, s in enumerate(todo)]
-            per_batch = images_per_batch or default_images_per_batch(len(todo), actors)
-            actors = min(actors, -(-len(todo) // per_batch))  # no actor without a batch to encode
-            results = build_pipeline(
-                ray.data.from_items(rows),
-                spec,
-                actors=actors,
-                images_per_batch=per_batch,
-                cpus_per_actor=cpus_per_actor,
-                restart_actors=restart_actors,
-            )
-            for batch in summary.waited_for(results.iter_batches(batch_format="numpy", batch_size=None)):
-                summary.preprocess_s += float(np.sum(batch["seconds"]))
-                for result in decode_rows(batch):
-                    source = todo[result.extra["index"]]
-                    facts = ImageFacts(
-                        sha256=result.sha256,
-                        size=result.size,
-                        mtime_ns=result.mtime_ns,
-                        width=result.width,
-                        height=result.height,
-                        image_sizes=result.image_sizes,
-                        crops=result.crops,
-                        num_tokens=result.num_tokens,
-                    )
-                    if result.ok and result.embedding is not None:
-                        writer.put(("ok", source, facts, HostResult(result.embedding)))
-                    else:
-                        writer.put(("error", source, facts, result.error or f"{source.path}: unknown error"))
-    except STOPS as exc:
-        summary.stopped(exc)
-    except Exception as exc:  # the cluster or an actor failed (not a bad image: those are error records)
-        summary.fatal = f"the Ray job failed: {_one_line(exc)}"
-    finally:
-        signals.exit_at_once()  # while cleaning up, a second signal exits at once (outputs stay whole)
-        if writer.is_alive():
-            writer.finish()  # what has arrived is written
-        summary.wall_s = time.perf_counter() - start
-        if reporter is not None:
-            reporter.stop()
-        stack.close()
-        signals.restore()
-    writer.account(summary)
-    return summary
+        if options.address:
+            _enter_ray(session, options.address)
+            cpus, gpus = cluster_resources()
+        else:
+            cpus, gpus = float(usable_cpus()), float(torch.cuda.device_count())
+        device = "cuda" if options.device == "cuda" or (options.device == "auto" and gpus > 0) else "cpu"
+        if device == "cuda" and gpus == 0:
+            where = "the Ray cluster" if options.address else "this machine"
+            raise Phi3EmbedError(f"--device cuda: {where} has no GPU")
+        compute, stored = stored_dtypes(
+            device, dtype=options.dtype, out_dtype=options.out_dtype, output_format=options.output_format
+        )
+    except BaseException:
+        session.close()
+        raise
+    actors = options.actors or max(1, int(gpus if device == "cuda" else cpus))
+    batch = options.batch_size or DEFAULT_BATCH_SIZE[device]
+    threads = options.decode_threads if options.decode_threads is not None else (4 if device == "cuda" else 0)
+    spec = EncoderSpec(
+        model=model,
+        device=device,
+        dtype=dtype_name(compute),
+        out_dtype=dtype_name(stored),
+        num_crops=options.num_crops,
+        alpha=options.alpha,
+        exif_transpose=options.exif_transpose,
+        batch_size=batch,
+        decode_threads=threads,
+        expect_fingerprint=fingerprint,
+    )
+    info = EngineInfo(
+        fingerprint=fingerprint,
+        num_crops=num_crops,
+        compute_dtype=compute,
+        stored_dtype=stored,
+        device="cuda:0" if device == "cuda" else "cpu",  # what each actor sees (Ray gives it one GPU)
+        batch_size=batch,
+        workers=actors,
+        alpha=options.alpha,
+        exif_transpose=options.exif_transpose,
+    )
+    line = f"{actors} Ray actor{'s' if actors != 1 else ''} on {device}, {{where}} ({int(cpus)} CPUs, {int(gpus)} GPUs)"
+    if options.address:
+        announce(line.format(where=f"Ray cluster {options.address}"))
+
+    @contextmanager
+    def start_local() -> Iterator[None]:
+        with ExitStack() as inner:
+            _enter_ray(inner, None)
+            announce(line.format(where="local Ray instance"))
+            yield
+
+    return RayEngine(
+        spec,
+        info,
+        actors=actors,
+        restart_actors=bool(options.address),
+        connect=None if options.address else start_local,
+        session=session,
+    )
+
+
+def _enter_ray(stack: ExitStack, address: str | None) -> None:
+    try:
+        stack.enter_context(ray_session(address, num_cpus=usable_cpus()))
+    except Exception as exc:  # Ray cannot start, or the cluster cannot be reached
+        what = f"connect to Ray at {address}" if address else "start a local Ray instance"
+        raise Phi3EmbedError(f"cannot {what}: {' '.join(str(exc).split())}") from None
+
+
+def spec_info(spec: EncoderSpec, *, actors: int) -> EngineInfo:
+    """The :class:`EngineInfo` of actors built from ``spec`` (device, dtypes and batch as given), with the
+    checkpoint's facts read on the driver: for a :class:`RayEngine` made without :func:`plan`."""
+    fingerprint, num_crops = checkpoint_facts(spec)
+    compute = parse_dtype(spec.dtype)
+    return EngineInfo(
+        fingerprint=fingerprint,
+        num_crops=num_crops,
+        compute_dtype=compute,
+        stored_dtype=parse_dtype(spec.out_dtype) if spec.out_dtype else compute,
+        device=spec.device,
+        batch_size=spec.batch_size,
+        workers=actors,
+        alpha=spec.alpha,
+        exif_transpose=spec.exif_transpose,
+    )
+
+
+class RayEngine:
+    """Ray Data as a :class:`phi3embed.jobs.core.Engine`: the sources to do become a dataset of absolute
+    paths, a pool of ``actors`` :class:`RayEncoder` actors encodes them, and the rows come back to this
+    process in input order as results (the output directory is only ever written by the driver, so it
+    needs no locking across nodes and keeps the local engine's crash safety).
+
+    Ray must be initialised, or ``connect()`` gives a context in which it is: it is entered only when there
+    is work, so a rerun with nothing left to do starts no Ray. ``session`` (a connection :func:`plan`
+    made) is closed with the engine.
+    """
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        info: EngineInfo,
+        *,
+        actors: int,
+        images_per_batch: int | None = None,
+        cpus_per_actor: float = 1.0,
+        restart_actors: bool = True,
+        connect: Callable[[], AbstractContextManager[Any]] | None = None,
+        session: ExitStack | None = None,
+    ) -> None:
+        self.spec, self.info, self.actors = spec, info, actors
+        self.images_per_batch, self.cpus_per_actor, self.restart_actors = (
+            images_per_batch,
+            cpus_per_actor,
+            restart_actors,
+        )
+        self.connect = connect
+        self._session = session or ExitStack()
+        self._todo: Sequence[Source] = ()
+        self._summary = JobSummary()
+
+    def open(self, todo: Sequence[Source], summary: JobSummary) -> None:
+        self._todo, self._summary = todo, summary
+        if todo and self.connect is not None:
+            self._session.enter_context(self.connect())
+
+    def results(self) -> Iterator[Result]:
+        import ray.data
+
+        todo, summary = self._todo, self._summary
+        if not todo:
+            return
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # input order: packs as the local engine's
+        rows = [{PATH: os.path.abspath(s.path), LABEL: s.path, "index": i} for i, s in enumerate(todo)]
+        per_batch = self.images_per_batch or default_images_per_batch(len(todo), self.actors)
+        actors = min(self.actors, -(-len(todo) // per_batch))  # no actor without a batch to encode
+        dataset = build_pipeline(
+            ray.data.from_items(rows),
+            self.spec,
+            actors=actors,
+            images_per_batch=per_batch,
+            cpus_per_actor=self.cpus_per_actor,
+            restart_actors=self.restart_actors,
+        )
+        for batch in summary.waited_for(dataset.iter_batches(batch_format="numpy", batch_size=None)):
+            summary.preprocess_s += float(np.sum(batch["seconds"]))
+            for row in decode_rows(batch):
+                source = todo[row.extra["index"]]
+                if row.ok and row.embedding is not None:
+                    yield Result(source, row.image_facts(), embeddings=HostResult(row.embedding))
+                else:
+                    yield Result(source, row.image_facts(), error=row.error)
+
+    def failure(self, exc: Exception) -> str | None:
+        """The cluster or an actor failed (not a bad image: those are error records)."""
+        return f"the Ray job failed: {_one_line(exc)}"
+
+    def close(self) -> None:
+        self._session.close()
 
 
 def _one_line(exc: BaseException) -> str:

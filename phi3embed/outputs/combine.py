@@ -1,7 +1,7 @@
-"""Shard outputs, taken together: is the job complete, and one manifest for all of it.
+"""The outputs of a job's ``--shard`` parts, taken together: is the job complete, and one manifest for all of it.
 
 A job split with ``--shard I/N`` (a slurm array, one process per GPU) leaves its results in one output
-directory per shard, or in one shared directory (each shard appends its own records). :func:`check_outputs`
+directory per part, or in one shared directory (each part appends its own records). :func:`check_outputs`
 reads every manifest, takes each image's latest record per directory and its best across directories
 (an ``ok`` record whose output file exists wins over failures), and compares that with the full input
 list: every listed image must be ``ok``, made with the same settings as the others. :func:`write_combined`
@@ -11,36 +11,35 @@ writes the chosen records as one manifest whose ``output`` paths are relative to
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
-from phi3embed.outputs.store import MANIFEST, iter_manifest, record_signature
+from phi3embed.outputs.manifest import MANIFEST, encode_lines, latest_records
+from phi3embed.outputs.records import Record, Signature
 
 
 @dataclass
 class Found:
     """The record chosen for one image and the directory it came from."""
 
-    record: dict[str, Any]
+    record: Record
     root: Path
     output_ok: bool  # an ok record whose output file exists
 
 
 @dataclass
-class ShardReport:
+class CombineReport:
     dirs: list[Path]
     listed: int | None  # images in the full input list (None when no input list was given)
     chosen: dict[str, Found] = field(default_factory=dict)  # name -> best record across dirs
     missing: list[str] = field(default_factory=list)  # listed, never attempted in any dir
     failed: list[str] = field(default_factory=list)  # latest attempts all errors
     lost: list[str] = field(default_factory=list)  # ok record, but the output file is gone
-    signatures: dict[tuple[Any, ...], int] = field(default_factory=dict)  # settings of ok records -> count
+    signatures: dict[Signature, int] = field(default_factory=dict)  # settings of ok records -> count
 
     @property
     def ok(self) -> list[str]:
@@ -55,36 +54,25 @@ class ShardReport:
         return not (self.missing or self.failed or self.lost or self.mixed_settings)
 
 
-def _latest(root: Path) -> dict[str, dict[str, Any]]:
-    path = root / MANIFEST
-    if not path.is_file():
-        raise Phi3EmbedError("no manifest.jsonl here: not a phi3embed output directory", path=root)
-    latest: dict[str, dict[str, Any]] = {}
-    for record in iter_manifest(path):
-        latest[record["name"]] = record
-    return latest
+def _output_exists(root: Path, record: Record) -> bool:
+    return bool(record.output) and (root / str(record.output)).is_file()
 
 
-def _output_exists(root: Path, record: dict[str, Any]) -> bool:
-    output = record.get("output")
-    return isinstance(output, str) and bool(output) and (root / output).is_file()
-
-
-def check_outputs(dirs: Sequence[str | os.PathLike[str]], sources: Sequence[Source] | None = None) -> ShardReport:
+def check_outputs(dirs: Sequence[str | os.PathLike[str]], sources: Sequence[Source] | None = None) -> CombineReport:
     """Check that the outputs in ``dirs`` cover ``sources`` (the full, unsharded input list)."""
     roots = [Path(d) for d in dirs]
-    report = ShardReport(dirs=roots, listed=None if sources is None else len(sources))
+    report = CombineReport(dirs=roots, listed=None if sources is None else len(sources))
     for root in roots:
-        for name, record in _latest(root).items():
-            found = Found(record, root, record.get("status") == "ok" and _output_exists(root, record))
+        for name, record in latest_records(root).items():
+            found = Found(record, root, record.ok and _output_exists(root, record))
             best = report.chosen.get(name)
             if best is None or _better(found, best):
                 report.chosen[name] = found
     for name, found in sorted(report.chosen.items()):
         if found.output_ok:
-            sig = record_signature(found.record)
+            sig = found.record.signature()
             report.signatures[sig] = report.signatures.get(sig, 0) + 1
-        elif found.record.get("status") == "ok":
+        elif found.record.ok:
             report.lost.append(name)
         else:
             report.failed.append(name)
@@ -97,10 +85,10 @@ def _better(a: Found, b: Found) -> bool:
     """``a`` is a better record of the image than ``b``: a usable output first, then the newer attempt."""
     if a.output_ok != b.output_ok:
         return a.output_ok
-    return str(a.record.get("time", "")) > str(b.record.get("time", ""))
+    return (a.record.time or "") > (b.record.time or "")
 
 
-def write_combined(report: ShardReport, path: str | os.PathLike[str]) -> int:
+def write_combined(report: CombineReport, path: str | os.PathLike[str]) -> int:
     """Write the chosen record of every image (names sorted) to ``path``, outputs relative to its folder.
 
     Refuses to replace the manifest of one of the checked directories. Written to a temporary file and
@@ -112,22 +100,22 @@ def write_combined(report: ShardReport, path: str | os.PathLike[str]) -> int:
         if real == os.path.realpath(root / MANIFEST):
             raise Phi3EmbedError(f"is the manifest of {root}; write the combined one elsewhere", path=target)
     folder = target.parent
-    lines = []
+    records = []
     for name in sorted(report.chosen):
         found = report.chosen[name]
-        record = dict(found.record)
-        if record.get("output"):
-            record["output"] = Path(os.path.relpath(found.root / record["output"], folder)).as_posix()
-        lines.append(json.dumps(record, ensure_ascii=True) + "\n")
+        record = found.record
+        if record.output:
+            record = replace(record, output=Path(os.path.relpath(found.root / record.output, folder)).as_posix())
+        records.append(record)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="ascii") as fh:
-            fh.writelines(lines)
+        with open(tmp, "wb") as fh:
+            fh.write(encode_lines(records))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise Phi3EmbedError(f"cannot write the combined manifest: {exc.strerror or exc}", path=target) from None
-    return len(lines)
+    return len(records)

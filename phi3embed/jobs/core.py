@@ -1,0 +1,374 @@
+"""The one job: sources -> records, whatever engine encodes (docs/pipeline.md, "one job, many engines").
+
+:func:`run_job` skips what ``store`` already has (resume), hands the rest to an :class:`Engine`, writes every
+:class:`Result` through one :class:`Writer` (a thread; several per-image files at once, records in input
+order), counts them into one :class:`JobSummary`, and ends the same way for every engine:
+
+* bad images are error records and never stop the job;
+* SIGINT / SIGTERM (:class:`StopSignals`) stop it cleanly: what was encoded is written, the last pack too,
+  ``summary.interrupted`` names the signal; a second signal exits at once (outputs stay whole);
+* an output failure, or an exception the engine explains in one line (:meth:`Engine.failure`: out of
+  memory, a failed Ray job), ends it with ``summary.fatal``. Finished outputs are always kept.
+
+Engines decide where the work runs (:mod:`phi3embed.jobs.local`, :mod:`phi3embed.jobs.ray_engine`), never what
+a job does.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import torch
+
+from phi3embed.core.batching import HostResult, StageTimes
+from phi3embed.core.embedder import parse_dtype
+from phi3embed.inputs.listing import Source
+from phi3embed.outputs.publish import OutputError
+from phi3embed.outputs.records import ImageFacts, Record
+from phi3embed.outputs.store import OutputStore
+
+T = TypeVar("T")
+_END: object = object()
+
+
+# --------------------------------------------------------------------------- what engines give and take
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """The settings every engine states once, instead of a model the job would have to look into: what
+    the output settings record and the summary shows."""
+
+    fingerprint: str  # of the vision weights the engine encodes with
+    num_crops: int
+    compute_dtype: torch.dtype
+    stored_dtype: torch.dtype
+    device: str  # where one encoder runs, e.g. "cpu", "cuda:0"
+    batch_size: int  # crops per forward pass
+    workers: int  # decode workers (local) or actors (Ray), for the summary
+    alpha: str = "drop"
+    exif_transpose: bool = False
+
+
+@dataclass
+class Result:
+    """One source after the engine: its embeddings (host, stored dtype, once ``wait()`` returns) or an error."""
+
+    source: Source
+    facts: ImageFacts
+    embeddings: HostResult | None = None
+    error: str | None = None
+
+
+class Engine(Protocol):
+    """A strategy that turns sources into results, in input order (errors may come before encoded images
+    that precede them). :func:`run_job` calls ``open``, iterates ``results``, and always calls ``close``."""
+
+    info: EngineInfo
+
+    def open(self, todo: Sequence[Source], summary: JobSummary) -> None:
+        """Start (before the job starts any thread: the local engine forks its workers here); the engine
+        adds its own timings to ``summary``."""
+
+    def results(self) -> Iterator[Result]: ...
+
+    def failure(self, exc: Exception) -> str | None:
+        """One line for an exception that ends the job (``summary.fatal``); None: a bug, raised."""
+
+    def close(self) -> None:
+        """Stop workers, give back what ``open`` took. Safe to call more than once."""
+
+
+class Reporter(Protocol):
+    """What the job tells people about (implemented by phi3embed.cli.progress)."""
+
+    def start(self, *, total: int, skipped: int) -> None: ...
+
+    def advance(self, record: Record) -> None: ...  # from the writer thread
+
+    def stop(self) -> None: ...
+
+
+def stored_dtypes(
+    device_type: str, *, dtype: str, out_dtype: str, output_format: str
+) -> tuple[torch.dtype, torch.dtype]:
+    """(compute, stored) dtypes from option values (``"auto"`` or a name): auto computes in float32 on CPU,
+    bfloat16 on CUDA; stores float32 on CPU, the compute dtype on CUDA (float32 when npy cannot hold it)."""
+    compute = parse_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if device_type == "cuda" else torch.float32)
+    if out_dtype != "auto":
+        stored = parse_dtype(out_dtype)
+    elif device_type == "cuda" and not (output_format == "npy" and compute == torch.bfloat16):
+        stored = compute
+    else:
+        stored = torch.float32
+    return compute, stored
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+@dataclass
+class JobSummary:
+    listed: int = 0
+    skipped: int = 0  # already done (resume)
+    ok: int = 0
+    failed: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0  # from the first image to the last write
+    wait_input_s: float = 0.0  # encoder waiting for prepared images
+    wait_writer_s: float = 0.0  # encoder waiting for the writer
+    preprocess_s: float = 0.0  # CPU time reading and tiling, summed over workers / actors
+    write_s: float = 0.0
+    stages: StageTimes = field(default_factory=StageTimes)  # the local encoding thread's own work, by stage
+    to_host_s: float = 0.0  # encoding thread: starting each result's copy to the host
+    encoder_cpu_s: float = 0.0  # CPU time of the encoding thread (Linux; the process's elsewhere)
+    encoder_preempted: int = 0  # involuntary context switches of the encoding thread: it wanted a core
+    worker_restarts: int = 0
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM"
+    fatal: str | None = None
+    errors: list[str] = field(default_factory=list)  # the first few error lines
+
+    @property
+    def todo(self) -> int:
+        return self.listed - self.skipped
+
+    def waited_for(self, inputs: Iterable[T]) -> Iterator[T]:
+        """``inputs`` one by one, adding the time spent waiting for each to ``wait_input_s``."""
+        it = iter(inputs)
+        while True:
+            start = time.perf_counter()
+            item = next(it, _END)
+            self.wait_input_s += time.perf_counter() - start
+            if item is _END:
+                return
+            yield item  # type: ignore[misc]
+
+    def stopped(self, exc: BaseException) -> None:
+        """Record how one of :data:`STOPS` ended the job early: a signal (``interrupted``: ``SIGINT`` for
+        Ctrl-C) or a failing output directory (``fatal``)."""
+        if isinstance(exc, OutputError):
+            self.fatal = str(exc)
+        else:
+            self.interrupted = exc.signame if isinstance(exc, JobStop) else "SIGINT"
+
+    def count(self, record: Record, *, reporter: Reporter | None = None, keep_errors: int = 5) -> None:
+        """Add one written record to the totals (keeping the first ``keep_errors`` error lines) and tell
+        ``reporter``; once per record, in the order the records were written."""
+        if record.ok:
+            self.ok += 1
+            self.tokens += record.num_tokens or 0
+        else:
+            self.failed += 1
+            if len(self.errors) < keep_errors:
+                self.errors.append(record.error or "")
+        if reporter is not None:
+            reporter.advance(record)
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+class JobStop(BaseException):
+    """Raised in the job's thread by SIGINT / SIGTERM while :class:`StopSignals` is installed."""
+
+    def __init__(self, signame: str) -> None:
+        self.signame = signame
+
+
+#: What ends a job early but cleanly (:meth:`JobSummary.stopped` records which).
+STOPS = (JobStop, KeyboardInterrupt, OutputError)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM during a job: installed (main thread only), they raise :class:`JobStop`;
+    :meth:`exit_at_once` (when the job cleans up) makes a second signal exit the process at once, which
+    leaves the outputs whole (every file is renamed into place whole); :meth:`restore` puts back the
+    previous handlers."""
+
+    def __init__(self) -> None:
+        in_main = threading.current_thread() is threading.main_thread()
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        self.previous = {sig: signal.signal(sig, self._stop) for sig in sigs} if in_main else {}
+
+    @staticmethod
+    def _stop(signum: int, frame: object) -> None:
+        raise JobStop(signal.Signals(signum).name)
+
+    def exit_at_once(self) -> None:
+        for sig in self.previous:
+            signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class WriteItem:
+    """One result on its way to the writer thread."""
+
+    result: Result
+
+
+class Writer(threading.Thread):
+    """Drains a bounded queue of results into the store, in order, and counts each record into the summary.
+
+    Per-image files are written by ``file_threads`` threads at once (:meth:`OutputStore.write_file`: every
+    file is fsynced, and a disk takes several at a time faster than one after another); this thread commits
+    their records to the manifest in input order. A failure (OutputError: disk full...) stops writing; the
+    job's thread re-raises it at its next put. Files already being written are finished before the thread ends.
+    """
+
+    def __init__(
+        self,
+        store: OutputStore,
+        summary: JobSummary,
+        *,
+        reporter: Reporter | None = None,
+        keep_errors: int = 5,
+        maxsize: int = 16,
+        file_threads: int = 4,
+    ) -> None:
+        super().__init__(name="phi3embed-writer", daemon=True)
+        self.store, self.summary, self.reporter, self.keep_errors = store, summary, reporter, keep_errors
+        self.queue: queue.Queue[WriteItem | None] = queue.Queue(maxsize)
+        self.error: BaseException | None = None
+        self.busy = 0.0
+        self.put_wait = 0.0
+        concurrent = file_threads > 1 and store.concurrent_files
+        self.files = ThreadPoolExecutor(file_threads, thread_name_prefix="phi3embed-file") if concurrent else None
+        self.in_flight_limit = 2 * file_threads
+        self._in_flight: deque[Future[Record] | Result] = deque()  # input order
+
+    def put(self, result: Result) -> None:
+        start = time.perf_counter()
+        self.queue.put(WriteItem(result))
+        self.put_wait += time.perf_counter() - start
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so that the producer never blocks
+            start = time.perf_counter()
+            try:
+                self._take(item.result)
+                self._commit(keep=self.in_flight_limit)
+            except BaseException as exc:
+                self.error = exc
+            self.busy += time.perf_counter() - start
+        try:
+            if self.error is None:
+                self._commit(keep=0)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            if self.files is not None:
+                self.files.shutdown(wait=True)  # the store closes after this: no file is left half-written
+
+    def _count(self, record: Record) -> None:
+        self.summary.count(record, reporter=self.reporter, keep_errors=self.keep_errors)
+
+    def _take(self, result: Result) -> None:
+        host = result.embeddings
+        if host is None:
+            self._in_flight.append(result)  # an error: committed in turn by _commit
+        elif self.files is not None:
+            src, facts = result.source, result.facts
+            self._in_flight.append(self.files.submit(lambda: self.store.write_file(src, facts, host.wait())))
+        else:  # one file at a time, or packs (their records are appended with the pack)
+            self._count(self.store.write(result.source, result.facts, host.wait()))
+
+    def _commit(self, *, keep: int) -> None:
+        """Commit finished records in input order; wait for the oldest while more than ``keep`` are pending."""
+        while self._in_flight:
+            head = self._in_flight[0]
+            if isinstance(head, Future) and not head.done() and len(self._in_flight) <= keep:
+                return
+            self._in_flight.popleft()
+            if isinstance(head, Future):
+                record = self.store.commit(head.result())
+            else:
+                record = self.store.write_error(
+                    head.source, head.error or f"{head.source.path}: unknown error", head.facts
+                )
+            self._count(record)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.join()
+
+    def account(self) -> None:
+        """After :meth:`finish`: the writer's times into the summary, and its failure as ``summary.fatal``
+        when it is an output failure the job did not already end on; any other failure is a bug: raised."""
+        self.summary.write_s, self.summary.wait_writer_s = self.busy, self.put_wait
+        if self.error is not None and self.summary.fatal is None:
+            if not isinstance(self.error, OutputError):
+                raise self.error
+            self.summary.fatal = str(self.error)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_job(
+    sources: Sequence[Source],
+    store: OutputStore,
+    engine: Engine,
+    *,
+    reporter: Reporter | None = None,
+    writer_queue: int = 16,
+    file_threads: int = 4,
+    max_errors_kept: int = 5,
+) -> JobSummary:
+    """Encode every source not already done in ``store`` (opened by the caller) with ``engine``.
+
+    ``file_threads`` per-image output files are written at once (records still go to the manifest in order).
+    See the module docstring for how a job ends.
+    """
+    summary = JobSummary(listed=len(sources))
+    todo = [s for s in sources if not store.is_done(s)]
+    summary.skipped = len(sources) - len(todo)
+    writer = Writer(
+        store, summary, reporter=reporter, keep_errors=max_errors_kept, maxsize=writer_queue, file_threads=file_threads
+    )
+    signals = StopSignals()
+    start = time.perf_counter()
+    try:
+        engine.open(todo, summary)  # before any thread of ours exists: the local engine forks here
+        writer.start()
+        if reporter is not None:
+            reporter.start(total=len(todo), skipped=summary.skipped)
+        for result in engine.results():
+            writer.put(result)
+    except STOPS as exc:
+        summary.stopped(exc)
+    except Exception as exc:
+        message = engine.failure(exc)
+        if message is None:
+            raise
+        summary.fatal = message
+    finally:
+        signals.exit_at_once()  # while cleaning up, a second signal exits at once (outputs stay whole)
+        engine.close()
+        if writer.is_alive():
+            writer.finish()  # what has arrived is written
+        signals.restore()
+        summary.wall_s = time.perf_counter() - start
+        if reporter is not None:
+            reporter.stop()
+    writer.account()
+    return summary

@@ -1,0 +1,64 @@
+"""Per-image outputs: ``DIR/<name>.npy`` or ``DIR/<name>.safetensors`` (key ``image_embeds``, string metadata).
+
+One of the two embedding writers behind :class:`phi3embed.outputs.store.EmbeddingWriter`. :meth:`FileWriter.write`
+may run in several threads at once (one fsync per file, and a disk takes several in parallel faster than
+one after another); the records it returns are committed to the manifest by the caller, in input order.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from phi3embed.errors import ImageError
+from phi3embed.inputs.listing import Source
+from phi3embed.outputs.formats import EMBED_KEY, write_safetensors
+from phi3embed.outputs.publish import Publisher
+from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, error_record, new_record
+
+
+class FileWriter:
+    """One file per image, published atomically; records come back uncommitted."""
+
+    concurrent = True
+
+    def __init__(self, settings: OutputSettings, publisher: Publisher) -> None:
+        self.settings, self.publisher = settings, publisher
+
+    def expected_output(self, source: Source) -> str:
+        """Where ``source``'s embeddings go, relative to DIR."""
+        return f"{source.name}.{self.settings.format}"
+
+    def write(self, source: Source, facts: ImageFacts, tensor: torch.Tensor) -> Record:
+        """Write ``source``'s file durably into place (``tensor``: host, stored dtype, contiguous). A problem
+        with this one output gives an error record; a problem with DIR itself raises OutputError."""
+        rel = self.expected_output(source)
+        try:
+            final = self.publisher.safe_path(rel)
+        except ImageError as exc:
+            return error_record(self.settings, source, str(exc), facts)
+        if self.settings.format == "npy":
+            array = tensor.numpy()
+            self.publisher.atomic_write(final, lambda fh: np.save(fh, array, allow_pickle=False))
+            key = None
+        else:
+            meta = self._metadata(source, facts)
+            self.publisher.atomic_write(final, lambda fh: write_safetensors(fh, [(EMBED_KEY, tensor)], meta))
+            key = EMBED_KEY
+        return new_record(self.settings, source, facts, status="ok", output=rel, key=key, shape=tuple(tensor.shape))
+
+    def _metadata(self, source: Source, facts: ImageFacts) -> dict[str, str]:
+        s = self.settings
+        return {
+            "source": source.path,
+            "name": source.name,
+            "image_sizes": json.dumps(list(facts.image_sizes or ())),
+            "num_crops": str(s.num_crops),
+            "model": s.model,
+            "fingerprint": s.fingerprint,
+        }
+
+    def flush(self) -> None:
+        """Nothing waits here: every file is in place when :meth:`write` returns."""

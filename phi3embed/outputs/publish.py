@@ -1,0 +1,144 @@
+"""The temp area of a run and atomic publishing into the output directory ``DIR``.
+
+Every file is written to ``DIR/.phi3embed-tmp/<tag>/``, fsynced, then renamed into place, so a reader or a
+rerun never sees a partial output. That folder is also the run's lock (``flock``): a second run on the same
+DIR and ``--shard`` part is refused, and a rerun deletes what a killed run left in it. The folders that
+received renames are remembered until :meth:`Publisher.sync_folders` makes them durable: the manifest syncs
+them before itself, so that after a power cut no durable record names a file whose rename was lost.
+Output paths are checked to stay inside DIR (no ``..``, no symbolic link leading out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from phi3embed.errors import ImageError, Phi3EmbedError
+
+try:  # advisory locks: POSIX only; elsewhere a second concurrent run is simply not detected
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+TMP_DIR = ".phi3embed-tmp"
+
+
+class OutputError(Phi3EmbedError):
+    """The output directory cannot be used (not writable, locked by another run, disk full...)."""
+
+
+class Publisher:
+    """Temp area, lock, atomic writes and folder durability for one run on ``root``.
+
+    :meth:`atomic_write` and :meth:`safe_path` may run in several threads at once.
+    """
+
+    def __init__(self, root: Path, tag: str) -> None:
+        self.root, self.tag = root, tag
+        self.real = Path(os.path.realpath(root))
+        self.tmp = self.real / TMP_DIR / tag
+        self._lock = threading.Lock()  # what writing threads share: folders, temp names, counters
+        self._lock_fd: int | None = None
+        self._tmp_count = 0
+        self._checked_dirs: set[str] = set()
+        self._dirty_dirs: set[Path] = set()  # folders with renames not yet made durable (fsync)
+        self.bytes_written = 0
+        self.files_written = 0
+
+    def open(self) -> None:
+        """Take the lock and delete what a killed run left behind (OSError on an unusable DIR)."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.tmp, os.O_RDONLY)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                what = "this --shard part of the job" if self.tag != "all" else "it"
+                raise OutputError(f"another phi3embed encode is writing {what} right now", path=self.root) from None
+        self._lock_fd = fd
+        for stale in self.tmp.iterdir():
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+
+    def close(self) -> None:
+        """Remove the temp area (and its parent when no other part's run uses it), release the lock."""
+        if self._lock_fd is None:
+            return
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.tmp.parent.rmdir()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def safe_path(self, rel: str) -> Path:
+        """DIR/rel, creating folders; refuses names and symbolic links that would lead outside DIR."""
+        parts = PurePosixPath(rel).parts
+        if (
+            not rel
+            or rel.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)
+            or "\0" in rel
+            or parts[0] == TMP_DIR
+        ):
+            raise ImageError(f"unsafe output name {rel!r}", path=rel)
+        with self._lock:
+            current = self.real
+            for i, part in enumerate(parts[:-1]):
+                current = current / part
+                sub = "/".join(parts[: i + 1])
+                if sub not in self._checked_dirs:
+                    self._check_folder(current, sub, rel)
+                    self._checked_dirs.add(sub)
+        final = current / parts[-1]
+        if final.is_dir() and not final.is_symlink():
+            raise ImageError("output path exists and is a folder", path=rel)
+        return final
+
+    def _check_folder(self, folder: Path, sub: str, rel: str) -> None:
+        if folder.is_symlink():
+            real = os.path.realpath(folder)
+            if not (real == str(self.real) or real.startswith(str(self.real) + os.sep)):
+                raise ImageError(f"output folder {sub} is a symbolic link leading outside {self.root}", path=rel)
+        if not folder.exists():
+            folder.mkdir()
+        elif not folder.is_dir():
+            raise ImageError(f"output folder {sub} exists and is not a folder", path=rel)
+
+    def atomic_write(self, final: Path, write: Callable[[IO[bytes]], None]) -> None:
+        """``write`` into a temp file, fsync it, rename it to ``final``; OutputError when that fails."""
+        with self._lock:
+            self._tmp_count += 1
+            tmp = self.tmp / f"{self._tmp_count:09d}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+                size = fh.tell()
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"cannot write {final}: {exc.strerror or exc}", path=self.root) from None
+        with self._lock:
+            self._dirty_dirs.add(final.parent)
+            self.bytes_written += size
+            self.files_written += 1
+
+    def sync_folders(self) -> None:
+        """Make the renames so far durable (kill -9 cannot undo a rename; a power cut can)."""
+        with self._lock:
+            dirty, self._dirty_dirs = self._dirty_dirs, set()
+        for folder in sorted(dirty):
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -1,0 +1,200 @@
+"""The manifest record, defined once: writers make it, the manifest stores it, the reader, resume and
+``combine`` read it.
+
+A :class:`Record` is one line of ``manifest.jsonl``. :meth:`Record.to_json` gives the fields in the order
+they have always been written (old output folders resume, and the same inputs give the same bytes);
+:meth:`Record.from_json` accepts any line an earlier version wrote. ``record["name"]`` reads a field as
+``record.name`` does, so code that treated records as dicts (README: ``for record, tensor in
+phi3embed.read(...)``) keeps working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+import torch
+
+from phi3embed.errors import ConfigError
+from phi3embed.inputs.listing import Source
+from phi3embed.outputs.formats import ST_DTYPES, dtype_name
+
+Format = Literal["npy", "safetensors", "pack"]
+Signature = tuple[Any, ...]  # what a finished record must match to be skipped on resume
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Everything that determines the stored bytes (plus ``device``, recorded for information)."""
+
+    model: str  # what the user passed: hub id, preset or path
+    fingerprint: str  # of the vision weights (Phi3VisionEmbedder.fingerprint)
+    num_crops: int
+    dtype: torch.dtype  # stored
+    compute_dtype: torch.dtype
+    format: Format = "npy"
+    pack_bytes: int | None = None  # target pack file size, only with format "pack"
+    alpha: str = "drop"
+    exif_transpose: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ST_DTYPES or self.compute_dtype not in ST_DTYPES:
+            raise ConfigError("dtypes must be float32, float16 or bfloat16")
+        if self.format == "npy" and self.dtype == torch.bfloat16:
+            raise ConfigError("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
+        if (self.format == "pack") != (self.pack_bytes is not None):
+            raise ConfigError("pack_bytes goes with format 'pack' and only with it")
+
+    def signature(self) -> Signature:
+        """What a finished record must match to be skipped on resume (:meth:`Record.signature`)."""
+        return (
+            self.fingerprint,
+            self.num_crops,
+            dtype_name(self.dtype),
+            dtype_name(self.compute_dtype),
+            self.format,
+            self.alpha,
+            self.exif_transpose,
+        )
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What was learnt about one source while reading it (any field may be unknown after a failure)."""
+
+    sha256: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    width: int | None = None
+    height: int | None = None
+    image_sizes: tuple[int, int] | None = None  # (H', W')
+    crops: tuple[int, int] | None = None  # (rows, cols)
+    num_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One manifest line: an image, the attempt's outcome, and the settings it was made with.
+
+    Field order is the on-disk order. ``attempt`` and ``time`` are stamped when the manifest appends the
+    record (:meth:`phi3embed.outputs.manifest.ManifestLog.append`); before that (e.g. inside a pack file's
+    metadata) they are None and left out of the JSON.
+    """
+
+    name: str
+    source: str
+    status: str  # "ok" or "error"
+    output: str | None
+    key: str | None
+    error: str | None
+    width: int | None
+    height: int | None
+    image_sizes: list[int] | None
+    crops: list[int] | None
+    num_tokens: int | None
+    shape: list[int] | None
+    dtype: str
+    num_crops: int | None
+    model: str | None
+    fingerprint: str | None
+    compute_dtype: str | None
+    format: str | None
+    alpha: str | None
+    exif_transpose: bool | None
+    device: str | None
+    sha256: str | None
+    size: int | None
+    mtime_ns: int | None
+    attempt: int | None = None
+    time: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def __getitem__(self, field: str) -> Any:
+        """``record["name"]``: the dict-style access the reader has always offered."""
+        if field not in _FIELDS:
+            raise KeyError(field)
+        return getattr(self, field)
+
+    def signature(self) -> Signature:
+        """The settings part of the record, comparable with :meth:`OutputSettings.signature`."""
+        return (
+            self.fingerprint,
+            self.num_crops,
+            self.dtype,
+            self.compute_dtype,
+            self.format,
+            self.alpha,
+            self.exif_transpose,
+        )
+
+    def stamped(self, attempt: int, time: str) -> Record:
+        return replace(self, attempt=attempt, time=time)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of the manifest line (unstamped records leave out ``attempt`` and ``time``)."""
+        data = asdict(self)
+        for late in ("attempt", "time"):
+            if data[late] is None:
+                del data[late]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Record | None:
+        """A manifest line's object -> Record; None when it is not a record (no string ``name``)."""
+        if not isinstance(data.get("name"), str):
+            return None
+        return cls(**{f: data.get(f) for f in _FIELDS})  # type: ignore[arg-type]
+
+
+_FIELDS = tuple(f.name for f in fields(Record))
+
+
+def new_record(
+    settings: OutputSettings,
+    source: Source,
+    facts: ImageFacts | None,
+    *,
+    status: str,
+    output: str | None = None,
+    key: str | None = None,
+    shape: tuple[int, ...] | None = None,
+    error: str | None = None,
+) -> Record:
+    """The record of one attempt at ``source`` made with ``settings`` (not yet stamped)."""
+    f = facts or ImageFacts()
+    s = settings
+    return Record(
+        name=source.name,
+        source=source.path,
+        status=status,
+        output=output,
+        key=key,
+        error=error,
+        width=f.width,
+        height=f.height,
+        image_sizes=list(f.image_sizes) if f.image_sizes else None,
+        crops=list(f.crops) if f.crops else None,
+        num_tokens=f.num_tokens,
+        shape=list(shape) if shape is not None else None,
+        dtype=dtype_name(s.dtype),
+        num_crops=s.num_crops,
+        model=s.model,
+        fingerprint=s.fingerprint,
+        compute_dtype=dtype_name(s.compute_dtype),
+        format=s.format,
+        alpha=s.alpha,
+        exif_transpose=s.exif_transpose,
+        device=s.device,
+        sha256=f.sha256,
+        size=f.size,
+        mtime_ns=f.mtime_ns,
+    )
+
+
+def error_record(settings: OutputSettings, source: Source, error: str, facts: ImageFacts | None = None) -> Record:
+    """A failed attempt; ``error`` is folded into one line."""
+    return new_record(settings, source, facts, status="error", error=" ".join(error.split()))
