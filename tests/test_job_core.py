@@ -1,0 +1,169 @@
+"""The job core alone, with a fake engine (no model): resume, error records, order, fatal output errors,
+engine failures and signals end every engine's job the same way."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi3embed.core.batching import HostResult
+from phi3embed.inputs.listing import Source
+from phi3embed.jobs.core import EngineInfo, JobSummary, Result, run_job
+from phi3embed.outputs.manifest import MANIFEST, iter_manifest
+from phi3embed.outputs.publish import TMP_DIR, OutputError
+from phi3embed.outputs.records import ImageFacts, OutputSettings, Record
+from phi3embed.outputs.store import OutputStore
+
+INFO = EngineInfo(
+    fingerprint="f" * 32,
+    num_crops=4,
+    compute_dtype=torch.float32,
+    stored_dtype=torch.float32,
+    device="cpu",
+    batch_size=2,
+    workers=0,
+)
+
+
+class FakeEngine:
+    """Results made up from the source names: "bad" in a name is an error; ``raise_at`` raises while
+    producing that index; ``on_result`` runs before each result is handed over."""
+
+    def __init__(self, *, raise_at: int | None = None, exc: Exception | None = None, explain: bool = True) -> None:
+        self.info = INFO
+        self.raise_at, self.exc, self.explain = raise_at, exc, explain
+        self.opened: list[str] = []
+        self.closed = 0
+
+    def open(self, todo: Sequence[Source], summary: JobSummary) -> None:
+        self.todo = list(todo)
+        self.opened = [s.name for s in todo]
+
+    def results(self) -> Iterator[Result]:
+        for i, source in enumerate(self.todo):
+            if i == self.raise_at:
+                raise self.exc or RuntimeError("boom")
+            facts = ImageFacts(size=os.stat(source.path).st_size, mtime_ns=os.stat(source.path).st_mtime_ns)
+            if "bad" in source.name:
+                yield Result(source, facts, error=f"{source.path}: not an image")
+            else:
+                yield Result(source, facts, embeddings=HostResult(torch.full((3, 2), float(i))))
+
+    def failure(self, exc: Exception) -> str | None:
+        return f"engine: {exc}" if self.explain else None
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def sources(tmp_path: Path, names: list[str]) -> list[Source]:
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(name.encode())
+    return [Source(n, str(folder / n), str(folder)) for n in names]
+
+
+def store(out: Path, **kw: object) -> OutputStore:
+    settings = OutputSettings(
+        model="fake", fingerprint=INFO.fingerprint, num_crops=4, dtype=torch.float32, compute_dtype=torch.float32
+    )
+    return OutputStore(out, settings, **kw)  # type: ignore[arg-type]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.calls: list[str] = []
+
+    def start(self, *, total: int, skipped: int) -> None:
+        self.calls.append(f"start {total} {skipped}")
+
+    def advance(self, record: Record) -> None:
+        self.records.append(record)
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
+def test_results_become_records_in_order_and_a_rerun_skips_what_is_done(tmp_path: Path) -> None:
+    srcs = sources(tmp_path, ["a.png", "b_bad.png", "c.png", "d.png"])
+    rec, engine = Recorder(), FakeEngine()
+    with store(tmp_path / "out") as st:
+        summary = run_job(srcs, st, engine, reporter=rec, file_threads=3)
+    assert (summary.listed, summary.skipped, summary.ok, summary.failed) == (4, 0, 3, 1)
+    assert summary.errors == [f"{srcs[1].path}: not an image"] and engine.closed == 1
+    names = [r.name for r in iter_manifest(tmp_path / "out" / MANIFEST)]
+    assert names == ["a.png", "b_bad.png", "c.png", "d.png"] == [r.name for r in rec.records]
+    assert rec.calls == ["start 4 0", "stop"]
+    again = FakeEngine()
+    with store(tmp_path / "out") as st:
+        rerun = run_job(srcs, st, again)
+    assert again.opened == ["b_bad.png"]  # only the failed image is tried again
+    assert (rerun.skipped, rerun.failed) == (3, 1)
+
+
+def test_an_output_failure_ends_the_job_keeping_the_records_before_it(tmp_path: Path) -> None:
+    srcs = sources(tmp_path, ["a.png", "b.png", "c.png"])
+    with store(tmp_path / "out") as st:
+        real = st.write_file
+
+        def write_file(source: Source, facts: ImageFacts, embeddings: torch.Tensor) -> Record:
+            if source.name == "b.png":
+                raise OutputError("No space left on device", path=tmp_path / "out")
+            return real(source, facts, embeddings)
+
+        st.write_file = write_file  # type: ignore[method-assign]
+        summary = run_job(srcs, st, FakeEngine(), file_threads=2)
+    assert summary.fatal == f"{tmp_path / 'out'}: No space left on device"
+    assert [r.name for r in iter_manifest(tmp_path / "out" / MANIFEST)] == ["a.png"]
+    assert not (tmp_path / "out" / TMP_DIR).exists()
+
+
+def test_an_engine_failure_is_one_line_or_a_bug(tmp_path: Path) -> None:
+    srcs = sources(tmp_path, ["a.png", "b.png"])
+    engine = FakeEngine(raise_at=1, exc=RuntimeError("the cluster went away"))
+    with store(tmp_path / "out") as st:
+        summary = run_job(srcs, st, engine)
+    assert summary.fatal == "engine: the cluster went away" and summary.ok == 1 and engine.closed == 1
+    bug = FakeEngine(raise_at=0, exc=KeyError("x"), explain=False)
+    with store(tmp_path / "out2") as st, pytest.raises(KeyError):
+        run_job(srcs, st, bug)
+    assert bug.closed == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_job_and_what_arrived_is_written(tmp_path: Path, sig: signal.Signals) -> None:
+    srcs = sources(tmp_path, ["a.png", "b.png", "c.png", "d.png"])
+
+    class Signalled(FakeEngine):
+        def results(self) -> Iterator[Result]:
+            for i, result in enumerate(super().results()):
+                if i == 2:
+                    os.kill(os.getpid(), sig)
+                yield result
+
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    with store(tmp_path / "out") as st:
+        summary = run_job(srcs, st, Signalled())
+    assert summary.interrupted == sig.name and summary.ok == 2
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+    assert [r.name for r in iter_manifest(tmp_path / "out" / MANIFEST)] == ["a.png", "b.png"]
+
+
+def test_packs_are_written_through_the_same_core(tmp_path: Path) -> None:
+    srcs = sources(tmp_path, ["a.png", "b.png", "c.png"])
+    settings = OutputSettings(
+        model="fake", fingerprint=INFO.fingerprint, num_crops=4, dtype=torch.float32, compute_dtype=torch.float32,
+        format="pack", pack_bytes=2 * 3 * 2 * 4,
+    )  # fmt: skip
+    with OutputStore(tmp_path / "out", settings) as st:
+        summary = run_job(srcs, st, FakeEngine())
+    assert summary.ok == 3
+    outputs = [r.output for r in iter_manifest(tmp_path / "out" / MANIFEST)]
+    assert outputs == ["emb-00000.safetensors", "emb-00000.safetensors", "emb-00001.safetensors"]
