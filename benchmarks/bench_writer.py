@@ -42,7 +42,7 @@ def one_setting(root: Path, tensors: list[torch.Tensor], *, threads: int, fmt: s
     out = root / f"out-{threads}"
     summary = JobSummary()
     with OutputStore(out, settings, overwrite=True) as store:
-        writer = Writer(store, summary, maxsize=16, file_threads=threads)
+        writer = Writer(store, summary.count, 16, threads)
         writer.start()
         start = time.perf_counter()
         for i, t in enumerate(tensors):
@@ -51,7 +51,7 @@ def one_setting(root: Path, tensors: list[torch.Tensor], *, threads: int, fmt: s
             writer.put(Result(source, facts, embeddings=HostResult(t)))
         writer.finish()
         seconds = time.perf_counter() - start
-        written = store.bytes_written
+        written = store.publisher.bytes_written
     if writer.error is not None:
         raise writer.error
     assert summary.ok == len(tensors) and summary.failed == 0

@@ -416,19 +416,9 @@ def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any)
             output = f"safetensors packs of up to {pack_bytes:,} bytes, {dtype_name(info.stored_dtype)}"
         else:
             output = f"{fmt} {dtype_name(info.stored_dtype)}"
-        run = RunInfo(
-            out_dir=str(opts.out),
-            output=output,
-            model=opts.model,
-            fingerprint=info.fingerprint,
-            device=info.device,
-            compute_dtype=dtype_name(info.compute_dtype),
-            num_crops=info.num_crops,
-            batch_size=info.batch_size,
-            workers=info.workers,
-            exit_code=code,
-        )
-        render_summary(console, summary, run, bytes_written=store.bytes_written, files=store.files_written)
+        run = RunInfo(out_dir=str(opts.out), output=output, model=opts.model, engine=info, exit_code=code)
+        written = store.publisher
+        render_summary(console, summary, run, bytes_written=written.bytes_written, files=written.files_written)
     return code
 
 

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # importing jobs pulls in torch: not needed to print a line
-    from phi3embed.jobs.core import JobSummary
+    from phi3embed.jobs.core import EngineInfo, JobSummary
     from phi3embed.outputs.records import Record
 
 
@@ -134,12 +134,7 @@ class RunInfo:
     out_dir: str
     output: str  # e.g. "npy float32" or "safetensors packs of up to 1,000,000,000 bytes, bfloat16"
     model: str
-    fingerprint: str
-    device: str
-    compute_dtype: str
-    num_crops: int
-    batch_size: int
-    workers: int  # decode workers (local engine) or actors (Ray)
+    engine: EngineInfo  # its workers: decode workers (local engine) or actors (Ray)
     exit_code: int
 
 
@@ -179,11 +174,13 @@ def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, byte
         f"({_rate(summary.tokens, wall):,.0f} tokens/s)",
     )
     table.add_row("output", f"{info.out_dir} ({info.output}; {files} files, {_bytes(bytes_written)}), manifest.jsonl")
-    table.add_row("model", f"{info.model} (vision weights {info.fingerprint[:12]})")
+    engine = info.engine
+    table.add_row("model", f"{info.model} (vision weights {engine.fingerprint[:12]})")
+    compute = str(engine.compute_dtype).removeprefix("torch.")
     table.add_row(
         "setup",
-        f"{info.device} {info.compute_dtype}, num_crops {info.num_crops}, batch {info.batch_size} crops, "
-        f"{info.workers} worker{'s' if info.workers != 1 else ''}",
+        f"{engine.device} {compute}, num_crops {engine.num_crops}, batch {engine.batch_size} crops, "
+        f"{engine.workers} worker{'s' if engine.workers != 1 else ''}",
     )
     table.add_row(
         "time",

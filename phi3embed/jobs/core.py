@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -223,7 +223,7 @@ class WriteItem:
 
 
 class Writer(threading.Thread):
-    """Drains a bounded queue of results into the store, in order, and counts each record into the summary.
+    """Drains a bounded queue of results into the store, in order, and hands each record to ``count``.
 
     Per-image files are written by ``file_threads`` threads at once (:meth:`OutputStore.write_file`: every
     file is fsynced, and a disk takes several at a time faster than one after another); this thread commits
@@ -231,18 +231,9 @@ class Writer(threading.Thread):
     job's thread re-raises it at its next put. Files already being written are finished before the thread ends.
     """
 
-    def __init__(
-        self,
-        store: OutputStore,
-        summary: JobSummary,
-        *,
-        reporter: Reporter | None = None,
-        keep_errors: int = 5,
-        maxsize: int = 16,
-        file_threads: int = 4,
-    ) -> None:
+    def __init__(self, store: OutputStore, count: Callable[[Record], None], maxsize: int, file_threads: int) -> None:
         super().__init__(name="phi3embed-writer", daemon=True)
-        self.store, self.summary, self.reporter, self.keep_errors = store, summary, reporter, keep_errors
+        self.store, self._count = store, count
         self.queue: queue.Queue[WriteItem | None] = queue.Queue(maxsize)
         self.error: BaseException | None = None
         self.busy = 0.0
@@ -279,9 +270,6 @@ class Writer(threading.Thread):
             if self.files is not None:
                 self.files.shutdown(wait=True)  # the store closes after this: no file is left half-written
 
-    def _count(self, record: Record) -> None:
-        self.summary.count(record, reporter=self.reporter, keep_errors=self.keep_errors)
-
     def _take(self, result: Result) -> None:
         host = result.embeddings
         if host is None:
@@ -311,14 +299,14 @@ class Writer(threading.Thread):
         self.queue.put(None)
         self.join()
 
-    def account(self) -> None:
-        """After :meth:`finish`: the writer's times into the summary, and its failure as ``summary.fatal``
+    def account(self, summary: JobSummary) -> None:
+        """After :meth:`finish`: the writer's times into ``summary``, and its failure as ``summary.fatal``
         when it is an output failure the job did not already end on; any other failure is a bug: raised."""
-        self.summary.write_s, self.summary.wait_writer_s = self.busy, self.put_wait
-        if self.error is not None and self.summary.fatal is None:
+        summary.write_s, summary.wait_writer_s = self.busy, self.put_wait
+        if self.error is not None and summary.fatal is None:
             if not isinstance(self.error, OutputError):
                 raise self.error
-            self.summary.fatal = str(self.error)
+            summary.fatal = str(self.error)
 
 
 # --------------------------------------------------------------------------- the job
@@ -342,9 +330,11 @@ def run_job(
     summary = JobSummary(listed=len(sources))
     todo = [s for s in sources if not store.is_done(s)]
     summary.skipped = len(sources) - len(todo)
-    writer = Writer(
-        store, summary, reporter=reporter, keep_errors=max_errors_kept, maxsize=writer_queue, file_threads=file_threads
-    )
+
+    def count(record: Record) -> None:  # writer thread
+        summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
+
+    writer = Writer(store, count, writer_queue, file_threads)
     signals = StopSignals()
     start = time.perf_counter()
     try:
@@ -370,5 +360,5 @@ def run_job(
         summary.wall_s = time.perf_counter() - start
         if reporter is not None:
             reporter.stop()
-    writer.account()
+    writer.account(summary)
     return summary

@@ -180,13 +180,3 @@ class OutputStore:
 
     def _host_tensor(self, embeddings: torch.Tensor) -> torch.Tensor:
         return embeddings.detach().to(self.settings.dtype).to("cpu").contiguous()
-
-    # ------------------------------------------------------------------ what was written
-
-    @property
-    def bytes_written(self) -> int:
-        return self.publisher.bytes_written
-
-    @property
-    def files_written(self) -> int:
-        return self.publisher.files_written
