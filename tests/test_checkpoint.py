@@ -51,8 +51,8 @@ def vision_bytes(root: Path, *, skip_layers_from: int | None = None) -> int:
         return True
 
     total = 0
-    for shard in sorted(root.glob("*.safetensors")):
-        total += sum(i.nbytes for k, i in read_safetensors_header(shard).items() if counted(k))
+    for weight_file in sorted(root.glob("*.safetensors")):
+        total += sum(i.nbytes for k, i in read_safetensors_header(weight_file).items() if counted(k))
     return total
 
 
@@ -62,10 +62,10 @@ def test_language_model_tensors_are_never_read(golden: Path, ckpt_copy, name: st
     tensor where possible: loading still works, the result is still the golden one, and exactly the vision bytes
     were read."""
     root = ckpt_copy(name)
-    for shard in sorted(root.glob("*.safetensors")):
-        header = read_safetensors_header(shard)
+    for weight_file in sorted(root.glob("*.safetensors")):
+        header = read_safetensors_header(weight_file)
         vision_end = max((i.end for k, i in header.items() if k.startswith(VISION_PREFIX)), default=0)
-        with open(shard, "r+b") as fh:
+        with open(weight_file, "r+b") as fh:
             for key, info in header.items():
                 if not key.startswith(VISION_PREFIX):
                     fh.seek(info.start)
@@ -84,11 +84,11 @@ def test_language_model_tensors_are_never_read(golden: Path, ckpt_copy, name: st
         assert float(np.abs(out.numpy() - expected).max()) <= 1e-4
 
 
-def test_shards_without_vision_tensors_are_not_even_opened(golden: Path, ckpt_copy) -> None:
-    root = ckpt_copy(TINY_128K)  # all vision tensors live in shard 1, like the real model
+def test_weight_files_without_vision_tensors_are_not_even_opened(golden: Path, ckpt_copy) -> None:
+    root = ckpt_copy(TINY_128K)  # all vision tensors live in the first weight file, like the real model
     index = json.loads((root / "model.safetensors.index.json").read_text())
-    shards = {f for k, f in index["weight_map"].items() if k.startswith(VISION_PREFIX)}
-    assert shards == {"model-00001-of-00002.safetensors"}
+    weight_files = {f for k, f in index["weight_map"].items() if k.startswith(VISION_PREFIX)}
+    assert weight_files == {"model-00001-of-00002.safetensors"}
     (root / "model-00002-of-00002.safetensors").unlink()
     ckpt = resolve(root)
     assert [p.name for p in ckpt.weight_files] == ["model-00001-of-00002.safetensors"]
@@ -148,10 +148,10 @@ def test_misshaped_vision_tensor_is_named(golden: Path, tmp_path: Path) -> None:
 
 def test_truncated_vision_tensor_is_an_error(golden: Path, ckpt_copy) -> None:
     root = ckpt_copy(TINY_128K)
-    shard = root / "model-00001-of-00002.safetensors"
-    header = read_safetensors_header(shard)
+    weight_file = root / "model-00001-of-00002.safetensors"
+    header = read_safetensors_header(weight_file)
     last = max(i.end for k, i in header.items() if k.startswith(VISION_PREFIX))
-    with open(shard, "r+b") as fh:
+    with open(weight_file, "r+b") as fh:
         fh.truncate(last - 3)
     with pytest.raises(CheckpointError, match="truncated"):
         Phi3VisionEmbedder.from_pretrained(root)
@@ -168,8 +168,8 @@ def test_pickle_checkpoints_are_refused(golden: Path, tmp_path: Path) -> None:
 
 def test_garbage_safetensors_header(golden: Path, ckpt_copy) -> None:
     root = ckpt_copy(TINY_128K)
-    shard = root / "model-00001-of-00002.safetensors"
-    shard.write_bytes(struct.pack("<Q", 5) + b"{oops")
+    weight_file = root / "model-00001-of-00002.safetensors"
+    weight_file.write_bytes(struct.pack("<Q", 5) + b"{oops")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         Phi3VisionEmbedder.from_pretrained(root)
 
@@ -234,7 +234,7 @@ def _run_offline(cache: Path, code: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def offline(golden: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], list]:
     """One fresh offline process (HF_HUB_OFFLINE is read at import) for both hub-cache tests: a cache that
-    holds someone/tiny-phi3v (without its language-model-only shard, which must not be needed) and nothing
+    holds someone/tiny-phi3v (without its language-model-only weight file, which must not be needed) and nothing
     else. Its stdout: one JSON line for the sources missing from the cache, then one for the encode."""
     cache = tmp_path_factory.mktemp("offline") / "hub"
     _fake_hub_cache(golden, cache, "someone/tiny-phi3v", drop=("model-00002-of-00002.safetensors",))

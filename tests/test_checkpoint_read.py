@@ -17,8 +17,8 @@ from phi3embed.errors import CheckpointError
 
 def _reference(root: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for shard in sorted(root.glob("*.safetensors")):
-        out.update({k: v for k, v in load_file(shard).items() if k in keys})
+    for weight_file in sorted(root.glob("*.safetensors")):
+        out.update({k: v for k, v in load_file(weight_file).items() if k in keys})
     return out
 
 

@@ -206,7 +206,7 @@ def test_single_crop_input_is_the_num_crops_1_hd_path(
     for it in items:
         assert torch.equal(it.pixel_values[0], it.pixel_values[1])  # what makes the collapse exact
     reference = embedder.embed(items)
-    t = num_image_tokens(rows=1, cols=1)
+    t = num_image_tokens(rows=1, cols=1, tokens_per_side=embedder.vision_config.tokens_per_side)
     assert [r.shape[0] for r in reference] == [t, t]
     pixel_values = torch.stack([it.pixel_values[1] for it in items])  # (2, 3, S, S)
     ids = torch.tensor([[1] + [-1] * t + [7, 8] + [-2] * t + [9]])
@@ -374,7 +374,7 @@ def test_placeholders_split_over_runs_and_rows(
 ) -> None:
     x = merge_inputs["two_images_one_prompt"]
     pixel_values = x["pixel_values"][:, 1]  # two single-crop images, 313 tokens each
-    t = num_image_tokens(rows=1, cols=1)
+    t = num_image_tokens(rows=1, cols=1, tokens_per_side=module.vision_config.tokens_per_side)
     with torch.no_grad():
         rows = torch.cat(module.image_embeddings(pixel_values))  # (2t, D)
     ids = torch.full((2, 400), 3, dtype=torch.long)

@@ -38,7 +38,7 @@ def test_token_layout_and_count() -> None:
     sub, glb = torch.full((4 * c,), 7.0), torch.full((4 * c,), 9.0)
     sub_glb = image_tokens(feats, rows=rows, cols=cols, sub_gn=sub, glb_gn=glb, order="sub_glb")
     n_sub = 12 * rows * (12 * cols + 1)
-    assert sub_glb.shape == (num_image_tokens(rows=rows, cols=cols), 4 * c)
+    assert sub_glb.shape == (num_image_tokens(rows=rows, cols=cols, tokens_per_side=g // 2), 4 * c)
     assert sub_glb.shape[0] == (rows * cols + 1) * 144 + 1 + (rows + 1) * 12  # SPEC 8
     assert torch.equal(sub_glb[n_sub], glb)
     assert torch.equal(sub_glb[12 * cols], sub)  # end of the first token row is the newline

@@ -44,7 +44,7 @@ def test_worked_examples(w: int, h: int, nc: int, sizes: tuple[int, int], tokens
     grid = hd_grid(width=w, height=h, num_crops=nc)
     assert grid.image_sizes == sizes
     assert grid.rows * grid.cols <= nc
-    assert num_image_tokens(rows=grid.rows, cols=grid.cols) == tokens
+    assert num_image_tokens(rows=grid.rows, cols=grid.cols, tokens_per_side=12) == tokens
 
 
 def test_new_h_uses_double_division_not_exact_arithmetic() -> None:
@@ -57,7 +57,7 @@ def test_ratio_extremes_with_16_crops() -> None:
     expected = {(3, 1): 1909, (4, 1): 2485, (8, 1): 1321, (16, 1): 2473, (1, 16): 2653}
     for (rw, rh), tokens in expected.items():
         g = hd_grid(width=rw * 100, height=rh * 100, num_crops=16)
-        assert num_image_tokens(rows=g.rows, cols=g.cols) == tokens
+        assert num_image_tokens(rows=g.rows, cols=g.cols, tokens_per_side=12) == tokens
 
 
 @pytest.mark.parametrize("nc", [1, 2, 3, 5, 7, 9, 12, 16, 25, 36])

@@ -10,9 +10,11 @@ copies that write fresh activations took 4x longer than on reused memory, and th
 the heap and stay there after being freed: the next batch reuses the same pages. Peak memory is unchanged
 (the same blocks are live at the peak); memory is not handed back to the system between batches.
 
-It is process-wide, so the embedder applies it only for CPU devices and not for the plain path (the
-yardstick runs as the reference would: with the C library's defaults), and ``PHI3EMBED_MALLOC_TUNING=0``
-turns it off. Other C libraries (musl, macOS) are left alone.
+It is process-wide and cannot be undone, so a library must not impose it on the application that imports
+it: :meth:`phi3embed.Phi3VisionEmbedder.from_pretrained` applies it only when asked (``tune_allocator=True``,
+CPU devices only), and the ``phi3embed`` command, which owns its process, calls :func:`keep_freed_memory`
+itself. ``PHI3EMBED_MALLOC_TUNING=0`` vetoes it in both cases. Other C libraries (musl, macOS) are left alone.
+``benchmarks/page_faults.py`` measures the page faults it saves.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Find a checkpoint and read ONLY the tensors the image path needs.
 
 A checkpoint is a directory in Hugging Face layout (``config.json``, optional ``preprocessor_config.json``,
-``model.safetensors`` or shards listed in ``model.safetensors.index.json``), or a hub id resolved through
-``huggingface_hub`` (local cache first, ``HF_HUB_OFFLINE=1`` respected; online, only config files and the
-shards holding vision tensors are fetched).
+``model.safetensors`` or the weight files listed in ``model.safetensors.index.json``), or a hub id resolved
+through ``huggingface_hub`` (local cache first, ``HF_HUB_OFFLINE=1`` respected; online, only config files and
+the weight files holding vision tensors are fetched). :func:`resolve` indexes the vision tensors;
+:func:`resolve_configs` stops at the config files (``plan``, ``preview``: no weights at all).
 
 safetensors files are read with our own header parser and positioned reads: language-model tensors are
 never read, mapped or materialised, so a 4.2B-parameter checkpoint costs only its ~0.3B vision parameters.
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from phi3embed.core.config import find_preset, read_json
+from phi3embed.core.config import PreprocessConfig, VisionConfig, find_preset, parse_configs, read_json
 from phi3embed.errors import CheckpointError, ConfigError
 
 VISION_PREFIX = "model.vision_embed_tokens."
@@ -187,7 +188,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
 
 
 def _weight_map(root: Path) -> dict[str, str] | None:
-    """key -> shard file name from the index, or None for a single-file checkpoint."""
+    """key -> weight file name from the index, or None for a single-file checkpoint."""
     index_path = root / INDEX_FILE
     if not index_path.exists():
         return None
@@ -221,7 +222,7 @@ def _index_local(root: Path, wanted: Callable[[str], bool]) -> tuple[list[Path],
         files = [root / n for n in names]
         for f in files:
             if not f.exists():
-                raise CheckpointError(f"shard {f.name} listed in {INDEX_FILE} is missing", path=root)
+                raise CheckpointError(f"weight file {f.name} listed in {INDEX_FILE} is missing", path=root)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         for key, info in read_safetensors_header(f).items():
@@ -239,6 +240,20 @@ def is_vision_key(key: str) -> bool:
     return key.startswith(VISION_PREFIX)
 
 
+def _locate(text: str) -> Path | str:
+    """A checkpoint directory, or the hub id to fetch (a preset name stands for its hub id)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError("expected a checkpoint directory, got a file", path=path)
+    preset = find_preset(text)
+    repo_id = preset.hub_id if preset else text
+    if repo_id.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError("no such checkpoint directory, and not a hub id (owner/name) or preset name", path=text)
+    return repo_id
+
+
 def resolve(
     source: str | os.PathLike[str],
     *,
@@ -252,20 +267,11 @@ def resolve(
         return is_vision_key(key) or (with_text_embeddings and key == TEXT_EMBED_KEY)
 
     text = os.fspath(source)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        root, from_hub = path, False
-    elif path.exists():
-        raise CheckpointError("expected a checkpoint directory, got a file", path=path)
+    found = _locate(text)
+    if isinstance(found, Path):
+        root, from_hub = found, False
     else:
-        preset = find_preset(text)
-        repo_id = preset.hub_id if preset else text
-        if repo_id.count("/") != 1 or text.startswith((".", "/", "~")):
-            raise CheckpointError(
-                "no such checkpoint directory, and not a hub id (owner/name) or preset name", path=text
-            )
-        root = _fetch_from_hub(repo_id, revision=revision, wanted=wanted, cache_dir=cache_dir)
-        from_hub = True
+        root, from_hub = _fetch_from_hub(found, revision=revision, wanted=wanted, cache_dir=cache_dir), True
     config = read_json(root / "config.json")
     pre_path = root / "preprocessor_config.json"
     preprocessor = read_json(pre_path) if pre_path.exists() else None
@@ -281,10 +287,35 @@ def resolve(
     )
 
 
-def _fetch_from_hub(
-    repo_id: str, *, revision: str | None, wanted: Callable[[str], bool], cache_dir: str | None
-) -> Path:
-    """Download (or find in the cache) config files and only the shards that hold wanted tensors."""
+def resolve_configs(
+    source: str | os.PathLike[str], *, revision: str | None = None, cache_dir: str | None = None
+) -> tuple[VisionConfig, PreprocessConfig]:
+    """The vision and preprocessor configs of a checkpoint, from its config files only (never its weights).
+
+    Found as :func:`resolve` finds the checkpoint, except that a preset name or a preset's hub id (at the
+    default revision) uses the configs shipped with the preset, which are copies of the hub's: no network.
+    """
+    text = os.fspath(source)
+    found = _locate(text)
+    preset = find_preset(text) if isinstance(found, str) and revision is None else None
+    if preset is not None:
+        return parse_configs(preset.config, preset.preprocessor_config, where=f"preset {preset.name}")
+    if isinstance(found, Path):
+        root = found
+    else:
+        fetch = _hub_fetcher(found, revision=revision, cache_dir=cache_dir)
+        config_path = fetch("config.json", required=True)
+        assert config_path is not None
+        fetch("preprocessor_config.json", required=False)
+        root = config_path.parent
+    pre_path = root / "preprocessor_config.json"
+    preprocessor = read_json(pre_path) if pre_path.exists() else None
+    return parse_configs(read_json(root / "config.json"), preprocessor, where=str(root / "config.json"))
+
+
+def _hub_fetcher(repo_id: str, *, revision: str | None, cache_dir: str | None) -> Callable[..., Path | None]:
+    """``fetch(filename, required=...)``: one file of ``repo_id`` from the local cache or the hub, its local
+    path, or None for a missing optional file; a missing required file is a one-line CheckpointError."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -294,7 +325,7 @@ def _fetch_from_hub(
     def fetch(filename: str, *, required: bool) -> Path | None:
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError in recent huggingface_hub: first
             if required:
                 raise CheckpointError(
                     f"{filename} is not in the local Hugging Face cache and the hub cannot be reached "
@@ -312,14 +343,22 @@ def _fetch_from_hub(
                 raise CheckpointError(f"cannot fetch {filename} from the hub: {name}: {exc}", path=repo_id) from None
             return None
 
+    return fetch
+
+
+def _fetch_from_hub(
+    repo_id: str, *, revision: str | None, wanted: Callable[[str], bool], cache_dir: str | None
+) -> Path:
+    """Download (or find in the cache) config files and only the weight files that hold wanted tensors."""
+    fetch = _hub_fetcher(repo_id, revision=revision, cache_dir=cache_dir)
     config_path = fetch("config.json", required=True)
     assert config_path is not None
     fetch("preprocessor_config.json", required=False)
     index_path = fetch(INDEX_FILE, required=False)
     if index_path is not None:
         weight_map = json.loads(index_path.read_text()).get("weight_map", {})
-        for shard in sorted({f for k, f in weight_map.items() if wanted(k)}):
-            fetch(shard, required=True)
+        for weight_file in sorted({f for k, f in weight_map.items() if wanted(k)}):
+            fetch(weight_file, required=True)
     else:
         fetch(SINGLE_FILE, required=True)
     return config_path.parent

@@ -65,10 +65,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from phi3embed.core.checkpoint import VISION_PREFIX, check_vision_tensors, resolve
+from phi3embed.core.checkpoint import VISION_PREFIX, checkpoint_to_module_key, module_to_checkpoint_key, resolve
 from phi3embed.core.config import VisionConfig, vision_config_from_dict
 from phi3embed.core.hd import image_tokens, num_image_tokens
-from phi3embed.core.model import build_clip, build_projection, materialise_buffers
+from phi3embed.core.model import build_clip, build_projection, load_vision_tensors
 from phi3embed.core.prompt import image_mask, merge_image_embeddings, read_text_embeddings
 from phi3embed.errors import ConfigError, MergeError
 
@@ -103,18 +103,17 @@ def official_to_module_key(key: str, *, clip_prefix: str) -> str:
     """Official name (``img_processor.vision_model.X``) -> this module's name (``clip_prefix + X``).
 
     ``clip_prefix`` is ``img_processor.vision_model.`` under transformers 4 and ``img_processor.`` under 5.
-    Other keys are unchanged.
+    Other keys are unchanged. An official name is the checkpoint key without ``model.vision_embed_tokens.``,
+    so this is the checkpoint's own mapping (:func:`~phi3embed.core.checkpoint.checkpoint_to_module_key`).
     """
-    if key.startswith(OFFICIAL_CLIP_PREFIX):
-        return clip_prefix + key[len(OFFICIAL_CLIP_PREFIX) :]
-    return key
+    return checkpoint_to_module_key(VISION_PREFIX + key, clip_prefix=clip_prefix) or key
 
 
 def module_to_official_key(key: str, *, clip_prefix: str) -> str:
     """Inverse of :func:`official_to_module_key`."""
-    if key.startswith(clip_prefix) and not key.startswith(OFFICIAL_CLIP_PREFIX):
-        return OFFICIAL_CLIP_PREFIX + key[len(clip_prefix) :]
-    return key
+    if key.startswith(OFFICIAL_CLIP_PREFIX):  # already official (transformers 4 names are the official ones)
+        return key
+    return module_to_checkpoint_key(key, clip_prefix=clip_prefix).removeprefix(VISION_PREFIX)
 
 
 # --------------------------------------------------------------------------- config
@@ -166,7 +165,7 @@ class Phi3ImageEmbedding(nn.Module):
             where="config",
         )
         grid = cfg.clip.grid
-        tokens_per_crop = (grid // 2) ** 2 if use_hd else grid * grid
+        tokens_per_crop = cfg.tokens_per_side**2 if use_hd else grid * grid
         img = raw.get("img_processor") or {}
         declared = img.get("num_img_tokens") if isinstance(img, Mapping) else None
         if not use_hd and declared is not None and declared != tokens_per_crop:
@@ -249,12 +248,8 @@ class Phi3ImageEmbedding(nn.Module):
         ckpt = resolve(source, revision=revision, with_text_embeddings=with_wte)
         with torch.device("meta"):
             module = cls(ckpt.config)
-        expected = {VISION_PREFIX + k: tuple(v.shape) for k, v in module.state_dict().items()}  # official names
-        check_vision_tensors(ckpt, expected)
-        state = {k[len(VISION_PREFIX) :]: v for k, v in ckpt.read(sorted(expected), dtype=dtype, device=device).items()}
-        module.load_state_dict(state, strict=True, assign=True)
-        materialise_buffers(module, device)
-        module.eval()
+        # the embedder's loading path; this module's state dict always carries the official names
+        load_vision_tensors(module, ckpt, clip_prefix=OFFICIAL_CLIP_PREFIX, dtype=dtype, device=device)
         if with_wte:
             module.set_wte(read_text_embeddings(ckpt, dtype=dtype, device=device))
         return module
@@ -330,9 +325,9 @@ class Phi3ImageEmbedding(nn.Module):
                 image_tokens(f, rows=r, cols=c, sub_gn=sub_gn, glb_gn=glb_gn, order=self.hd_transform_order)
                 for f, (r, c) in zip(per_image, grids, strict=True)
             ]  # (T_i, 4C) each
-            side = self.vision_config.clip.grid // 2
+            side = self.vision_config.tokens_per_side
             for t, (r, c) in zip(tokens, grids, strict=True):
-                assert t.shape[0] == num_image_tokens(rows=r, cols=c, merged_side=side), (t.shape, r, c)
+                assert t.shape[0] == num_image_tokens(rows=r, cols=c, tokens_per_side=side), (t.shape, r, c)
         if not tokens:
             return []
         projected = self.img_projection(torch.cat(tokens).to(device=self._device, dtype=self._dtype))  # (sum T, D)

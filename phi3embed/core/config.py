@@ -100,6 +100,11 @@ class VisionConfig:
         return 4 * self.image_dim_out
 
     @property
+    def tokens_per_side(self) -> int:
+        """Image tokens per side of one crop after the 2x2 merge (12 for 336 px / patch 14)."""
+        return self.clip.grid // 2
+
+    @property
     def hidden_state_index(self) -> int:
         """Non-negative index into CLIP's hidden states (0 = embeddings after pre_layrnorm)."""
         n = self.clip.num_hidden_layers + 1
@@ -113,10 +118,22 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
+    """preprocessor_config.json, plus the crop geometry of the vision config it serves.
+
+    ``crop_size`` and ``patch_size`` are the CLIP tower's (:func:`preprocess_config_from_dict` copies them), so a
+    preprocessed image knows its token count without the model; the defaults are the released models'.
+    """
+
     num_crops: int = 1
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
-    crop_size: int = 336
+    crop_size: int = ClipConfig.image_size
+    patch_size: int = ClipConfig.patch_size
+
+    @property
+    def tokens_per_side(self) -> int:
+        """Image tokens per side of one crop after the 2x2 merge (``VisionConfig.tokens_per_side``)."""
+        return self.crop_size // self.patch_size // 2
 
 
 def _int(d: dict[str, Any], key: str, default: int, where: str) -> int:
@@ -180,8 +197,7 @@ def vision_config_from_dict(cfg: dict[str, Any], *, where: str = "config.json") 
         raise ConfigError(
             f"{where}: img_processor.image_dim_out {image_dim_out} differs from the CLIP width {clip.hidden_size}"
         )
-    if clip.grid % 2:
-        raise ConfigError(f"{where}: patch grid {clip.grid} is odd; the 2x2 merge needs an even grid")
+    _check_geometry(clip, where)
     layer_idx = _int(img, "layer_idx", -2, where)
     n_states = clip.num_hidden_layers + 1
     if not -n_states <= layer_idx < n_states:
@@ -201,10 +217,27 @@ def vision_config_from_dict(cfg: dict[str, Any], *, where: str = "config.json") 
     )
 
 
+def _check_geometry(clip: ClipConfig, where: str) -> None:
+    """Reject crop geometry the HD transform cannot tile: every crop must split into an even square grid of
+    whole patches, so that the 2x2 merge gives ``grid / 2`` tokens per side (docs/pipeline.md)."""
+    if clip.patch_size < 1 or clip.image_size < 1:
+        raise ConfigError(f"{where}: image_size {clip.image_size} and patch_size {clip.patch_size} must be positive")
+    if clip.image_size % clip.patch_size:
+        raise ConfigError(
+            f"{where}: image_size {clip.image_size} is not a multiple of patch_size {clip.patch_size}; "
+            "the HD transform needs crops made of whole patches"
+        )
+    if clip.grid % 2:
+        raise ConfigError(f"{where}: patch grid {clip.grid} is odd; the 2x2 merge needs an even grid")
+
+
 def preprocess_config_from_dict(
-    cfg: dict[str, Any] | None, *, crop_size: int = 336, where: str = "preprocessor_config.json"
+    cfg: dict[str, Any] | None, *, clip: ClipConfig, where: str = "preprocessor_config.json"
 ) -> PreprocessConfig:
-    """Parse preprocessor_config.json; a missing file means the processor's own defaults (num_crops 1)."""
+    """Parse preprocessor_config.json; a missing file means the processor's own defaults (num_crops 1).
+
+    ``clip`` is the vision config's CLIP tower: its crop and patch sizes set the crop geometry.
+    """
     cfg = cfg or {}
     mean = tuple(float(x) for x in cfg.get("image_mean", OPENAI_CLIP_MEAN))
     std = tuple(float(x) for x in cfg.get("image_std", OPENAI_CLIP_STD))
@@ -217,8 +250,20 @@ def preprocess_config_from_dict(
         num_crops=num_crops,
         image_mean=(mean[0], mean[1], mean[2]),
         image_std=(std[0], std[1], std[2]),
-        crop_size=crop_size,
+        crop_size=clip.image_size,
+        patch_size=clip.patch_size,
     )
+
+
+def parse_configs(
+    config: dict[str, Any], preprocessor_config: dict[str, Any] | None, *, where: str
+) -> tuple[VisionConfig, PreprocessConfig]:
+    """``config.json`` and ``preprocessor_config.json`` (None: absent) -> the typed configs, geometry shared.
+
+    ``where`` names config.json (a path, or a preset) in error messages.
+    """
+    vision = vision_config_from_dict(config, where=where)
+    return vision, preprocess_config_from_dict(preprocessor_config, clip=vision.clip)
 
 
 def read_json(path: Path) -> dict[str, Any]:

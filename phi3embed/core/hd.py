@@ -8,13 +8,16 @@ from __future__ import annotations
 import torch
 
 
-def num_image_tokens(*, rows: int, cols: int, merged_side: int = 12) -> int:
+def num_image_tokens(*, rows: int, cols: int, tokens_per_side: int) -> int:
     """Tokens of one image with a ``rows x cols`` crop grid.
 
-    ``merged_side * rows`` lines of ``merged_side * cols + 1`` tokens (the +1 is ``sub_GN``), one ``glb_GN``,
-    then the global view's ``merged_side`` lines of ``merged_side + 1`` tokens.
+    ``tokens_per_side`` (``m``) is the side of one crop's token grid after the 2x2 merge, from the config
+    (``VisionConfig.tokens_per_side``: 12 for 336 px crops of 14 px patches). ``m * rows`` lines of
+    ``m * cols + 1`` tokens (the +1 is ``sub_GN``), one ``glb_GN``, then the global view's ``m`` lines of
+    ``m + 1`` tokens.
     """
-    return merged_side * rows * (merged_side * cols + 1) + 1 + merged_side * (merged_side + 1)
+    m = tokens_per_side
+    return m * rows * (m * cols + 1) + 1 + m * (m + 1)
 
 
 def merge_2x2(features: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ Variants are chosen once, when the module is built:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from phi3embed.core.checkpoint import (
     check_vision_tensors,
     checkpoint_to_module_key,
     module_to_checkpoint_key,
+    new_hasher,
 )
 from phi3embed.core.config import VisionConfig
 from phi3embed.core.hd import image_tokens
@@ -175,29 +177,60 @@ class Phi3VisionModel(nn.Module):
         """
         with torch.device("meta"):
             model = cls(cfg, full_depth=full_depth, attn=attn)
-        check_vision_tensors(ckpt, model.expected_checkpoint_shapes())
         prefix = model.clip_prefix
-        wanted = {module_to_checkpoint_key(k, clip_prefix=prefix): k for k in model.state_dict()}
-        fast_keys = set(wanted) if not full_depth else _output_determining_keys(cfg, set(wanted), prefix)
-        from phi3embed.core.checkpoint import new_hasher
-
+        keys = {module_to_checkpoint_key(k, clip_prefix=prefix) for k in model.state_dict()}
         hasher = new_hasher()
-        raw = ckpt.read(sorted(wanted), dtype=dtype, device=device, hash_keys=fast_keys, hasher=hasher)
-        state = {}
-        for key, tensor in raw.items():
-            name = checkpoint_to_module_key(key, clip_prefix=prefix)
-            if name is None or name not in wanted.values():
-                raise CheckpointError(f"cannot place tensor {key}", path=ckpt.root)
-            state[name] = tensor
-        model.load_state_dict(state, strict=True, assign=True)
-        materialise_buffers(model, device)
-        model.eval().requires_grad_(False)
+        load_vision_tensors(
+            model,
+            ckpt,
+            clip_prefix=prefix,
+            expected=model.expected_checkpoint_shapes(),
+            dtype=dtype,
+            device=device,
+            hash_keys=keys if not full_depth else _output_determining_keys(cfg, keys),
+            hasher=hasher,
+        )
+        model.requires_grad_(False)
         return model, hasher.hexdigest()
 
 
-def _output_determining_keys(cfg: VisionConfig, keys: set[str], prefix: str) -> set[str]:
+def load_vision_tensors(
+    module: nn.Module,
+    ckpt: Checkpoint,
+    *,
+    clip_prefix: str,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    hash_keys: set[str] | None = None,
+    hasher: Any | None = None,
+) -> None:
+    """Fill ``module`` (built on the meta device) with exactly its tensors from ``ckpt``, strictly.
+
+    The one loading path of :class:`Phi3VisionModel` and the drop-in ``phi3embed.core.compat`` module: the
+    checkpoint's vision tensors are checked against ``expected`` (checkpoint key -> shape; None: the
+    module's own tensors), then only the module's tensors are read (named through
+    :func:`~phi3embed.core.checkpoint.module_to_checkpoint_key` with ``clip_prefix``, where CLIP sits in the
+    module's state dict) and assigned. ``hash_keys`` / ``hasher`` as in :meth:`Checkpoint.read`.
+    """
+    wanted = {module_to_checkpoint_key(k, clip_prefix=clip_prefix): k for k in module.state_dict()}
+    if expected is None:
+        expected = {key: tuple(module.state_dict()[name].shape) for key, name in wanted.items()}
+    check_vision_tensors(ckpt, expected)
+    raw = ckpt.read(sorted(wanted), dtype=dtype, device=device, hash_keys=hash_keys, hasher=hasher)
+    state = {}
+    for key, tensor in raw.items():
+        name = checkpoint_to_module_key(key, clip_prefix=clip_prefix)
+        if name is None or name != wanted[key]:
+            raise CheckpointError(f"cannot place tensor {key}", path=ckpt.root)
+        state[name] = tensor
+    module.load_state_dict(state, strict=True, assign=True)
+    materialise_buffers(module, device)
+    module.eval()
+
+
+def _output_determining_keys(cfg: VisionConfig, keys: set[str]) -> set[str]:
     """Checkpoint keys the truncated (fast) model reads: same fingerprint for both paths."""
-    del prefix
     keep = set()
     for k in keys:
         marker = ".encoder.layers."

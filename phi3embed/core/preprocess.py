@@ -133,6 +133,39 @@ def open_image(source: ImageInput, *, name: str | None = None) -> Image.Image:
     return img
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def read_image_size(
+    path: str | os.PathLike[str], *, exif_transpose: bool = False, name: str | None = None
+) -> tuple[int, int]:
+    """``(width, height)`` from the image header, without decoding pixel data (``plan``).
+
+    The same checks as :func:`open_image` (:func:`check_image_file`, :func:`image_errors`), so a file it
+    rejects is an ImageError naming ``name`` (default: the path) here too; damage further inside the file
+    only shows when it is decoded. With ``exif_transpose`` the size after the EXIF orientation (5-8 swap
+    the sides), as :func:`to_rgb` would produce it.
+    """
+    label = name or os.fspath(path)
+    with image_errors(label, decoding=False):
+        check_image_file(Path(path), label)
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = _orientation(img) if exif_transpose else 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation known after opening (JPEG/WEBP APP1, TIFF tags), without decoding pixels."""
+    raw = img.info.get("exif")
+    if raw:
+        exif = Image.Exif()
+        exif.load(raw)
+        return int(exif.get(_EXIF_ORIENTATION, 1))
+    tags = getattr(img, "tag_v2", None)  # TIFF keeps its tags here
+    return int(tags.get(_EXIF_ORIENTATION, 1)) if tags is not None else 1
+
+
 def check_image_file(path: Path, label: str) -> None:
     """What can be wrong with a path before Pillow sees it (a folder, nothing there, a broken link, an empty
     file), as the ImageError that names ``label``. Call it inside :func:`image_errors` (a stat can be denied)."""
@@ -149,7 +182,7 @@ def image_errors(label: str, *, decoding: bool = True) -> Iterator[None]:
     """Pillow's failures inside the block -> the one-line ImageErrors of :func:`open_image`, naming ``label``
     (decompression-bomb warnings are silenced; ImageErrors pass through as they are).
 
-    ``decoding=False`` is for header-only reads (:func:`phi3embed.inspection.image_size`): a damaged file
+    ``decoding=False`` is for header-only reads (:func:`read_image_size`): a damaged file
     "cannot read image header" there, and a MemoryError is not turned into an ImageError.
     """
     try:
@@ -328,19 +361,39 @@ class Preprocessed:
         return torch.cat([self.global_view, normalize_tiles(self.tiles, self.table)])
 
 
+def image_geometry(*, width: int, height: int, cfg: PreprocessConfig) -> tuple[HDGrid, int]:
+    """The crop grid and token count of a ``width x height`` image under ``cfg``: what encode produces
+    (:func:`preprocess_rgb`), ``plan`` predicts and ``Phi3VisionEmbedder.num_tokens`` reports."""
+    grid = hd_grid(width=width, height=height, num_crops=cfg.num_crops, crop_size=cfg.crop_size)
+    return grid, num_image_tokens(rows=grid.rows, cols=grid.cols, tokens_per_side=cfg.tokens_per_side)
+
+
 def preprocess_rgb(rgb: Image.Image, cfg: PreprocessConfig, *, source: str | None = None) -> Preprocessed:
-    grid = hd_grid(width=rgb.width, height=rgb.height, num_crops=cfg.num_crops, crop_size=cfg.crop_size)
+    grid, num_tokens = image_geometry(width=rgb.width, height=rgb.height, cfg=cfg)
     hd = np.array(hd_image(rgb, grid), dtype=np.uint8)  # (H', W', 3), writable (torch.from_numpy)
     glb = global_crop(normalize(hd, mean=cfg.image_mean, std=cfg.image_std), crop_size=cfg.crop_size)
     return Preprocessed(
         global_view=glb,
         tiles=tile_pixels(hd, crop_size=cfg.crop_size),
         grid=grid,
-        num_tokens=num_image_tokens(rows=grid.rows, cols=grid.cols),
+        num_tokens=num_tokens,
         mean=tuple(cfg.image_mean),
         std=tuple(cfg.image_std),
         source=source,
     )
+
+
+@contextmanager
+def conversion_errors(label: str | None) -> Iterator[None]:
+    """Failures after decoding (mode conversion, tiling) -> ImageErrors naming ``label``."""
+    try:
+        yield
+    except ImageError as exc:
+        if exc.path is None and label is not None:
+            raise type(exc)(exc.reason, path=label) from None
+        raise
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot convert image: {exc}", path=label) from None
 
 
 def preprocess_image(
@@ -354,12 +407,6 @@ def preprocess_image(
     """Path, bytes or PIL image -> :class:`Preprocessed`. Raises ImageError (naming the file) on bad input."""
     label = name or _describe(image)
     img = open_image(image, name=label)
-    try:
+    with conversion_errors(label):
         rgb = to_rgb(img, alpha=alpha, exif_transpose=exif_transpose)
         return preprocess_rgb(rgb, cfg, source=label)
-    except ImageError as exc:
-        if exc.path is None and label is not None:
-            raise type(exc)(exc.reason, path=label) from None
-        raise
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"cannot convert image: {exc}", path=label) from None

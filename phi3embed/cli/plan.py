@@ -1,0 +1,128 @@
+"""``phi3embed plan``: what ``encode`` would do with the same INPUTs, read from image headers only.
+
+The inputs are listed exactly as encode lists them (:func:`phi3embed.inputs.listing.expand_inputs`, then
+``--shard``), each image reported by the name encode's manifest records. stdout carries the table or, with
+``--json``, one JSON document; messages go to stderr. Exit code 0 when every image can be planned, 1 when
+some cannot (they are reported, the others still planned), 2 on usage, input, model or config errors.
+"""
+
+# No ``from __future__ import annotations``: Typer reads these annotations at runtime.
+
+import json
+import sys
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from phi3embed.cli.options import (
+    AsJson,
+    ConfigModel,
+    ExifTranspose,
+    NumCrops,
+    OutDType,
+    guard,
+    human_bytes,
+    model_settings,
+)
+from phi3embed.inputs.listing import InputError, expand_inputs, parse_shard, select_shard
+
+if TYPE_CHECKING:  # the plan module imports torch: only the command that runs pays for it, not --help
+    from phi3embed.jobs.plan import PlanResult
+
+
+def plan_command(
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Files, directories, globs or - for stdin.")],
+    model: ConfigModel = None,
+    num_crops: NumCrops = None,
+    out_dtype: Annotated[
+        OutDType, typer.Option("--out-dtype", help="Stored dtype the output sizes are computed for.")
+    ] = OutDType.float32,
+    exif_transpose: ExifTranspose = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(metavar="I/N", help="Only shard I of N (0-based), split by a stable hash of each name."),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Predict crop grids, token counts, output sizes and GFLOP of encoding INPUT. Reads image headers only.
+
+    Exit code 0 when every image can be planned, 1 when some cannot, 2 on usage, input, model or config errors.
+    """
+
+    def work() -> "tuple[PlanResult, str]":
+        from phi3embed.jobs.plan import plan
+
+        shard_spec = parse_shard(shard) if shard is not None else None
+        try:
+            sources = expand_inputs(inputs)
+        except OSError as exc:
+            raise InputError(f"cannot read the inputs: {exc}") from None
+        if shard_spec is not None:
+            sources = select_shard(sources, *shard_spec)
+        vision, pre, label = model_settings(model, num_crops)
+        result = plan(sources, vision=vision, preprocess=pre, out_dtype=out_dtype.value, exif_transpose=exif_transpose)
+        return result, label
+
+    result, label = guard(work)
+    if as_json:
+        doc = result.to_dict()
+        doc["settings"] = {"model": label, **doc["settings"]}
+        typer.echo(json.dumps(doc, indent=2))
+        for row in result.rows:
+            if row.error:
+                typer.echo(f"error: {row.error}", err=True)
+    else:
+        _print_plan(result, label)
+    if result.totals.errors:
+        raise typer.Exit(1)
+
+
+def _gflop(flops: int) -> str:
+    return f"{flops / 1e9:,.1f}"
+
+
+def _print_plan(result: "PlanResult", label: str) -> None:
+    console = Console(file=sys.stdout)
+    if not console.is_terminal:  # a file or a pipe: wide enough that names are not folded
+        longest = max((len(r.name) for r in result.rows), default=0)
+        console = Console(file=sys.stdout, width=max(console.width, longest + 72))
+    console.print(
+        Text(
+            f"model {label} · num_crops {result.num_crops} · output [tokens, {result.hidden_size}] "
+            f"{result.out_dtype} · CLIP layers run {result.layers_run}/{result.layers_total} · "
+            f"{_gflop(result.flops_per_crop)} GFLOP per crop + {result.flops_per_token / 1e6:.1f} MFLOP per token"
+        )
+    )
+    t = result.totals
+    table = Table(show_footer=True, header_style="bold", footer_style="bold")
+    table.add_column("image", footer=f"{t.ok} images", overflow="fold")
+    table.add_column("W x H", justify="right")
+    table.add_column("grid", justify="center")
+    table.add_column("crops", justify="right", footer=str(t.crops))
+    table.add_column("tokens", justify="right", footer=f"{t.num_tokens:,}")
+    table.add_column("output", justify="right", footer=human_bytes(t.bytes))
+    table.add_column("GFLOP", justify="right", footer=_gflop(t.flops))
+    for row in result.rows:
+        if row.ok:
+            table.add_row(
+                Text(row.name),
+                f"{row.width}x{row.height}",
+                f"{row.rows}x{row.cols}",
+                str(row.crops),
+                f"{row.num_tokens:,}",
+                human_bytes(row.bytes or 0),
+                _gflop(row.flops or 0),
+            )
+    console.print(table)
+    if t.errors:
+        console.print(Text(f"{t.errors} of {t.images} images cannot be encoded:", style="bold red"))
+        failed = Table(header_style="bold")
+        failed.add_column("image", overflow="fold")
+        failed.add_column("reason", overflow="fold")
+        for row in result.rows:
+            if row.error:
+                failed.add_row(Text(row.name), Text(row.error.removeprefix(f"{row.path}: "), style="red"))
+        console.print(failed)

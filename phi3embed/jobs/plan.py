@@ -1,0 +1,182 @@
+"""Predict an encode job without running it: per image, the crop grid, token count, output size and cost.
+
+``plan`` takes the sources encode would process (:func:`phi3embed.inputs.listing.expand_inputs`, then
+``select_shard``), reads only image *headers* (:func:`phi3embed.core.preprocess.read_image_size`, the same
+checks as encode's opening) and computes the geometry as encode does
+(:func:`phi3embed.core.preprocess.image_geometry` under the checkpoint's configs). So every name it reports is
+a name encode's manifest records, with the token count encode writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from phi3embed.core.config import PreprocessConfig, VisionConfig
+from phi3embed.core.cost import crop_flops, image_flops, token_flops
+from phi3embed.core.preprocess import image_geometry, read_image_size
+from phi3embed.errors import ConfigError, ImageError
+from phi3embed.inputs.listing import Source
+
+#: Bytes per element of the stored output dtypes.
+OUT_DTYPE_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One image: its predicted geometry and cost, or the reason encode would fail on it."""
+
+    name: str  # the name encode's manifest records (and its output file is named after)
+    path: str  # what is opened
+    width: int | None = None
+    height: int | None = None
+    rows: int | None = None
+    cols: int | None = None
+    image_sizes: tuple[int, int] | None = None  # (H', W')
+    num_tokens: int | None = None
+    bytes: int | None = None  # [num_tokens, hidden] * itemsize (array payload; npy/safetensors add a header)
+    flops: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def crops(self) -> int | None:
+        """CLIP crops encoded: the grid plus the global view."""
+        return None if self.rows is None or self.cols is None else 1 + self.rows * self.cols
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "status": "ok" if self.ok else "error",
+            "error": self.error,
+            "width": self.width,
+            "height": self.height,
+            "crops_grid": None if self.rows is None else [self.rows, self.cols],
+            "crops": self.crops,
+            "image_sizes": None if self.image_sizes is None else list(self.image_sizes),
+            "num_tokens": self.num_tokens,
+            "bytes": self.bytes,
+            "gflop": None if self.flops is None else round(self.flops / 1e9, 3),
+        }
+
+
+@dataclass(frozen=True)
+class PlanTotals:
+    images: int
+    ok: int
+    errors: int
+    crops: int
+    num_tokens: int
+    bytes: int
+    flops: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = asdict(self)
+        out["gflop"] = round(out.pop("flops") / 1e9, 3)
+        return out
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    num_crops: int
+    out_dtype: str
+    hidden_size: int
+    layers_run: int
+    layers_total: int
+    flops_per_crop: int
+    flops_per_token: int
+    rows: list[PlanRow]
+    totals: PlanTotals
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": {
+                "num_crops": self.num_crops,
+                "out_dtype": self.out_dtype,
+                "hidden_size": self.hidden_size,
+                "clip_layers_run": self.layers_run,
+                "clip_layers_total": self.layers_total,
+                "gflop_per_crop": round(self.flops_per_crop / 1e9, 3),
+                "mflop_per_token": round(self.flops_per_token / 1e6, 3),
+            },
+            "images": [r.to_dict() for r in self.rows],
+            "totals": self.totals.to_dict(),
+        }
+
+
+def _plan_row(
+    source: Source, *, vision: VisionConfig, preprocess: PreprocessConfig, itemsize: int, exif_transpose: bool
+) -> PlanRow:
+    """One source's row: its header read, its geometry computed; an ImageError becomes the row's error."""
+    try:
+        width, height = read_image_size(source.path, exif_transpose=exif_transpose)
+        grid, tokens = image_geometry(width=width, height=height, cfg=preprocess)
+    except ImageError as exc:
+        error = str(exc) if exc.path else f"{source.path}: {exc.reason}"
+        return PlanRow(name=source.name, path=source.path, error=error)
+    return PlanRow(
+        name=source.name,
+        path=source.path,
+        width=width,
+        height=height,
+        rows=grid.rows,
+        cols=grid.cols,
+        image_sizes=grid.image_sizes,
+        num_tokens=tokens,
+        bytes=tokens * vision.lm_hidden_size * itemsize,
+        flops=image_flops(vision, rows=grid.rows, cols=grid.cols),
+    )
+
+
+def plan(
+    sources: Sequence[Source],
+    *,
+    vision: VisionConfig,
+    preprocess: PreprocessConfig,
+    out_dtype: str = "float32",
+    exif_transpose: bool = False,
+) -> PlanResult:
+    """Predict, per source, what encoding it would produce and cost; read headers only.
+
+    ``vision`` and ``preprocess`` are the checkpoint's configs (``preprocess.num_crops`` already the one
+    encode would use): crop and patch size, layers run, projection and output width. Unreadable or
+    untileable images become rows with ``error`` set.
+    """
+    if preprocess.crop_size != vision.clip.image_size or preprocess.patch_size != vision.clip.patch_size:
+        raise ConfigError(
+            f"preprocess geometry {preprocess.crop_size}/{preprocess.patch_size} differs from the vision config's "
+            f"{vision.clip.image_size}/{vision.clip.patch_size} (crop size / patch size)"
+        )
+    if out_dtype not in OUT_DTYPE_ITEMSIZE:
+        raise ConfigError(f"out dtype {out_dtype!r} is not one of {', '.join(OUT_DTYPE_ITEMSIZE)}")
+    itemsize = OUT_DTYPE_ITEMSIZE[out_dtype]
+    rows = [
+        _plan_row(s, vision=vision, preprocess=preprocess, itemsize=itemsize, exif_transpose=exif_transpose)
+        for s in sources
+    ]
+    good = [r for r in rows if r.ok]
+    totals = PlanTotals(
+        images=len(rows),
+        ok=len(good),
+        errors=len(rows) - len(good),
+        crops=sum(r.crops or 0 for r in good),
+        num_tokens=sum(r.num_tokens or 0 for r in good),
+        bytes=sum(r.bytes or 0 for r in good),
+        flops=sum(r.flops or 0 for r in good),
+    )
+    return PlanResult(
+        num_crops=preprocess.num_crops,
+        out_dtype=out_dtype,
+        hidden_size=vision.lm_hidden_size,
+        layers_run=vision.layers_needed,
+        layers_total=vision.clip.num_hidden_layers,
+        flops_per_crop=crop_flops(vision.clip, layers=vision.layers_needed),
+        flops_per_token=token_flops(vision),
+        rows=rows,
+        totals=totals,
+    )
