@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from phi3embed.cli.inspect_commands import register
 from phi3embed.core.config import PreprocessConfig
 from phi3embed.core.preprocess import hd_grid, hd_image, to_rgb
-from phi3embed.core.preview import _BACKGROUND, _LINE, preview_layout, render_preview, tiling_preview
+from phi3embed.core.preview import _BACKGROUND, _LINE, preview_layout, render_preview
 from phi3embed.errors import ImageError
 
 
@@ -38,7 +38,7 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 def test_preview_shows_the_exact_hd_image_and_grid(golden: Path, manifest: dict[str, Any]) -> None:
     path = golden / "images" / "rgb_336x336.png"
-    preview = tiling_preview(path, PreprocessConfig(num_crops=4))
+    preview = render_preview(path, PreprocessConfig(num_crops=4))
     (case,) = [c for c in _cases(manifest, 4) if c["image"] == "images/rgb_336x336.png"]
     assert preview.caption[1].endswith(f"image_sizes {case['image_sizes']}")
     assert preview.caption[2].startswith(f"{case['num_img_tokens']} image tokens = ")
@@ -72,7 +72,7 @@ def test_preview_shows_the_exact_hd_image_and_grid(golden: Path, manifest: dict[
 
 
 def test_preview_global_view_is_the_models_global_crop(golden: Path) -> None:
-    preview = tiling_preview(golden / "images" / "rgb_336x336.png", PreprocessConfig(num_crops=4))
+    preview = render_preview(golden / "images" / "rgb_336x336.png", PreprocessConfig(num_crops=4))
     picture, layout = np.asarray(preview.image).astype(int), preview.layout
     ref = np.load(golden / "expected/processor/4/rgb_336x336.npz")["global_crop"]  # (3, 336, 336) normalised
     cfg = PreprocessConfig()
@@ -85,7 +85,7 @@ def test_preview_global_view_is_the_models_global_crop(golden: Path) -> None:
 
 def test_preview_scales_large_images_and_keeps_lines_on_boundaries(golden: Path) -> None:
     path = golden / "images" / "panorama_4000x120.png"
-    preview = tiling_preview(path, PreprocessConfig(num_crops=16), max_side=800)
+    preview = render_preview(path, PreprocessConfig(num_crops=16), max_side=800)
     picture, grid, layout = preview.image, preview.grid, preview.layout
     assert layout.hd_size == (800, round(336 * 800 / 5376)) and picture.size == layout.size
     assert max(picture.size) < 1400
@@ -98,7 +98,7 @@ def test_preview_scales_large_images_and_keeps_lines_on_boundaries(golden: Path)
 
 def test_preview_portrait_and_padding(golden: Path) -> None:
     path = golden / "images" / "portrait_600x1400.png"
-    preview = tiling_preview(path, PreprocessConfig(num_crops=4))
+    preview = render_preview(path, PreprocessConfig(num_crops=4))
     picture, grid, layout = np.asarray(preview.image), preview.grid, preview.layout
     assert grid.transposed and (grid.rows, grid.cols) == (2, 1) and grid.pad_top > 0
     hd = np.asarray(Image.open(golden / "expected/processor/4/portrait_600x1400.hd.png").convert("RGB"))
@@ -125,13 +125,13 @@ def test_cli_preview(app: typer.Typer, runner: CliRunner, golden: Path, tmp_path
     assert result.stdout == "" and "wrote" in result.stderr
     written = Image.open(out)
     assert written.format == "PNG"
-    assert np.array_equal(np.asarray(written), np.asarray(render_preview(image, PreprocessConfig(num_crops=4))))
+    assert np.array_equal(np.asarray(written), np.asarray(render_preview(image, PreprocessConfig(num_crops=4)).image))
     # num_crops from the model's preprocessor_config.json (16 for the 128k checkpoint)
     model = str(golden / "checkpoints" / TINY_128K)
     result = runner.invoke(app, ["preview", str(image), "-o", str(out), "--model", model])
     assert result.exit_code == 0, result.output
     assert np.array_equal(
-        np.asarray(Image.open(out)), np.asarray(render_preview(image, PreprocessConfig(num_crops=16)))
+        np.asarray(Image.open(out)), np.asarray(render_preview(image, PreprocessConfig(num_crops=16)).image)
     )
 
 

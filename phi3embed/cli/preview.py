@@ -38,7 +38,7 @@ def preview_command(
         fmt = Image.registered_extensions().get(out.suffix.lower())
         if fmt is None:
             raise ConfigError(f"cannot tell the image format from the extension {out.suffix!r}", path=out)
-        picture = render_preview(image, pre, alpha=alpha.value, exif_transpose=exif_transpose, max_side=max_side)
+        picture = render_preview(image, pre, alpha=alpha.value, exif_transpose=exif_transpose, max_side=max_side).image
         try:
             picture.save(out, format=fmt)
         except OSError as exc:

@@ -154,37 +154,18 @@ def render_preview(
     exif_transpose: bool = False,
     max_side: int = 1024,
     name: str | None = None,
-) -> Image.Image:
-    """A picture of how ``image`` is tiled for the model.
+) -> TilingPreview:
+    """A picture of how ``image`` is tiled for the model (``.image``), with the grid, layout and caption drawn.
 
     Left: the resized, white-padded HD image (:func:`phi3embed.core.preprocess.hd_image`, so exactly the
     pixels the crops are cut from), scaled down to fit ``max_side`` if larger, with the crop grid drawn
     and each crop numbered 1..n in row-major order, its position in ``pixel_values`` after the global view
-    (0); its ``m x m`` tokens (``cfg.tokens_per_side``) land in token rows interleaved with its row neighbours'. The resized image's own
-    extent is outlined in blue where white padding was added. Right: the global view (the model's bicubic
-    crop of the normalised HD image, converted back to uint8; see :func:`global_view`). Below: a caption
-    with the source size, grid, ``image_sizes`` and token count. Raises ImageError for unreadable images.
+    (0); its ``m x m`` tokens (``cfg.tokens_per_side``) land in token rows interleaved with its row
+    neighbours'. The resized image's own extent is outlined in blue where white padding was added. Right:
+    the global view (the model's bicubic crop of the normalised HD image, converted back to uint8; see
+    :func:`global_view`). Below: a caption with the source size, grid, ``image_sizes`` and token count.
+    Raises ImageError for unreadable images.
     """
-    return tiling_preview(
-        image,
-        cfg,
-        alpha=alpha,
-        exif_transpose=exif_transpose,
-        max_side=max_side,
-        name=name,
-    ).image
-
-
-def tiling_preview(
-    image: ImageInput,
-    cfg: PreprocessConfig,
-    *,
-    alpha: AlphaMode = "drop",
-    exif_transpose: bool = False,
-    max_side: int = 1024,
-    name: str | None = None,
-) -> TilingPreview:
-    """:func:`render_preview` plus the grid, layout and caption it drew."""
     label = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else None)
     img = open_image(image, name=label)
     with conversion_errors(label):
