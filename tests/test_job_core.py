@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,7 @@ class FakeEngine:
         self.todo = list(todo)
         self.opened = [s.name for s in todo]
 
-    def results(self) -> Iterator[Result]:
+    def results(self, early: Callable[[Result], None]) -> Iterator[Result]:
         for i, source in enumerate(self.todo):
             if i == self.raise_at:
                 raise self.exc or RuntimeError("boom")
@@ -142,8 +142,8 @@ def test_a_signal_stops_the_job_and_what_arrived_is_written(tmp_path: Path, sig:
     srcs = sources(tmp_path, ["a.png", "b.png", "c.png", "d.png"])
 
     class Signalled(FakeEngine):
-        def results(self) -> Iterator[Result]:
-            for i, result in enumerate(super().results()):
+        def results(self, early: Callable[[Result], None]) -> Iterator[Result]:
+            for i, result in enumerate(super().results(early)):
                 if i == 2:
                     os.kill(os.getpid(), sig)
                 yield result
@@ -167,3 +167,20 @@ def test_packs_are_written_through_the_same_core(tmp_path: Path) -> None:
     assert summary.ok == 3
     outputs = [r.output for r in iter_manifest(tmp_path / "out" / MANIFEST)]
     assert outputs == ["emb-00000.safetensors", "emb-00000.safetensors", "emb-00001.safetensors"]
+
+
+def test_an_early_result_is_written_before_the_engine_yields_again(tmp_path: Path) -> None:
+    """The local engine learns of a decode error inside the encoder's input stream: handed over through
+    ``early``, its record is written even when the job stops before the encoder returns anything."""
+    srcs = sources(tmp_path, ["a-bad.png", "b.png"])
+
+    class EarlyThenStopped(FakeEngine):
+        def results(self, early: Callable[[Result], None]) -> Iterator[Result]:
+            early(Result(self.todo[0], ImageFacts(), error=f"{self.todo[0].path}: not an image"))
+            os.kill(os.getpid(), signal.SIGTERM)
+            yield from ()
+
+    with store(tmp_path / "out") as st:
+        summary = run_job(srcs, st, EarlyThenStopped())
+    assert summary.interrupted == "SIGTERM" and summary.failed == 1
+    assert [(r.name, r.status) for r in iter_manifest(tmp_path / "out" / MANIFEST)] == [("a-bad.png", "error")]

@@ -181,28 +181,10 @@ def encode_command(
         ),
     ] = None,
 ) -> None:
+    given = dict(locals())  # every option of the command, by name: _options reads them all
+    del given["inputs"]
     try:
-        options = _options(
-            out=out,
-            model=model,
-            num_crops=num_crops,
-            device=device,
-            dtype=dtype.value,
-            out_dtype=out_dtype.value,
-            fmt=format.value if format else None,
-            batch_size=batch_size,
-            workers=workers,
-            exif_transpose=exif_transpose,
-            alpha=alpha.value,
-            overwrite=overwrite,
-            shard=shard,
-            pack=pack,
-            quiet=quiet,
-            jsonl=jsonl,
-            engine=engine.value,
-            ray_address=ray_address,
-            actors=actors,
-        )
+        options = _options(**given)
         code = _encode(inputs, options)
     except _Usage as exc:
         raise _fail(str(exc)) from None
@@ -242,17 +224,24 @@ class _EncodeOptions:
         return "pack" if self.pack_bytes is not None else (self.fmt or "npy")
 
 
-def _options(*, shard: str | None, pack: str | None, **options: Any) -> _EncodeOptions:
-    """The command's options -> :class:`_EncodeOptions`; an inconsistent combination is a :class:`_Usage`."""
+def _options(*, shard: str | None, pack: str | None, format: "Format | None", **options: Any) -> _EncodeOptions:
+    """The command's options (Typer's values, enums included) -> :class:`_EncodeOptions`; an inconsistent
+    combination is a :class:`_Usage`."""
     from phi3embed.errors import Phi3EmbedError
     from phi3embed.inputs.listing import parse_shard
+
+    options = {name: value.value if isinstance(value, Enum) else value for name, value in options.items()}
 
     try:
         shard_spec = parse_shard(shard) if shard is not None else None
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
     opts = _EncodeOptions(
-        shard=shard, shard_spec=shard_spec, pack_bytes=parse_size(pack) if pack is not None else None, **options
+        fmt=format.value if format else None,
+        shard=shard,
+        shard_spec=shard_spec,
+        pack_bytes=parse_size(pack) if pack is not None else None,
+        **options,
     )
     if opts.pack_bytes is not None and opts.fmt == "npy":
         raise _Usage("--pack writes safetensors pack files: leave out --format npy")
@@ -345,18 +334,10 @@ def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
         from phi3embed.jobs.ray_engine import RayOptions, plan
     except ImportError:
         raise _Usage("--engine ray needs Ray: pip install 'phi3embed[ray]'") from None
+    same_names = ("model", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha", "exif_transpose")
     options = RayOptions(
-        model=opts.model,
-        device=opts.device,
-        dtype=opts.dtype,
-        out_dtype=opts.out_dtype,
-        output_format=opts.output_format,
-        num_crops=opts.num_crops,
-        alpha=opts.alpha,  # type: ignore[arg-type]
-        exif_transpose=opts.exif_transpose,
-        batch_size=opts.batch_size,
+        **{name: getattr(opts, name) for name in (*same_names, "batch_size", "actors")},
         decode_threads=opts.workers,
-        actors=opts.actors,
         address=opts.ray_address,
     )
     return plan(options, announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"))
@@ -368,24 +349,12 @@ def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any)
     from phi3embed.errors import Phi3EmbedError
     from phi3embed.jobs.core import run_job
     from phi3embed.outputs.formats import dtype_name
-    from phi3embed.outputs.records import OutputSettings
     from phi3embed.outputs.store import OutputStore
 
     info, fmt, pack_bytes, quiet = engine.info, opts.output_format, opts.pack_bytes, opts.quiet
     try:
         try:
-            settings = OutputSettings(
-                model=opts.model,
-                fingerprint=info.fingerprint,
-                num_crops=info.num_crops,
-                dtype=info.stored_dtype,
-                compute_dtype=info.compute_dtype,
-                format=fmt,  # type: ignore[arg-type]
-                pack_bytes=pack_bytes,
-                alpha=info.alpha,
-                exif_transpose=info.exif_transpose,
-                device=info.device,
-            )
+            settings = info.output_settings(model=opts.model, format=fmt, pack_bytes=pack_bytes)
             store = OutputStore(
                 opts.out,
                 settings,

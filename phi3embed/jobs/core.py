@@ -33,7 +33,7 @@ from phi3embed.core.batching import HostResult, StageTimes
 from phi3embed.core.embedder import parse_dtype
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.publish import OutputError
-from phi3embed.outputs.records import ImageFacts, Record
+from phi3embed.outputs.records import Format, ImageFacts, OutputSettings, Record
 from phi3embed.outputs.store import OutputStore
 
 T = TypeVar("T")
@@ -58,6 +58,18 @@ class EngineInfo:
     alpha: str = "drop"
     exif_transpose: bool = False
 
+    def output_settings(self, *, model: str, format: Format, pack_bytes: int | None) -> OutputSettings:
+        """The settings the outputs record for this engine's results (``model``: what the user named)."""
+        same_names = ("fingerprint", "num_crops", "alpha", "exif_transpose", "device")
+        return OutputSettings(
+            model=model,
+            dtype=self.stored_dtype,
+            compute_dtype=self.compute_dtype,
+            format=format,
+            pack_bytes=pack_bytes,
+            **{name: getattr(self, name) for name in same_names},
+        )
+
 
 @dataclass
 class Result:
@@ -79,7 +91,10 @@ class Engine(Protocol):
         """Start (before the job starts any thread: the local engine forks its workers here); the engine
         adds its own timings to ``summary``."""
 
-    def results(self) -> Iterator[Result]: ...
+    def results(self, early: Callable[[Result], None]) -> Iterator[Result]:
+        """The results, in input order. ``early`` hands one to the writer at once, for an engine that learns
+        of it where it cannot yield (the local engine's decode errors surface inside the encoder's input
+        stream): an error record is then written when it is known, not when the next image is encoded."""
 
     def failure(self, exc: Exception) -> str | None:
         """One line for an exception that ends the job (``summary.fatal``); None: a bug, raised."""
@@ -342,7 +357,7 @@ def run_job(
         writer.start()
         if reporter is not None:
             reporter.start(total=len(todo), skipped=summary.skipped)
-        for result in engine.results():
+        for result in engine.results(writer.put):
             writer.put(result)
     except STOPS as exc:
         summary.stopped(exc)

@@ -207,27 +207,24 @@ class LocalEngine:
         self._usage_start = thread_usage()
         self.pool.start(todo)  # forks the workers
 
-    def results(self) -> Iterator[Result]:
-        summary, errors = self._summary, deque[Result]()
+    def results(self, early: Callable[[Result], None]) -> Iterator[Result]:
+        summary = self._summary
         copier = HostCopier(self.embedder.device)  # results leave the device off the compute stream
 
         def feed() -> Iterator[tuple[tuple[Source, ImageFacts], Preprocessed]]:
             for source, p in zip(self._todo, summary.waited_for(self.pool), strict=False):
                 summary.preprocess_s += p.seconds
-                if p.item is None:  # written as soon as the encoder hands back its next result
-                    errors.append(Result(source, p.facts, error=p.error))
+                if p.item is None:  # written now: the encoder may hold earlier images for a while
+                    early(Result(source, p.facts, error=p.error))
                     continue
                 yield (source, p.facts), p.item
 
         for key, _item, embeddings in self.embedder.embed_stream(feed(), times=summary.stages):
             source, facts = cast(tuple[Source, ImageFacts], key)
-            while errors:
-                yield errors.popleft()
             t0 = time.perf_counter()
             host = copier.start(embeddings, self.info.stored_dtype)
             summary.to_host_s += time.perf_counter() - t0
             yield Result(source, facts, embeddings=host)
-        yield from errors
 
     def failure(self, exc: Exception) -> str | None:
         if not out_of_memory(exc):

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -94,15 +94,9 @@ class EncoderSpec:
         device = resolve_device(self.device)
         if device.type == "cpu":  # the actor owns its process, as the CLI does (phi3embed/core/allocator.py)
             keep_freed_memory()
+        same_names = ("dtype", "num_crops", "revision", "alpha", "exif_transpose", "batch_size")
         return Phi3VisionEmbedder.from_pretrained(
-            self.model,
-            device=device,
-            dtype=self.dtype,
-            num_crops=self.num_crops,
-            revision=self.revision,
-            alpha=self.alpha,
-            exif_transpose=self.exif_transpose,
-            batch_size=self.batch_size,
+            self.model, device=device, **{name: getattr(self, name) for name in same_names}
         )
 
 
@@ -279,16 +273,7 @@ class EncodedImage:
 
     def image_facts(self) -> ImageFacts:
         """The row's facts as a manifest record takes them."""
-        return ImageFacts(
-            sha256=self.sha256,
-            size=self.size,
-            mtime_ns=self.mtime_ns,
-            width=self.width,
-            height=self.height,
-            image_sizes=self.image_sizes,
-            crops=self.crops,
-            num_tokens=self.num_tokens,
-        )
+        return ImageFacts(**{f.name: getattr(self, f.name) for f in fields(ImageFacts)})
 
     def facts(self) -> dict[str, Any]:
         """The manifest fields this row determines (not the embedding, not the extras)."""
@@ -620,7 +605,8 @@ class RayEngine:
         if todo and self.connect is not None:
             self._session.enter_context(self.connect())
 
-    def results(self) -> Iterator[Result]:
+    def results(self, early: Callable[[Result], None]) -> Iterator[Result]:
+        """Rows in input order, errors among them: ``early`` is not needed."""
         import ray.data
 
         todo, summary = self._todo, self._summary

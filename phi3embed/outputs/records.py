@@ -46,17 +46,28 @@ class OutputSettings:
         if (self.format == "pack") != (self.pack_bytes is not None):
             raise ConfigError("pack_bytes goes with format 'pack' and only with it")
 
+    def record_fields(self) -> dict[str, Any]:
+        """The settings as a manifest record states them."""
+        return {
+            "dtype": dtype_name(self.dtype),
+            "num_crops": self.num_crops,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "compute_dtype": dtype_name(self.compute_dtype),
+            "format": self.format,
+            "alpha": self.alpha,
+            "exif_transpose": self.exif_transpose,
+            "device": self.device,
+        }
+
     def signature(self) -> Signature:
         """What a finished record must match to be skipped on resume (:meth:`Record.signature`)."""
-        return (
-            self.fingerprint,
-            self.num_crops,
-            dtype_name(self.dtype),
-            dtype_name(self.compute_dtype),
-            self.format,
-            self.alpha,
-            self.exif_transpose,
-        )
+        stated = self.record_fields()
+        return tuple(stated[name] for name in SIGNATURE_FIELDS)
+
+
+#: The record fields a finished image must share with the current settings to be skipped on resume.
+SIGNATURE_FIELDS = ("fingerprint", "num_crops", "dtype", "compute_dtype", "format", "alpha", "exif_transpose")
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,13 @@ class ImageFacts:
     image_sizes: tuple[int, int] | None = None  # (H', W')
     crops: tuple[int, int] | None = None  # (rows, cols)
     num_tokens: int | None = None
+
+    def record_fields(self) -> dict[str, Any]:
+        """The facts as a manifest record states them (sizes as JSON lists)."""
+        fields_ = asdict(self)
+        for pair in ("image_sizes", "crops"):
+            fields_[pair] = list(fields_[pair]) if fields_[pair] else None
+        return fields_
 
 
 @dataclass(frozen=True)
@@ -121,15 +139,7 @@ class Record:
 
     def signature(self) -> Signature:
         """The settings part of the record, comparable with :meth:`OutputSettings.signature`."""
-        return (
-            self.fingerprint,
-            self.num_crops,
-            self.dtype,
-            self.compute_dtype,
-            self.format,
-            self.alpha,
-            self.exif_transpose,
-        )
+        return tuple(getattr(self, name) for name in SIGNATURE_FIELDS)
 
     def stamped(self, attempt: int, time: str) -> Record:
         return replace(self, attempt=attempt, time=time)
@@ -165,8 +175,6 @@ def new_record(
     error: str | None = None,
 ) -> Record:
     """The record of one attempt at ``source`` made with ``settings`` (not yet stamped)."""
-    f = facts or ImageFacts()
-    s = settings
     return Record(
         name=source.name,
         source=source.path,
@@ -174,24 +182,9 @@ def new_record(
         output=output,
         key=key,
         error=error,
-        width=f.width,
-        height=f.height,
-        image_sizes=list(f.image_sizes) if f.image_sizes else None,
-        crops=list(f.crops) if f.crops else None,
-        num_tokens=f.num_tokens,
         shape=list(shape) if shape is not None else None,
-        dtype=dtype_name(s.dtype),
-        num_crops=s.num_crops,
-        model=s.model,
-        fingerprint=s.fingerprint,
-        compute_dtype=dtype_name(s.compute_dtype),
-        format=s.format,
-        alpha=s.alpha,
-        exif_transpose=s.exif_transpose,
-        device=s.device,
-        sha256=f.sha256,
-        size=f.size,
-        mtime_ns=f.mtime_ns,
+        **(facts or ImageFacts()).record_fields(),
+        **settings.record_fields(),
     )
 
 
