@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# Phi-3-vision-128k-instruct, model.safetensors.index.json: total_size (SPEC 13). bf16 = 2 bytes/parameter.
+# Phi-3-vision-128k-instruct, model.safetensors.index.json: total_size (docs/pipeline.md §13). bf16 = 2 bytes/parameter.
 REAL_TOTAL_BYTES = 8_293_242_880
 
 

@@ -1,6 +1,6 @@
 """Build (once, cached) a full-size random checkpoint with the real shapes of Phi-3-vision-128k-instruct.
 
-Layout, as SPEC section 13 describes the real one:
+Layout, as docs/pipeline.md §13 describes the real one:
 
 * ``config.json`` / ``preprocessor_config.json`` from the ``phi-3-vision-128k-instruct`` preset,
 * ``model-00001-of-00002.safetensors``: all 397 vision tensors (real names and shapes, bfloat16),
@@ -106,7 +106,7 @@ def lm_layer_specs(i: int) -> list[Spec]:
 def shard_plan(lm_layers: int, shard1_layers: int) -> tuple[list[Spec], list[Spec]]:
     """(shard 1 specs, shard 2 specs): vision + embed_tokens + first layers | the rest of the LM."""
     s1 = vision_specs()
-    assert len(s1) == 397, f"expected 397 vision tensors (SPEC 13), got {len(s1)}"
+    assert len(s1) == 397, f"expected 397 vision tensors (docs/pipeline.md §13), got {len(s1)}"
     s1.append(Spec("model.embed_tokens.weight", (LM_VOCAB, LM_HIDDEN), std=0.02))
     first = min(shard1_layers, lm_layers)
     for i in range(first):

@@ -35,7 +35,7 @@ class UnsupportedImageError(ImageError):
 
 
 class MergeError(Phi3EmbedError, ValueError):
-    """Prompt ids, image embeddings and the token-embedding table do not fit together (SPEC 14).
+    """Prompt ids, image embeddings and the token-embedding table do not fit together (docs/pipeline.md §14).
 
     Also a ``ValueError``, so callers of the drop-in ``phi3embed.core.compat`` class can catch it as one.
     """

@@ -1,4 +1,4 @@
-"""phi3embed.core.compat.Phi3ImageEmbedding: golden parity and one test per SPEC 16 problem it fixes."""
+"""phi3embed.core.compat.Phi3ImageEmbedding: golden parity and one test per problem of docs/pipeline.md §16."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_from_pretrained_matches_the_drop_in_flow(ckpt_dir: Path, module: Phi3Im
     assert {VISION_PREFIX + k for k in ours} == set(ckpt.vision_keys())
 
 
-# --------------------------------------------------------------------------- SPEC 16 (1, 2): the HD path runs and matches
+# ------------------------------------------------------------- docs/pipeline.md §16 (1, 2): the HD path runs and matches
 
 
 @pytest.mark.parametrize("case", MERGE_CASES, ids=lambda c: c["name"])

@@ -1,4 +1,4 @@
-"""The feature HD transform as pure tensor functions (SPEC 10), on hand-checkable inputs."""
+"""The feature HD transform as pure tensor functions (docs/pipeline.md §10), on hand-checkable inputs."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_token_layout_and_count() -> None:
     sub_glb = image_tokens(feats, rows=rows, cols=cols, sub_gn=sub, glb_gn=glb, order="sub_glb")
     n_sub = 12 * rows * (12 * cols + 1)
     assert sub_glb.shape == (num_image_tokens(rows=rows, cols=cols, tokens_per_side=g // 2), 4 * c)
-    assert sub_glb.shape[0] == (rows * cols + 1) * 144 + 1 + (rows + 1) * 12  # SPEC 8
+    assert sub_glb.shape[0] == (rows * cols + 1) * 144 + 1 + (rows + 1) * 12  # docs/pipeline.md §8
     assert torch.equal(sub_glb[n_sub], glb)
     assert torch.equal(sub_glb[12 * cols], sub)  # end of the first token row is the newline
     glb_sub = image_tokens(feats, rows=rows, cols=cols, sub_gn=sub, glb_gn=glb, order="glb_sub")

@@ -106,7 +106,7 @@ def _img(n: int, seed: int) -> torch.Tensor:
 
 
 def test_official_rule_ignores_the_ids_and_by_id_fixes_it(table: torch.Tensor) -> None:
-    """SPEC 14.2 item 4: <|image_2|> written before <|image_1|> still gets image 1 first (official)."""
+    """docs/pipeline.md §14.2 item 4: <|image_2|> written before <|image_1|> still gets image 1 first (official)."""
     img1, img2 = _img(2, 1), _img(3, 2)
     ids = torch.tensor([[5, -2, -2, -2, 7, -1, -1, 9]])
     official = merge_image_embeddings(ids, [img1, img2], table)
@@ -129,7 +129,7 @@ def test_text_ids_are_clamped_into_the_vocabulary(table: torch.Tensor) -> None:
 
 
 def test_placeholders_may_be_split_over_runs_and_rows(table: torch.Tensor) -> None:
-    """SPEC 16.10: positions are enumerated row-major, whatever the runs look like."""
+    """docs/pipeline.md §16.10: positions are enumerated row-major, whatever the runs look like."""
     img1, img2 = _img(5, 3), _img(4, 4)
     ids = torch.tensor([[1, 2, -1, -1, 3, -1, -1], [-1, -1, 4, -1, -1, -1, 0]])
     out = merge_image_embeddings(ids, [img1, img2], table)

@@ -14,7 +14,7 @@ from phi3embed import DecompressionBombError, ImageError, UnsupportedImageError,
 from phi3embed.core.config import PreprocessConfig
 from phi3embed.core.preprocess import hd_scale, image_errors, open_image, preprocess_image, to_rgb
 
-# SPEC section 3, "Worked examples (verified)" against the official processor: (W, H, num_crops, [H', W'], T)
+# docs/pipeline.md §3.10, the worked examples, verified against the official processor: (W, H, num_crops, [H', W'], T)
 WORKED = [
     (336, 336, 16, (1344, 1344), 2509),
     (337, 335, 16, (1344, 1344), 2509),
@@ -48,7 +48,7 @@ def test_worked_examples(w: int, h: int, nc: int, sizes: tuple[int, int], tokens
 
 
 def test_new_h_uses_double_division_not_exact_arithmetic() -> None:
-    # SPEC 3.4: 1050x950 -> new_h 1215 (exact integer arithmetic would give 1216); 28x25 -> 1199
+    # docs/pipeline.md §3.4: 1050x950 -> new_h 1215 (exact integer arithmetic would give 1216); 28x25 -> 1199
     assert hd_grid(width=1050, height=950, num_crops=16).resized_h == 1215
     assert hd_grid(width=28, height=25, num_crops=16).resized_h == 1199
 

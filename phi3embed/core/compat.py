@@ -30,7 +30,7 @@ What is accepted (``S`` = crop size 336, ``g`` = patches per side 24, ``C`` = CL
   ``[B, K, g*g, C]`` with image sizes, or ``[B, g*g, C]`` for single-crop images. They go through the HD
   transform before the ``4C``-wide projection.
 
-The problems of the seed class (SPEC 16) and what this class does instead:
+The problems of the seed class (docs/pipeline.md §16) and what this class does instead:
 
 1, 2. no undefined ``bs`` / ``start_time``: the HD path runs and matches the golden outputs;
 3, 4. one coherent single-crop path per model kind (above), token counts checked at construction;
@@ -143,7 +143,7 @@ def _embd_layer(raw: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, 
 
 
 class Phi3ImageEmbedding(nn.Module):
-    """Drop-in replacement of the official/seed ``Phi3ImageEmbedding`` with every SPEC 16 problem fixed.
+    """Drop-in replacement of the official/seed ``Phi3ImageEmbedding`` with every problem of docs/pipeline.md §16 fixed.
 
     See the module documentation for the accepted inputs and the list of fixes.
     """

@@ -46,7 +46,7 @@ def default_workers(device_type: str) -> int:
 
 @dataclass(frozen=True)
 class ClipConfig:
-    """CLIP vision tower. Defaults are ViT-L/14 at 336 px, which real checkpoints imply (SPEC 9.1)."""
+    """CLIP vision tower. Defaults are ViT-L/14 at 336 px, which real checkpoints imply (docs/pipeline.md §9.1)."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096

@@ -1,4 +1,4 @@
-"""Feature HD transform as pure tensor functions (SPEC 10), and the token-count formula (SPEC 8).
+"""Feature HD transform as pure tensor functions (docs/pipeline.md §10), and the token-count formula (§8).
 
 Nothing here knows the model size: widths and grid sides come from the tensors.
 """

@@ -2,7 +2,7 @@
 
 Geometry is pure integer/float arithmetic (:func:`hd_grid`); pixels go through Pillow for decoding,
 mode conversion, bilinear resize and white padding (bit-exact with the reference), then through
-float32 torch ops for normalisation and the bicubic global view (SPEC sections 2-8).
+float32 torch ops for normalisation and the bicubic global view (docs/pipeline.md §2-§8).
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def image_errors(label: str, *, decoding: bool = True) -> Iterator[None]:
 
 
 def to_rgb(img: Image.Image, *, alpha: AlphaMode = "drop", exif_transpose: bool = False) -> Image.Image:
-    """RGB conversion as the reference processor does it (SPEC 2).
+    """RGB conversion as the reference processor does it (docs/pipeline.md §2).
 
     ``alpha="drop"`` is the official behaviour (transformers 4.x: the colour under transparent pixels is
     kept); ``alpha="white"`` composites over opaque white first (transformers 5.x behaviour).

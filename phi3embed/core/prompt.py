@@ -1,4 +1,4 @@
-"""Merge image-token embeddings into a prompt's token embeddings, as the official model does (SPEC 14.2).
+"""Merge image-token embeddings into a prompt's token embeddings, as the official model does (docs/pipeline.md §14.2).
 
 A prompt from ``Phi3VProcessor`` carries image placeholders as negative ids: ``<|image_k|>`` becomes
 ``num_img_tokens`` copies of ``-k``. The official ``Phi3ImageEmbedding.forward`` then
@@ -11,8 +11,8 @@ A prompt from ``Phi3VProcessor`` carries image placeholders as negative ids: ``<
 placeholder *values* is a choice:
 
 * ``by_id=False`` (default, the official behaviour): the values are ignored. The first placeholder run
-  receives the first image, whatever number its tag carried (SPEC 14.2 item 4).
-* ``by_id=True`` (a fix of SPEC 14.2 item 4 / 16.10): every run of ``-k`` receives image ``k`` of its prompt.
+  receives the first image, whatever number its tag carried (docs/pipeline.md §14.2 item 4).
+* ``by_id=True`` (fixes docs/pipeline.md §14.2 item 4, §16.10): every run of ``-k`` receives image ``k`` of its prompt.
   Ids are numbered per prompt (batch row) as ``Phi3VProcessor`` writes them: each row uses ``1..N_row``, and
   the images are given in batch order (row 0's ``N_0`` images, then row 1's, ...). A run may repeat a tag
   (its length is then a multiple of the image's token count).
