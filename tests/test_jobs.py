@@ -258,10 +258,11 @@ def test_stage_times_account_for_the_encoding_thread(tmp_path: Path, embedder: P
     assert summary.encoder_cpu_s > 0 and summary.encoder_preempted >= 0
 
 
+@pytest.mark.slow  # asserts how the kernel accounts and preempts threads, not our code: out of the default run
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
 def test_thread_usage_counts_this_threads_cpu_and_the_times_it_lost_its_core() -> None:
     """The encoding thread's figures in the summary: its own CPU time only, and preemptions when another
-    process wants the same core."""
+    process wants the same core (what the kernel reports through RUSAGE_THREAD)."""
     from phi3embed.jobs.local import thread_usage
 
     def spin(seconds: float) -> None:
