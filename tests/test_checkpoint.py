@@ -131,10 +131,28 @@ def test_missing_vision_tensor_is_named(golden: Path, tmp_path: Path) -> None:
 
 
 def test_unexpected_vision_tensor_is_named(golden: Path, tmp_path: Path) -> None:
-    key = VISION_PREFIX + "wte.weight"
+    key = VISION_PREFIX + "extra.weight"
     root = _single_file_checkpoint(golden, tmp_path, lambda t: t.__setitem__(key, torch.zeros(2, 2)))
-    with pytest.raises(CheckpointError, match=r"unexpected 1: model\.vision_embed_tokens\.wte\.weight"):
+    with pytest.raises(CheckpointError, match=r"unexpected 1: model\.vision_embed_tokens\.extra\.weight"):
         Phi3VisionEmbedder.from_pretrained(root)
+
+
+def test_tied_wte_alias_is_accepted_and_never_read_for_encoding(golden: Path, tmp_path: Path) -> None:
+    """A fine-tune re-saved from the official class carries the text table again as ...vision_embed_tokens.wte:
+    the strict loader accepts it without reading it, and the text table falls back to it."""
+    table = torch.randn(64, 96)
+    alias = VISION_PREFIX + "wte.weight"
+    root = _single_file_checkpoint(golden, tmp_path, lambda t: t.__setitem__(alias, table))
+    plain = Phi3VisionEmbedder.from_pretrained(golden / "checkpoints" / TINY_128K, num_crops=4)
+    emb = Phi3VisionEmbedder.from_pretrained(root, num_crops=4)
+    assert emb.checkpoint is not None and alias not in emb.checkpoint.tensors
+    assert emb.checkpoint.bytes_read == sum(emb.checkpoint.tensors[k].nbytes for k in emb.checkpoint.tensors) - sum(
+        i.nbytes for k, i in emb.checkpoint.tensors.items() if ".layers.2." in k
+    )
+    assert emb.fingerprint == plain.fingerprint
+    from phi3embed import load_text_embeddings
+
+    assert torch.equal(load_text_embeddings(root), table)  # no model.embed_tokens.weight here: the alias
 
 
 def test_misshaped_vision_tensor_is_named(golden: Path, tmp_path: Path) -> None:
@@ -270,6 +288,9 @@ def test_hub_id_or_preset_missing_from_cache_offline_is_a_clear_error(
     assert printed, proc.stderr
     lines = printed[0]
     assert len(lines) == 2, lines
-    assert lines[0].startswith("microsoft/Phi-3.5-vision-instruct: config.json is not in the local Hugging Face cache")
+    assert lines[0].startswith(
+        "microsoft/Phi-3.5-vision-instruct: offline mode (HF_HUB_OFFLINE=1) and the model is not in the Hugging Face"
+    )
+    assert "phi3embed download microsoft/Phi-3.5-vision-instruct" in lines[0]
     # a preset name resolves to its hub id
-    assert lines[1].startswith("microsoft/Phi-3-vision-128k-instruct: config.json is not in the local Hugging Face")
+    assert lines[1].startswith("microsoft/Phi-3-vision-128k-instruct: offline mode (HF_HUB_OFFLINE=1)")

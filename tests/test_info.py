@@ -63,9 +63,9 @@ def test_resolve_configs_reads_only_configs(golden: Path, tmp_path: Path, monkey
     _fake_hub_cache(tmp_path, "acme/tiny-vision", golden / "checkpoints" / TINY_128K)
     vision, pre = resolve_configs("acme/tiny-vision")
     assert (vision.lm_hidden_size, pre.num_crops) == (96, 16)
-    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache") as err:
+    with pytest.raises(CheckpointError, match="not in the Hugging Face or phi3embed cache") as err:
         resolve_configs("acme/not-cached")
-    assert str(err.value).startswith("acme/not-cached: config.json")
+    assert str(err.value).startswith("acme/not-cached: offline mode")
     with pytest.raises(CheckpointError, match="not a hub id"):
         resolve_configs(tmp_path / "no" / "such" / "dir")
 

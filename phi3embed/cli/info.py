@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, AsJson, guard, human_bytes, model_source
+from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, AsJson, Revision, guard, human_bytes, model_source
 
 
 def info_command(
@@ -27,7 +27,7 @@ def info_command(
         ),
     ] = None,
     num_crops: Annotated[int | None, typer.Option("--num-crops", min=1, help="Report for this num_crops.")] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
+    revision: Revision = None,
     as_json: AsJson = False,
 ) -> None:
     """Describe a checkpoint from its configs and weight headers (no tensor data is read)."""
@@ -40,7 +40,7 @@ def info_command(
     clip = info.clip
     rows: list[tuple[str, Any]] = [
         ("checkpoint", info.root),
-        ("found in", f"{info.location} (asked for {info.source})"),
+        ("found in", f"{info.location} (asked for {info.source})" + (f", commit {info.commit}" if info.commit else "")),
         ("variant", f"{info.variant or 'unknown'} ({info.variant_evidence})"),
         ("vision parameters", f"{info.vision_params:,} in {info.vision_tensors} tensors"),
         ("  used by the fast path", f"{info.vision_params_run:,}"),
@@ -59,12 +59,21 @@ def info_command(
     for wf in info.weight_files:
         rows.append(
             (
-                "weights file",
-                f"{wf.path}: {wf.vision_tensors} vision tensors, {human_bytes(wf.vision_bytes)}, "
-                f"{human_bytes(wf.bytes_to_read)} read by encode",
+                "weight file",
+                f"{wf.path} ({human_bytes(wf.size)}): {wf.vision_tensors} vision tensors, "
+                f"{human_bytes(wf.vision_bytes)}, {human_bytes(wf.bytes_to_read)} read by encode"
+                + (f", {human_bytes(wf.bytes_to_fetch)} fetched first" if info.location == "hub" else ""),
             )
         )
     rows.append(("bytes read by encode", f"{info.bytes_to_read:,} of {info.vision_bytes:,} vision bytes"))
+    if info.location == "hub":
+        rows.append(
+            (
+                "bytes fetched by encode",
+                f"{info.bytes_to_fetch:,} (vision tensors and headers, then cached; the weight files whole are "
+                f"{info.whole_files_bytes:,})",
+            )
+        )
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")

@@ -1,4 +1,4 @@
-"""The commands that look before you encode: ``plan``, ``preview`` and ``info``, one module each.
+"""The commands that look before you encode (``plan``, ``preview``, ``info``) and ``download``, one module each.
 
 ``register(app)`` adds them to the application that ``phi3embed.cli.app`` builds. A
 :class:`~phi3embed.errors.Phi3EmbedError` becomes one line on stderr and exit code 2 in each of them.
@@ -6,13 +6,15 @@
 
 import typer
 
+from phi3embed.cli.download import download_command
 from phi3embed.cli.info import info_command
 from phi3embed.cli.plan import plan_command
 from phi3embed.cli.preview import preview_command
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``plan``, ``preview`` and ``info`` to ``app``."""
+    """Add ``plan``, ``preview``, ``info`` and ``download`` to ``app``."""
     app.command("plan")(plan_command)
     app.command("preview")(preview_command)
     app.command("info")(info_command)
+    app.command("download")(download_command)

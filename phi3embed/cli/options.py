@@ -52,6 +52,10 @@ ExifTranspose = Annotated[
     bool, typer.Option("--exif-transpose", help="Apply EXIF orientation first (the reference ignores it).")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
+Revision = Annotated[
+    str | None,
+    typer.Option("--revision", help="Hub revision of a hub id: branch, tag or commit (default: main)."),
+]
 
 
 def guard(work: Callable[[], T]) -> T:

@@ -1,10 +1,15 @@
 """Find a checkpoint and read ONLY the tensors the image path needs.
 
 A checkpoint is a directory in Hugging Face layout (``config.json``, optional ``preprocessor_config.json``,
-``model.safetensors`` or the weight files listed in ``model.safetensors.index.json``), or a hub id resolved
-through ``huggingface_hub`` (local cache first, ``HF_HUB_OFFLINE=1`` respected; online, only config files and
-the weight files holding vision tensors are fetched). :func:`resolve` indexes the vision tensors;
-:func:`resolve_configs` stops at the config files (``plan``, ``preview``: no weights at all).
+``model.safetensors`` or the weight files listed in ``model.safetensors.index.json``), or a hub id found by
+:mod:`phi3embed.core.hub` (the Hugging Face cache, the phi3embed cache of vision-only checkpoints, or a fetch
+of only the needed tensors' bytes; ``HF_HUB_OFFLINE=1`` respected). :func:`resolve` indexes the vision
+tensors; :func:`resolve_configs` stops at the config files (``plan``, ``preview``: no weights at all).
+
+``model.vision_embed_tokens.wte.weight``, which a fine-tune re-saved from the official class can carry, is
+an alias of the text table ``model.embed_tokens.weight`` (the official module registers the table as its
+submodule ``wte``): it is not a vision tensor, never read for encoding, and the text table when the real
+key is absent (:func:`select_keys`).
 
 safetensors files are read with our own header parser and positioned reads: language-model tensors are
 never read, mapped or materialised, so a 4.2B-parameter checkpoint costs only its ~0.3B vision parameters.
@@ -30,6 +35,7 @@ from phi3embed.errors import CheckpointError, ConfigError
 VISION_PREFIX = "model.vision_embed_tokens."
 CLIP_PREFIX = VISION_PREFIX + "img_processor.vision_model."
 TEXT_EMBED_KEY = "model.embed_tokens.weight"
+TIED_TEXT_ALIAS = VISION_PREFIX + "wte.weight"  # the same table, saved under the vision module's name
 CONFIG_FILES = ("config.json", "preprocessor_config.json")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -73,9 +79,11 @@ class Checkpoint:
     tensors: dict[str, TensorInfo] = field(repr=False)
     from_hub: bool = False
     bytes_read: int = 0  # tensor payload bytes read so far (tests and `info` use it)
+    commit: str | None = None  # of a hub id
+    location: str = "local directory"  # or "hub cache" (Hugging Face's), "phi3embed cache", "hub" (not fetched)
 
     def vision_keys(self) -> list[str]:
-        return sorted(k for k in self.tensors if k.startswith(VISION_PREFIX))
+        return sorted(k for k in self.tensors if is_vision_key(k))
 
     @property
     def stored_dtypes(self) -> set[str]:
@@ -166,11 +174,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"cannot read weights: {exc.strerror or exc}", path=path) from None
     if len(header_bytes) != n:
         raise CheckpointError("safetensors header is truncated", path=path)
+    return parse_safetensors_header(header_bytes, base=8 + n, file=path, where=path)
+
+
+def parse_safetensors_header(header_bytes: bytes, *, base: int, file: Path, where: str | Path) -> dict[str, TensorInfo]:
+    """The tensors of a safetensors JSON header whose data starts at byte ``base`` of ``file``."""
     try:
         header = json.loads(header_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError("safetensors header is not valid JSON", path=path) from None
-    base = 8 + n
+        raise CheckpointError("safetensors header is not valid JSON", path=where) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("safetensors header is not a JSON object", path=where)
     out: dict[str, TensorInfo] = {}
     for key, meta in header.items():
         if key == "__metadata__":
@@ -180,11 +194,23 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             shape = tuple(int(d) for d in meta["shape"])
             start, end = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"safetensors entry {key} is malformed", path=path) from None
+            raise CheckpointError(f"safetensors entry {key} is malformed", path=where) from None
         if dtype not in _DTYPES:
-            raise CheckpointError(f"tensor {key} has unsupported dtype {dtype}", path=path)
-        out[key] = TensorInfo(file=path, dtype=dtype, shape=shape, start=base + start, end=base + end)
+            raise CheckpointError(f"tensor {key} has unsupported dtype {dtype}", path=where)
+        out[key] = TensorInfo(file=file, dtype=dtype, shape=shape, start=base + start, end=base + end)
     return out
+
+
+def select_keys(keys: Iterable[str], *, vision: bool, text: bool) -> set[str]:
+    """The keys to read among a checkpoint's ``keys``: the vision tensors (never the ``wte`` alias) and/or the
+    text table (``model.embed_tokens.weight``, else its alias ``model.vision_embed_tokens.wte.weight``)."""
+    present = set(keys)
+    chosen = {k for k in present if is_vision_key(k)} if vision else set()
+    if text:
+        table = TEXT_EMBED_KEY if TEXT_EMBED_KEY in present else TIED_TEXT_ALIAS
+        if table in present:
+            chosen.add(table)
+    return chosen
 
 
 def _weight_map(root: Path) -> dict[str, str] | None:
@@ -210,7 +236,8 @@ def _refuse_pickles(root: Path) -> None:
     raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} found", path=root)
 
 
-def _index_local(root: Path, wanted: Callable[[str], bool]) -> tuple[list[Path], dict[str, TensorInfo]]:
+def _index_local(root: Path, select: Callable[[Iterable[str]], set[str]]) -> tuple[list[Path], dict[str, TensorInfo]]:
+    """The weight files holding the selected keys, and where each selected tensor lies."""
     weight_map = _weight_map(root)
     if weight_map is None:
         single = root / SINGLE_FILE
@@ -218,7 +245,8 @@ def _index_local(root: Path, wanted: Callable[[str], bool]) -> tuple[list[Path],
             _refuse_pickles(root)
         files = [single]
     else:
-        names = sorted({f for k, f in weight_map.items() if wanted(k)})
+        chosen = select(weight_map)
+        names = sorted({f for k, f in weight_map.items() if k in chosen})
         files = [root / n for n in names]
         for f in files:
             if not f.exists():
@@ -230,14 +258,17 @@ def _index_local(root: Path, wanted: Callable[[str], bool]) -> tuple[list[Path],
                 raise CheckpointError(f"tensor {key} is stored twice ({tensors[key].file.name}, {f.name})", path=f)
             tensors[key] = info
     if weight_map is not None:
-        for key, fname in weight_map.items():
-            if wanted(key) and (key not in tensors or tensors[key].file.name != fname):
+        for key in chosen:
+            fname = weight_map[key]
+            if key not in tensors or tensors[key].file.name != fname:
                 raise CheckpointError(f"tensor {key} is listed in {INDEX_FILE} but not stored in {fname}", path=root)
-    return files, tensors
+    chosen = select(tensors)
+    return files, {k: v for k, v in tensors.items() if k in chosen}
 
 
 def is_vision_key(key: str) -> bool:
-    return key.startswith(VISION_PREFIX)
+    """A tensor of the vision module (the ``wte`` alias of the text table is not one)."""
+    return key.startswith(VISION_PREFIX) and key != TIED_TEXT_ALIAS
 
 
 def _locate(text: str) -> Path | str:
@@ -259,31 +290,62 @@ def resolve(
     *,
     revision: str | None = None,
     with_text_embeddings: bool = False,
+    with_vision: bool = True,
     cache_dir: str | None = None,
 ) -> Checkpoint:
-    """Find a checkpoint (local dir, preset name, or hub id) and index its vision tensors."""
+    """Find a checkpoint (local dir, preset name, or hub id) and index its vision tensors (``with_vision``)
+    and/or its token-embedding table (``with_text_embeddings``).
 
-    def wanted(key: str) -> bool:
-        return is_vision_key(key) or (with_text_embeddings and key == TEXT_EMBED_KEY)
+    A hub id is found by :func:`phi3embed.core.hub.locate` at ``revision`` (branch, tag or commit): the
+    Hugging Face cache, the phi3embed cache, or a fetch of only the wanted tensors' bytes into the latter.
+    ``cache_dir`` is the Hugging Face cache to use (default: huggingface_hub's).
+    """
+
+    def select(keys: Iterable[str]) -> set[str]:
+        return select_keys(keys, vision=with_vision, text=with_text_embeddings)
 
     text = os.fspath(source)
     found = _locate(text)
+    commit, location = None, "local directory"
     if isinstance(found, Path):
-        root, from_hub = found, False
+        roots = [found]
     else:
-        root, from_hub = _fetch_from_hub(found, revision=revision, wanted=wanted, cache_dir=cache_dir), True
+        from phi3embed.core import hub
+
+        model = hub.locate(found, revision=revision, vision=with_vision, text=with_text_embeddings, cache_dir=cache_dir)
+        roots, commit, location = model.roots, model.commit, model.location
+    return open_checkpoint(text, roots, select, commit=commit, location=location)
+
+
+def open_checkpoint(
+    source: str,
+    roots: list[Path],
+    select: Callable[[Iterable[str]], set[str]],
+    *,
+    commit: str | None = None,
+    location: str = "local directory",
+) -> Checkpoint:
+    """Index the selected tensors of checkpoint folders (one, or a vision and a text cache entry)."""
+    root = roots[0]
     config = read_json(root / "config.json")
     pre_path = root / "preprocessor_config.json"
     preprocessor = read_json(pre_path) if pre_path.exists() else None
-    files, tensors = _index_local(root, wanted)
+    files: list[Path] = []
+    tensors: dict[str, TensorInfo] = {}
+    for part_root in roots:
+        part_files, part_tensors = _index_local(part_root, select)
+        files += [f for f in part_files if f not in files]
+        tensors.update(part_tensors)
     return Checkpoint(
-        source=text,
+        source=source,
         root=root,
         config=config,
         preprocessor_config=preprocessor,
         weight_files=files,
-        tensors={k: v for k, v in tensors.items() if wanted(k)},
-        from_hub=from_hub,
+        tensors=tensors,
+        from_hub=commit is not None,
+        commit=commit,
+        location=location,
     )
 
 
@@ -303,65 +365,12 @@ def resolve_configs(
     if isinstance(found, Path):
         root = found
     else:
-        fetch = _hub_fetcher(found, revision=revision, cache_dir=cache_dir)
-        config_path = fetch("config.json", required=True)
-        assert config_path is not None
-        fetch("preprocessor_config.json", required=False)
-        root = config_path.parent
+        from phi3embed.core import hub
+
+        root = hub.locate_configs(found, revision=revision, cache_dir=cache_dir)
     pre_path = root / "preprocessor_config.json"
     preprocessor = read_json(pre_path) if pre_path.exists() else None
     return parse_configs(read_json(root / "config.json"), preprocessor, where=str(root / "config.json"))
-
-
-def _hub_fetcher(repo_id: str, *, revision: str | None, cache_dir: str | None) -> Callable[..., Path | None]:
-    """``fetch(filename, required=...)``: one file of ``repo_id`` from the local cache or the hub, its local
-    path, or None for a missing optional file; a missing required file is a one-line CheckpointError."""
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    except ImportError as exc:  # pragma: no cover - huggingface_hub is a hard dependency
-        raise CheckpointError(f"huggingface_hub is not importable: {exc}") from None
-
-    def fetch(filename: str, *, required: bool) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
-        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError in recent huggingface_hub: first
-            if required:
-                raise CheckpointError(
-                    f"{filename} is not in the local Hugging Face cache and the hub cannot be reached "
-                    "(offline mode or no network); download it once or pass a local directory",
-                    path=repo_id,
-                ) from None
-            return None
-        except EntryNotFoundError:
-            if required:
-                raise CheckpointError(f"{filename} not found in the repository", path=repo_id) from None
-            return None
-        except Exception as exc:  # network, auth, unknown repo: one clear line
-            name = type(exc).__name__
-            if required:
-                raise CheckpointError(f"cannot fetch {filename} from the hub: {name}: {exc}", path=repo_id) from None
-            return None
-
-    return fetch
-
-
-def _fetch_from_hub(
-    repo_id: str, *, revision: str | None, wanted: Callable[[str], bool], cache_dir: str | None
-) -> Path:
-    """Download (or find in the cache) config files and only the weight files that hold wanted tensors."""
-    fetch = _hub_fetcher(repo_id, revision=revision, cache_dir=cache_dir)
-    config_path = fetch("config.json", required=True)
-    assert config_path is not None
-    fetch("preprocessor_config.json", required=False)
-    index_path = fetch(INDEX_FILE, required=False)
-    if index_path is not None:
-        weight_map = json.loads(index_path.read_text()).get("weight_map", {})
-        for weight_file in sorted({f for k, f in weight_map.items() if wanted(k)}):
-            fetch(weight_file, required=True)
-    else:
-        fetch(SINGLE_FILE, required=True)
-    return config_path.parent
 
 
 # --------------------------------------------------------------------------- key mapping

@@ -1,7 +1,9 @@
 """Describe a checkpoint without reading its tensors (``phi3embed info``).
 
-The checkpoint is found as encode finds it (:func:`phi3embed.core.checkpoint.resolve`); everything reported
-comes from its config files and safetensors headers, so ``ModelInfo.bytes_read`` is 0.
+The checkpoint is found as encode finds it (:func:`phi3embed.core.checkpoint.resolve`), except that a hub id
+that is not cached is never fetched: its weight files' headers are read by range requests, and the report
+says what encode would fetch. Everything reported comes from config files and safetensors headers, so
+``ModelInfo.bytes_read`` is 0.
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from phi3embed.core.checkpoint import Checkpoint, check_vision_tensors, module_to_checkpoint_key, resolve
+from phi3embed.core.checkpoint import (
+    Checkpoint,
+    _locate,
+    check_vision_tensors,
+    is_vision_key,
+    module_to_checkpoint_key,
+    open_checkpoint,
+    select_keys,
+)
 from phi3embed.core.config import ClipConfig, find_preset, parse_configs, presets
 from phi3embed.core.cost import crop_flops
 from phi3embed.errors import ConfigError, Phi3EmbedError
@@ -21,16 +31,19 @@ from phi3embed.errors import ConfigError, Phi3EmbedError
 @dataclass(frozen=True)
 class WeightFile:
     path: str
+    size: int  # of the whole file
     vision_tensors: int
     vision_bytes: int  # all vision tensors stored in this file
     bytes_to_read: int  # of those, what the fast path reads
+    bytes_to_fetch: int  # from the hub before encoding (header and coalesced ranges; 0 when local or cached)
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     source: str
     root: str
-    location: str  # "local directory" or "hub cache"
+    location: str  # "local directory", "hub cache" (Hugging Face's), "phi3embed cache", or "hub" (not cached)
+    commit: str | None  # of a hub id
     variant: str | None  # preset name, or None when nothing identifies it
     variant_evidence: str
     config_torch_dtype: str | None
@@ -52,6 +65,8 @@ class ModelInfo:
     hd_transform_order: str
     gflop_per_crop: float
     tensors_check: str  # "ok" or why the vision tensors do not match config.json
+    bytes_to_fetch: int  # weight-file bytes encode will fetch from the hub first (0 when local or cached)
+    whole_files_bytes: int  # the weight files holding vision tensors, whole (what downloading them moves)
     bytes_read: int  # tensor payload bytes read to produce this report (0)
     checkpoint: Checkpoint = field(repr=False, compare=False)
 
@@ -88,13 +103,13 @@ def model_info(
 ) -> ModelInfo:
     """Describe a checkpoint from its config files and safetensors headers; never reads tensor data.
 
-    Resolution is :func:`phi3embed.core.checkpoint.resolve`: a hub id not yet in the cache is fetched as
-    ``encode`` would fetch it (configs and the weight files holding vision tensors).
+    Resolution is :func:`phi3embed.core.checkpoint.resolve`'s, but a hub id that is not cached is not
+    fetched: its configs come through ``hf_hub_download`` and its weight files' headers by range requests.
     """
     from phi3embed.core.model import Phi3VisionModel  # heavy import (transformers), only needed here
 
     text = os.fspath(source)
-    ckpt = resolve(text, revision=revision)
+    ckpt, fetch = _headers_only(text, revision)
     vision, pre = parse_configs(ckpt.config, ckpt.preprocessor_config, where=str(ckpt.root / "config.json"))
     if num_crops is not None:
         if num_crops < 1:
@@ -123,6 +138,8 @@ def model_info(
     weight_files = [
         WeightFile(
             path=str(f),
+            size=fetch.sizes[f.name] if fetch is not None else f.stat().st_size,
+            bytes_to_fetch=fetch.bytes_by_file[f.name] if fetch is not None else 0,
             vision_tensors=len(ks),
             vision_bytes=sum(ckpt.tensors[k].nbytes for k in ks),
             bytes_to_read=sum(ckpt.tensors[k].nbytes for k in ks if k in run_keys),
@@ -134,7 +151,8 @@ def model_info(
     return ModelInfo(
         source=text,
         root=str(ckpt.root),
-        location="hub cache" if ckpt.from_hub else "local directory",
+        location=ckpt.location,
+        commit=ckpt.commit,
         variant=variant,
         variant_evidence=evidence,
         config_torch_dtype=None if dtype is None else str(dtype),
@@ -156,6 +174,50 @@ def model_info(
         hd_transform_order=vision.hd_transform_order,
         gflop_per_crop=round(crop_flops(vision.clip, layers=vision.layers_needed) / 1e9, 3),
         tensors_check=tensors_check,
+        bytes_to_fetch=sum(w.bytes_to_fetch for w in weight_files),
+        whole_files_bytes=sum(w.size for w in weight_files),
         bytes_read=ckpt.bytes_read,
         checkpoint=ckpt,
     )
+
+
+@dataclass(frozen=True)
+class _Fetch:
+    sizes: dict[str, int]  # weight file name -> size
+    bytes_by_file: dict[str, int]  # weight file name -> header and range bytes a fetch reads
+
+
+def _headers_only(source: str, revision: str | None) -> tuple[Checkpoint, _Fetch | None]:
+    """The checkpoint's vision tensors from headers only; for an uncached hub id, what fetching them reads."""
+
+    def select(keys: Any) -> set[str]:
+        return select_keys(keys, vision=True, text=False)
+
+    found = _locate(source)
+    if isinstance(found, Path):
+        return open_checkpoint(source, [found], select), None
+    from phi3embed.core import hub
+
+    model = hub.locate(found, revision=revision, fetch=False)
+    if model.roots:
+        return open_checkpoint(source, model.roots, select, commit=model.commit, location=model.location), None
+    plan = model.plan
+    assert plan is not None
+    tensors = {k: info for f in plan.files for k, info in f.tensors.items() if is_vision_key(k)}
+    config = hub.read_config_dir(model.config_dir)
+    ckpt = Checkpoint(
+        source=source,
+        root=model.config_dir,
+        config=config[0],
+        preprocessor_config=config[1],
+        weight_files=[Path(f.name) for f in plan.files],
+        tensors=tensors,
+        from_hub=True,
+        commit=model.commit,
+        location="hub",
+    )
+    by_file = {
+        f.name: hub.header_read_size(f) + sum(e - s for rs in plan.ranges.values() for s, e in rs.get(f.name, []))
+        for f in plan.files
+    }
+    return ckpt, _Fetch(sizes={f.name: f.size for f in plan.files}, bytes_by_file=by_file)

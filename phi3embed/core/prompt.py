@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phi3embed.core.checkpoint import TEXT_EMBED_KEY, Checkpoint, resolve
+from phi3embed.core.checkpoint import TEXT_EMBED_KEY, TIED_TEXT_ALIAS, Checkpoint, resolve
 from phi3embed.core.embedder import parse_dtype
 from phi3embed.errors import CheckpointError, MergeError
 
@@ -194,21 +194,23 @@ def merge_image_embeddings(
 def read_text_embeddings(
     ckpt: Checkpoint, *, dtype: str | torch.dtype | None = torch.float32, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Read only ``model.embed_tokens.weight`` ``[V, D]`` from a checkpoint resolved with text embeddings.
+    """Read only the token-embedding table ``[V, D]`` from a checkpoint resolved with text embeddings:
+    ``model.embed_tokens.weight``, or its alias ``model.vision_embed_tokens.wte.weight`` when only that is stored.
 
     ``dtype=None`` keeps the stored dtype.
     """
-    info = ckpt.tensors.get(TEXT_EMBED_KEY)
+    key = TEXT_EMBED_KEY if TEXT_EMBED_KEY in ckpt.tensors else TIED_TEXT_ALIAS
+    info = ckpt.tensors.get(key)
     if info is None:
         raise CheckpointError(
-            f"{TEXT_EMBED_KEY} is not in the checkpoint (resolve it with with_text_embeddings=True)", path=ckpt.root
+            f"neither {TEXT_EMBED_KEY} nor {TIED_TEXT_ALIAS} is in the checkpoint (resolve it with "
+            "with_text_embeddings=True)",
+            path=ckpt.root,
         )
     if len(info.shape) != 2:
-        raise CheckpointError(
-            f"{TEXT_EMBED_KEY} has shape {list(info.shape)}, expected [vocab, hidden]", path=info.file
-        )
+        raise CheckpointError(f"{key} has shape {list(info.shape)}, expected [vocab, hidden]", path=info.file)
     torch_dtype = None if dtype is None else parse_dtype(dtype)
-    return ckpt.read([TEXT_EMBED_KEY], dtype=torch_dtype, device=device)[TEXT_EMBED_KEY]
+    return ckpt.read([key], dtype=torch_dtype, device=device)[key]
 
 
 def load_text_embeddings(
@@ -220,9 +222,9 @@ def load_text_embeddings(
 ) -> torch.Tensor:
     """The token-embedding table ``[V, D]`` of a checkpoint (local dir, hub id or preset name).
 
-    Reads ONLY ``model.embed_tokens.weight`` (plus the configs and safetensors headers); no other
-    language-model tensor is read. ``dtype=None`` keeps the stored dtype.
+    Reads ONLY ``model.embed_tokens.weight`` (or its ``wte`` alias; plus the configs and safetensors
+    headers); no other tensor is read, and from the hub only the table's bytes are fetched (into the
+    phi3embed cache). ``dtype=None`` keeps the stored dtype.
     """
-    return read_text_embeddings(
-        resolve(source, revision=revision, with_text_embeddings=True), dtype=dtype, device=device
-    )
+    ckpt = resolve(source, revision=revision, with_text_embeddings=True, with_vision=False)
+    return read_text_embeddings(ckpt, dtype=dtype, device=device)
