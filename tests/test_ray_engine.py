@@ -241,7 +241,7 @@ def test_embedding_bytes_round_trip(dtype: torch.dtype) -> None:
     data = embedding_bytes(x)
     assert len(data) == x.numel() * x.element_size()
     name = str(dtype).removeprefix("torch.")
-    y = embedding_from_bytes(data, dtype=name, num_tokens=7, dim=5)
+    y = embedding_from_bytes(data, dtype=name, shape=(7, 5))
     assert y.dtype == dtype and torch.equal(y.view(torch.uint8), x.view(torch.uint8))
 
 

@@ -25,6 +25,7 @@ import typer
 from phi3embed.cli.combine import register as register_combine_commands
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
 from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha
+from phi3embed.cli.plan import STAGE_HELP, Stage
 from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ def encode_command(
     alpha: Annotated[
         Alpha, typer.Option(help="Transparency: drop (reference, transformers 4) or white (composite on white).")
     ] = Alpha.drop,
+    stage: Annotated[Stage, typer.Option(help=STAGE_HELP)] = Stage.projected,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Encode again images already done.")] = False,
     shard: Annotated[
         str | None,
@@ -217,6 +219,7 @@ class _EncodeOptions:
     engine: str = "local"
     ray_address: str | None = None
     actors: int | None = None
+    stage: str = "projected"
 
     @property
     def output_format(self) -> str:
@@ -319,6 +322,7 @@ def _local_engine(opts: _EncodeOptions, checkpoint_dir: str, console: Any) -> An
             alpha=opts.alpha,  # type: ignore[arg-type]
             exif_transpose=opts.exif_transpose,
             batch_size=batch,
+            stage=opts.stage,  # type: ignore[arg-type]
         )
     finally:
         if status is not None:
@@ -334,7 +338,9 @@ def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
         from phi3embed.jobs.ray_engine import RayOptions, plan
     except ImportError:
         raise _Usage("--engine ray needs Ray: pip install 'phi3embed[ray]'") from None
-    same_names = ("model", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha", "exif_transpose")
+    same_names = (
+        "model", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha", "exif_transpose", "stage"
+    )  # fmt: skip
     options = RayOptions(
         **{name: getattr(opts, name) for name in (*same_names, "batch_size", "actors")},
         decode_threads=opts.workers,

@@ -10,6 +10,7 @@ some cannot (they are reported, the others still planned), 2 on usage, input, mo
 
 import json
 import sys
+from enum import Enum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -33,6 +34,20 @@ if TYPE_CHECKING:  # the plan module imports torch: only the command that runs p
     from phi3embed.jobs.plan import PlanResult
 
 
+class Stage(str, Enum):
+    """``--stage`` of encode and plan (phi3embed.core.stages)."""
+
+    projected = "projected"
+    hd = "hd"
+    clip = "clip"
+
+
+STAGE_HELP = (
+    "What is stored: projected (the language model's image tokens, [T, D]), hd (the same tokens before the "
+    "projection, [T, 4C]) or clip (CLIP's features of the real crops, [crops, patches, C])."
+)
+
+
 def plan_command(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Files, directories, globs or - for stdin.")],
     model: ConfigModel = None,
@@ -41,6 +56,7 @@ def plan_command(
         OutDType, typer.Option("--out-dtype", help="Stored dtype the output sizes are computed for.")
     ] = OutDType.float32,
     exif_transpose: ExifTranspose = False,
+    stage: Annotated[Stage, typer.Option(help=STAGE_HELP + " Output sizes are computed for it.")] = Stage.projected,
     shard: Annotated[
         str | None,
         typer.Option(metavar="I/N", help="Only shard I of N (0-based), split by a stable hash of each name."),
@@ -63,7 +79,14 @@ def plan_command(
         if shard_spec is not None:
             sources = select_shard(sources, *shard_spec)
         vision, pre, label = model_settings(model, num_crops)
-        result = plan(sources, vision=vision, preprocess=pre, out_dtype=out_dtype.value, exif_transpose=exif_transpose)
+        result = plan(
+            sources,
+            vision=vision,
+            preprocess=pre,
+            out_dtype=out_dtype.value,
+            exif_transpose=exif_transpose,
+            stage=stage.value,
+        )
         return result, label
 
     result, label = guard(work)
@@ -91,7 +114,7 @@ def _print_plan(result: "PlanResult", label: str) -> None:
         console = Console(file=sys.stdout, width=max(console.width, longest + 72))
     console.print(
         Text(
-            f"model {label} · num_crops {result.num_crops} · output [tokens, {result.hidden_size}] "
+            f"model {label} · num_crops {result.num_crops} · {result.stage} output {result.output} "
             f"{result.out_dtype} · CLIP layers run {result.layers_run}/{result.layers_total} · "
             f"{_gflop(result.flops_per_crop)} GFLOP per crop + {result.flops_per_token / 1e6:.1f} MFLOP per token"
         )

@@ -18,6 +18,7 @@ import torch
 
 from phi3embed.core.model import Phi3VisionModel
 from phi3embed.core.preprocess import Preprocessed, normalization_table, normalize_tiles, pad_crops
+from phi3embed.core.stages import Stage
 from phi3embed.errors import DeviceOutOfMemoryError
 
 K = TypeVar("K")
@@ -146,10 +147,13 @@ def encode_stream(
     *,
     batch_size: int = 8,
     times: StageTimes | None = None,
+    stage: Stage = "projected",
 ) -> Iterator[tuple[K, Preprocessed, torch.Tensor]]:
     """Yield ``(key, item, embeddings [T, D])`` in input order, batching ``batch_size`` crops per pass.
 
-    ``times``, when given, accumulates the host-side time of each stage (:class:`StageTimes`).
+    ``stage`` stops each image's data flow earlier (:mod:`phi3embed.core.stages`: ``hd`` gives ``[T, 4C]``,
+    ``clip`` the crops' features ``[1 + rows*cols, g*g, C]``). ``times``, when given, accumulates the
+    host-side time of each stage of the loop (:class:`StageTimes`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -206,7 +210,7 @@ def encode_stream(
         t0 = time.perf_counter()
         feats = torch.cat([f for p in finished for f in p.features])
         grids = [(p.item.grid.rows, p.item.grid.cols) for p in finished]
-        embeddings = model.embed_features(feats, grids)
+        embeddings = model.embed_features(feats, grids, stage=stage)
         clock.embed_s += time.perf_counter() - t0
         for p, emb in zip(finished, embeddings, strict=True):
             p.features.clear()
@@ -225,10 +229,10 @@ def encode_stream(
 
 @torch.inference_mode()
 def encode_plain(
-    model: Phi3VisionModel, items: Iterable[tuple[K, Preprocessed]], *, num_crops: int
+    model: Phi3VisionModel, items: Iterable[tuple[K, Preprocessed]], *, num_crops: int, stage: Stage = "projected"
 ) -> Iterator[tuple[K, Preprocessed, torch.Tensor]]:
     """The reference's way, kept as the yardstick: one image at a time, zero crops padded to
-    ``num_crops + 1`` and encoded too, then discarded."""
+    ``num_crops + 1`` and encoded too, then discarded. ``stage`` as in :func:`encode_stream`."""
     device, dtype = model.device, model.dtype
     for key, item in items:
         padded = pad_crops(item.pixel_values, num_crops=num_crops)  # (num_crops+1, 3, S, S)
@@ -242,7 +246,7 @@ def encode_plain(
             failed = False
         if failed:
             raise _out_of_memory(device, dtype, padded.shape[0], padded=True)
-        (emb,) = model.embed_features(feats, [(item.grid.rows, item.grid.cols)])
+        (emb,) = model.embed_features(feats, [(item.grid.rows, item.grid.cols)], stage=stage)
         yield key, item, emb
 
 

@@ -19,6 +19,7 @@ from phi3embed.core.config import (
 )
 from phi3embed.core.model import Phi3VisionModel
 from phi3embed.core.preprocess import AlphaMode, ImageInput, Preprocessed, image_geometry, preprocess_image
+from phi3embed.core.stages import DEFAULT_STAGE, Stage, parse_stage, stage_shape
 from phi3embed.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -79,6 +80,7 @@ class Phi3VisionEmbedder:
         image_options: ImageOptions = ImageOptions(),
         batch_size: int = 8,
         plain: bool = False,
+        stage: Stage = DEFAULT_STAGE,
     ) -> None:
         self.model = model
         self.vision_config = vision_config
@@ -88,6 +90,7 @@ class Phi3VisionEmbedder:
         self.image_options = image_options
         self.batch_size = batch_size
         self.plain = plain
+        self.stage = parse_stage(stage)
 
     @classmethod
     def from_pretrained(
@@ -105,6 +108,7 @@ class Phi3VisionEmbedder:
         attn: str | None = None,
         compile: bool = False,
         tune_allocator: bool = False,
+        stage: Stage = DEFAULT_STAGE,
     ) -> Phi3VisionEmbedder:
         """Load only the vision weights of a checkpoint (local directory, hub id or preset name).
 
@@ -117,6 +121,9 @@ class Phi3VisionEmbedder:
         encoder's activations stop faulting in fresh pages (about 13% faster per layer on CPU). It is off by
         default because it changes the whole host process and cannot be undone (phi3embed/core/allocator.py);
         the ``phi3embed`` command turns it on for itself. ``PHI3EMBED_MALLOC_TUNING=0`` vetoes it.
+        ``stage`` is what :meth:`encode` returns by default (:mod:`phi3embed.core.stages`): ``projected``
+        ``[T, D]`` (the language model's input), ``hd`` ``[T, 4C]`` (before the projection) or ``clip``
+        ``[1 + rows*cols, g*g, C]`` (CLIP's features of the real crops, the global view first).
         """
         dev = resolve_device(device)
         torch_dtype = parse_dtype(dtype)
@@ -149,6 +156,7 @@ class Phi3VisionEmbedder:
             image_options=ImageOptions(alpha=alpha, exif_transpose=exif_transpose),
             batch_size=batch_size if batch_size is not None else DEFAULT_BATCH_SIZE.get(dev.type, 8),
             plain=plain,
+            stage=parse_stage(stage),
         )
 
     # ------------------------------------------------------------------ small facts
@@ -173,6 +181,13 @@ class Phi3VisionEmbedder:
         """Image tokens for a ``width x height`` image at this embedder's ``num_crops``."""
         return image_geometry(width=width, height=height, cfg=self.preprocess_config)[1]
 
+    def output_shape(self, width: int, height: int, *, stage: Stage | None = None) -> tuple[int, ...]:
+        """The shape :meth:`encode` gives a ``width x height`` image at ``stage`` (default: this embedder's)."""
+        grid, _ = image_geometry(width=width, height=height, cfg=self.preprocess_config)
+        return stage_shape(
+            self.stage if stage is None else stage, rows=grid.rows, cols=grid.cols, cfg=self.vision_config
+        )
+
     # ------------------------------------------------------------------ work
 
     def preprocess(self, image: ImageInput, *, name: str | None = None) -> Preprocessed:
@@ -186,27 +201,35 @@ class Phi3VisionEmbedder:
         )
 
     def embed_stream(
-        self, items: Iterable[tuple[object, Preprocessed]], *, times: StageTimes | None = None
+        self,
+        items: Iterable[tuple[object, Preprocessed]],
+        *,
+        times: StageTimes | None = None,
+        stage: Stage | None = None,
     ) -> Iterator[tuple[object, Preprocessed, torch.Tensor]]:
         """Preprocessed images in, ``(key, item, embeddings)`` out in the same order, crops batched.
 
-        ``times`` collects the fast path's host-side stage times (pipeline.StageTimes).
+        ``stage``: what each image gives (None: this embedder's :attr:`stage`). ``times`` collects the fast
+        path's host-side stage times (batching.StageTimes).
         """
+        chosen = self.stage if stage is None else parse_stage(stage)
         if self.plain:
-            return encode_plain(self.model, items, num_crops=self.num_crops)
-        return encode_stream(self.model, items, batch_size=self.batch_size, times=times)
+            return encode_plain(self.model, items, num_crops=self.num_crops, stage=chosen)
+        return encode_stream(self.model, items, batch_size=self.batch_size, times=times, stage=chosen)
 
-    def embed(self, items: Sequence[Preprocessed]) -> list[torch.Tensor]:
-        """Embeddings of already preprocessed images, in order."""
-        return [emb for _, _, emb in self.embed_stream(enumerate(items))]
+    def embed(self, items: Sequence[Preprocessed], *, stage: Stage | None = None) -> list[torch.Tensor]:
+        """Embeddings (or ``stage`` outputs) of already preprocessed images, in order."""
+        return [emb for _, _, emb in self.embed_stream(enumerate(items), stage=stage)]
 
-    def encode(self, images: Iterable[ImageInput] | ImageInput) -> list[torch.Tensor]:
+    def encode(self, images: Iterable[ImageInput] | ImageInput, *, stage: Stage | None = None) -> list[torch.Tensor]:
         """Paths, bytes or PIL images -> one ``[num_tokens, hidden]`` tensor per image, in order.
 
-        A single image (not in a list) is accepted too and gives a one-element list. The first unreadable
-        image raises ImageError; the CLI's job runner is the tool that keeps going past bad files.
+        ``stage`` (None: this embedder's) gives an earlier intermediate instead: ``hd`` ``[T, 4C]`` or ``clip``
+        ``[1 + rows*cols, g*g, C]`` (:mod:`phi3embed.core.stages`). A single image (not in a list) is accepted
+        too and gives a one-element list. The first unreadable image raises ImageError; the CLI's job runner
+        is the tool that keeps going past bad files.
         """
         if isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "getbands"):
             images = [images]  # type: ignore[list-item]
         items = ((i, self.preprocess(img)) for i, img in enumerate(images))
-        return [emb for _, _, emb in self.embed_stream(items)]
+        return [emb for _, _, emb in self.embed_stream(items, stage=stage)]

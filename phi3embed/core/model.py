@@ -26,6 +26,7 @@ from phi3embed.core.checkpoint import (
 )
 from phi3embed.core.config import VisionConfig
 from phi3embed.core.hd import image_tokens
+from phi3embed.core.stages import Stage
 from phi3embed.errors import CheckpointError
 
 
@@ -143,11 +144,22 @@ class Phi3VisionModel(nn.Module):
         features = self.crop_features(pixel_values)  # (N, g*g, C)
         return self.embed_features(features, grids)
 
-    def embed_features(self, features: torch.Tensor, grids: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-        """CLIP features of several images (concatenated) -> projected tokens per image, one projection call."""
+    def embed_features(
+        self, features: torch.Tensor, grids: Sequence[tuple[int, int]], *, stage: Stage = "projected"
+    ) -> list[torch.Tensor]:
+        """CLIP features of several images (concatenated) -> one tensor per image at ``stage``
+        (:mod:`phi3embed.core.stages`): the data flow below, left at the stage asked for.
+
+        ``clip``: each image's own features ``[1 + rows*cols, g*g, C]``; ``hd``: its tokens ``[T, 4C]``;
+        ``projected``: the tokens of all images projected in one call, ``[T, D]`` each.
+        """
         counts = [1 + r * c for r, c in grids]
-        per_image = torch.split(features, counts)
-        tokens = [self.tokens(f, rows=r, cols=c) for f, (r, c) in zip(per_image, grids, strict=True)]
+        per_image = torch.split(features, counts)  # (1 + rows_i*cols_i, g*g, C) each
+        if stage == "clip":
+            return list(per_image)
+        tokens = [self.tokens(f, rows=r, cols=c) for f, (r, c) in zip(per_image, grids, strict=True)]  # (T_i, 4C)
+        if stage == "hd":
+            return tokens
         projected = self.project(torch.cat(tokens))  # (sum T_i, D)
         return list(torch.split(projected, [t.shape[0] for t in tokens]))
 

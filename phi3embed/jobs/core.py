@@ -31,6 +31,7 @@ import torch
 
 from phi3embed.core.batching import HostResult, StageTimes
 from phi3embed.core.embedder import parse_dtype
+from phi3embed.core.stages import DEFAULT_STAGE, Stage
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.publish import OutputError
 from phi3embed.outputs.records import Format, ImageFacts, OutputSettings, Record
@@ -57,10 +58,11 @@ class EngineInfo:
     workers: int  # decode workers (local) or actors (Ray), for the summary
     alpha: str = "drop"
     exif_transpose: bool = False
+    stage: Stage = DEFAULT_STAGE  # the intermediate the results hold (phi3embed.core.stages)
 
     def output_settings(self, *, model: str, format: Format, pack_bytes: int | None) -> OutputSettings:
         """The settings the outputs record for this engine's results (``model``: what the user named)."""
-        same_names = ("fingerprint", "num_crops", "alpha", "exif_transpose", "device")
+        same_names = ("fingerprint", "num_crops", "alpha", "exif_transpose", "device", "stage")
         return OutputSettings(
             model=model,
             dtype=self.stored_dtype,

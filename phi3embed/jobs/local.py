@@ -185,6 +185,7 @@ class LocalEngine:
             workers=workers,
             alpha=options.alpha,
             exif_transpose=options.exif_transpose,
+            stage=embedder.stage,
         )
         preparer = Preparer(embedder.preprocess_config, alpha=options.alpha, exif_transpose=options.exif_transpose)
         self.pool: OrderedPool[Source, Prepared] = OrderedPool(

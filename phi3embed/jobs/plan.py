@@ -9,15 +9,20 @@ a name encode's manifest records, with the token count encode writes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from phi3embed.core.config import PreprocessConfig, VisionConfig
 from phi3embed.core.cost import crop_flops, image_flops, token_flops
 from phi3embed.core.preprocess import image_geometry, read_image_size
+from phi3embed.core.stages import DEFAULT_STAGE, STAGES, Stage, stage_shape
 from phi3embed.errors import ConfigError, ImageError
 from phi3embed.inputs.listing import Source
+
+#: The shape of each stage's output, in words (filled with the model's widths).
+STAGE_SHAPES_IN_WORDS = {"projected": "[tokens, {D}]", "hd": "[tokens, {C4}]", "clip": "[crops, {P}, {C}]"}
 
 #: Bytes per element of the stored output dtypes.
 OUT_DTYPE_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -35,9 +40,11 @@ class PlanRow:
     cols: int | None = None
     image_sizes: tuple[int, int] | None = None  # (H', W')
     num_tokens: int | None = None
-    bytes: int | None = None  # [num_tokens, hidden] * itemsize (array payload; npy/safetensors add a header)
+    bytes: int | None = None  # the chosen stage's array payload (npy/safetensors add a header)
     flops: int | None = None
     error: str | None = None
+    shape: tuple[int, ...] | None = None  # of the chosen stage's output
+    stage_bytes: dict[str, int] | None = None  # array payload of every stage (phi3embed.core.stages)
 
     @property
     def ok(self) -> bool:
@@ -60,7 +67,9 @@ class PlanRow:
             "crops": self.crops,
             "image_sizes": None if self.image_sizes is None else list(self.image_sizes),
             "num_tokens": self.num_tokens,
+            "shape": None if self.shape is None else list(self.shape),
             "bytes": self.bytes,
+            "bytes_by_stage": self.stage_bytes,
             "gflop": None if self.flops is None else round(self.flops / 1e9, 3),
         }
 
@@ -74,9 +83,11 @@ class PlanTotals:
     num_tokens: int
     bytes: int
     flops: int
+    stage_bytes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = asdict(self)
+        out["bytes_by_stage"] = out.pop("stage_bytes")
         out["gflop"] = round(out.pop("flops") / 1e9, 3)
         return out
 
@@ -92,11 +103,15 @@ class PlanResult:
     flops_per_token: int
     rows: list[PlanRow]
     totals: PlanTotals
+    stage: Stage = DEFAULT_STAGE
+    output: str = "[tokens, D]"  # the chosen stage's shape, in words
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "settings": {
                 "num_crops": self.num_crops,
+                "stage": self.stage,
+                "output": self.output,
                 "out_dtype": self.out_dtype,
                 "hidden_size": self.hidden_size,
                 "clip_layers_run": self.layers_run,
@@ -110,7 +125,13 @@ class PlanResult:
 
 
 def _plan_row(
-    source: Source, *, vision: VisionConfig, preprocess: PreprocessConfig, itemsize: int, exif_transpose: bool
+    source: Source,
+    *,
+    vision: VisionConfig,
+    preprocess: PreprocessConfig,
+    itemsize: int,
+    exif_transpose: bool,
+    stage: Stage = DEFAULT_STAGE,
 ) -> PlanRow:
     """One source's row: its header read, its geometry computed; an ImageError becomes the row's error."""
     try:
@@ -119,6 +140,8 @@ def _plan_row(
     except ImageError as exc:
         error = str(exc) if exc.path else f"{source.path}: {exc.reason}"
         return PlanRow(name=source.name, path=source.path, error=error)
+    shapes = {st: stage_shape(st, rows=grid.rows, cols=grid.cols, cfg=vision) for st in STAGES}
+    sizes: dict[str, int] = {st: math.prod(shape) * itemsize for st, shape in shapes.items()}
     return PlanRow(
         name=source.name,
         path=source.path,
@@ -128,8 +151,10 @@ def _plan_row(
         cols=grid.cols,
         image_sizes=grid.image_sizes,
         num_tokens=tokens,
-        bytes=tokens * vision.lm_hidden_size * itemsize,
+        bytes=sizes[stage],
         flops=image_flops(vision, rows=grid.rows, cols=grid.cols),
+        shape=shapes[stage],
+        stage_bytes=sizes,
     )
 
 
@@ -140,6 +165,7 @@ def plan(
     preprocess: PreprocessConfig,
     out_dtype: str = "float32",
     exif_transpose: bool = False,
+    stage: Stage = DEFAULT_STAGE,
 ) -> PlanResult:
     """Predict, per source, what encoding it would produce and cost; read headers only.
 
@@ -156,7 +182,9 @@ def plan(
         raise ConfigError(f"out dtype {out_dtype!r} is not one of {', '.join(OUT_DTYPE_ITEMSIZE)}")
     itemsize = OUT_DTYPE_ITEMSIZE[out_dtype]
     rows = [
-        _plan_row(s, vision=vision, preprocess=preprocess, itemsize=itemsize, exif_transpose=exif_transpose)
+        _plan_row(
+            s, vision=vision, preprocess=preprocess, itemsize=itemsize, exif_transpose=exif_transpose, stage=stage
+        )
         for s in sources
     ]
     good = [r for r in rows if r.ok]
@@ -168,6 +196,7 @@ def plan(
         num_tokens=sum(r.num_tokens or 0 for r in good),
         bytes=sum(r.bytes or 0 for r in good),
         flops=sum(r.flops or 0 for r in good),
+        stage_bytes={st: sum((r.stage_bytes or {}).get(st, 0) for r in good) for st in STAGES},
     )
     return PlanResult(
         num_crops=preprocess.num_crops,
@@ -179,4 +208,8 @@ def plan(
         flops_per_token=token_flops(vision),
         rows=rows,
         totals=totals,
+        stage=stage,
+        output=STAGE_SHAPES_IN_WORDS[stage].format(
+            D=vision.lm_hidden_size, C4=vision.merged_dim, C=vision.clip.hidden_size, P=vision.clip.grid**2
+        ),
     )

@@ -38,6 +38,7 @@ from phi3embed.core.config import DEFAULT_BATCH_SIZE, preprocess_config_from_dic
 from phi3embed.core.embedder import Phi3VisionEmbedder, parse_dtype, resolve_device
 from phi3embed.core.model import Phi3VisionModel
 from phi3embed.core.preprocess import AlphaMode, Preprocessed
+from phi3embed.core.stages import DEFAULT_STAGE, Stage, stage_shape
 from phi3embed.errors import CheckpointError, Phi3EmbedError
 from phi3embed.inputs.listing import Source
 from phi3embed.jobs.core import EngineInfo, JobSummary, Result, stored_dtypes
@@ -68,8 +69,8 @@ RESULT_COLUMNS = (
     "size",  # bytes of the source file (UNKNOWN when it could not be read)
     "mtime_ns",  # its modification time (UNKNOWN for bytes input or an unreadable file)
     "dtype",  # stored dtype name of the embedding ("" for error rows)
-    "dim",  # hidden size D of the embedding
-    "embedding",  # raw bytes of the contiguous [num_tokens, D] tensor (b"" for error rows)
+    "shape",  # the stored tensor's shape as "d0,d1[,d2]" (its --stage: [T, D], [T, 4C] or [crops, g*g, C])
+    "embedding",  # raw bytes of the contiguous tensor (b"" for error rows)
     "seconds",  # CPU time spent reading, decoding and tiling this image
 )
 
@@ -86,6 +87,7 @@ class EncoderSpec:
     revision: str | None = None
     alpha: AlphaMode = "drop"
     exif_transpose: bool = False
+    stage: Stage = DEFAULT_STAGE  # what the actors return (phi3embed.core.stages)
     batch_size: int = 8  # crops per forward pass
     decode_threads: int = 0  # threads decoding the next images while the encoder runs (0 = inline)
     expect_fingerprint: str | None = None  # refuse to run on weights other than the driver's
@@ -94,7 +96,7 @@ class EncoderSpec:
         device = resolve_device(self.device)
         if device.type == "cpu":  # the actor owns its process, as the CLI does (phi3embed/core/allocator.py)
             keep_freed_memory()
-        same_names = ("dtype", "num_crops", "revision", "alpha", "exif_transpose", "batch_size")
+        same_names = ("dtype", "num_crops", "revision", "alpha", "exif_transpose", "batch_size", "stage")
         return Phi3VisionEmbedder.from_pretrained(
             self.model, device=device, **{name: getattr(self, name) for name in same_names}
         )
@@ -115,10 +117,10 @@ def embedding_bytes(emb: torch.Tensor) -> bytes:
     return emb.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def embedding_from_bytes(data: bytes, *, dtype: str, num_tokens: int, dim: int) -> torch.Tensor:
-    """Inverse of :func:`embedding_bytes`: a ``[num_tokens, dim]`` CPU tensor of ``dtype``."""
+def embedding_from_bytes(data: bytes, *, dtype: str, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`embedding_bytes`: a CPU tensor of ``dtype`` and ``shape``."""
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return raw.view(parse_dtype(dtype)).reshape(num_tokens, dim)
+    return raw.view(parse_dtype(dtype)).reshape(tuple(shape))
 
 
 @dataclass
@@ -136,7 +138,7 @@ class _Row:
     size: int = UNKNOWN
     mtime_ns: int = UNKNOWN
     dtype: str = ""
-    dim: int = UNKNOWN
+    shape: str = ""
     embedding: bytes = b""
     seconds: float = 0.0
 
@@ -228,8 +230,9 @@ class RayEncoder:
             stored = emb.to(self.out_dtype)
             row.status = "ok"
             row.dtype = self.out_dtype_name
-            row.dim = int(stored.shape[1])
-            assert stored.shape[0] == row.num_tokens, (stored.shape, row.num_tokens)
+            row.shape = ",".join(str(n) for n in stored.shape)
+            expected = stage_shape(self.embedder.stage, rows=row.rows, cols=row.cols, cfg=self.embedder.vision_config)
+            assert tuple(stored.shape) == expected, (stored.shape, expected)
             row.embedding = embedding_bytes(stored)
         assert len(rows) == len(paths)
         out: dict[str, np.ndarray] = {k: v for k, v in batch.items() if k != BYTES}
@@ -299,8 +302,7 @@ def decode_rows(batch: Mapping[str, Any]) -> Iterator[EncodedImage]:
             emb = embedding_from_bytes(
                 batch["embedding"][i],
                 dtype=str(batch["dtype"][i]),
-                num_tokens=int(batch["num_tokens"][i]),
-                dim=int(batch["dim"][i]),
+                shape=[int(n) for n in str(batch["shape"][i]).split(",")],
             )
         h, w, r, c = (_known(batch[k][i]) for k in ("image_h", "image_w", "rows", "cols"))
         yield EncodedImage(
@@ -454,6 +456,7 @@ class RayOptions:
     num_crops: int | None = None
     alpha: AlphaMode = "drop"
     exif_transpose: bool = False
+    stage: Stage = DEFAULT_STAGE
     batch_size: int | None = None
     decode_threads: int | None = None  # per actor (default 4 on GPUs, inline on CPU)
     actors: int | None = None  # default: one per GPU of the cluster; without GPUs one per CPU
@@ -504,6 +507,7 @@ def plan(options: RayOptions, *, announce: Callable[[str], None] = lambda line: 
         num_crops=options.num_crops,
         alpha=options.alpha,
         exif_transpose=options.exif_transpose,
+        stage=options.stage,
         batch_size=batch,
         decode_threads=threads,
         expect_fingerprint=fingerprint,
@@ -518,6 +522,7 @@ def plan(options: RayOptions, *, announce: Callable[[str], None] = lambda line: 
         workers=actors,
         alpha=options.alpha,
         exif_transpose=options.exif_transpose,
+        stage=options.stage,
     )
     line = f"{actors} Ray actor{'s' if actors != 1 else ''} on {device}, {{where}} ({int(cpus)} CPUs, {int(gpus)} GPUs)"
     if options.address:
@@ -563,6 +568,7 @@ def spec_info(spec: EncoderSpec, *, actors: int) -> EngineInfo:
         workers=actors,
         alpha=spec.alpha,
         exif_transpose=spec.exif_transpose,
+        stage=spec.stage,
     )
 
 

@@ -58,6 +58,7 @@ class FileWriter:
             "num_crops": str(s.num_crops),
             "model": s.model,
             "fingerprint": s.fingerprint,
+            "stage": s.stage,
         }
 
     def flush(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 
+from phi3embed.core.stages import DEFAULT_STAGE, Stage, parse_stage
 from phi3embed.errors import ConfigError
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.formats import ST_DTYPES, dtype_name
@@ -37,6 +38,7 @@ class OutputSettings:
     alpha: str = "drop"
     exif_transpose: bool = False
     device: str = "cpu"
+    stage: Stage = DEFAULT_STAGE  # which intermediate is stored (phi3embed.core.stages)
 
     def __post_init__(self) -> None:
         if self.dtype not in ST_DTYPES or self.compute_dtype not in ST_DTYPES:
@@ -45,6 +47,7 @@ class OutputSettings:
             raise ConfigError("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
         if (self.format == "pack") != (self.pack_bytes is not None):
             raise ConfigError("pack_bytes goes with format 'pack' and only with it")
+        parse_stage(self.stage)
 
     def record_fields(self) -> dict[str, Any]:
         """The settings as a manifest record states them."""
@@ -58,6 +61,7 @@ class OutputSettings:
             "alpha": self.alpha,
             "exif_transpose": self.exif_transpose,
             "device": self.device,
+            "stage": self.stage,
         }
 
     def signature(self) -> Signature:
@@ -67,7 +71,9 @@ class OutputSettings:
 
 
 #: The record fields a finished image must share with the current settings to be skipped on resume.
-SIGNATURE_FIELDS = ("fingerprint", "num_crops", "dtype", "compute_dtype", "format", "alpha", "exif_transpose")
+SIGNATURE_FIELDS = (
+    "fingerprint", "num_crops", "dtype", "compute_dtype", "format", "alpha", "exif_transpose", "stage"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,7 @@ class Record:
     sha256: str | None
     size: int | None
     mtime_ns: int | None
+    stage: str = DEFAULT_STAGE  # lines written before stages existed hold projected tokens
     attempt: int | None = None
     time: str | None = None
 
@@ -157,7 +164,9 @@ class Record:
         """A manifest line's object -> Record; None when it is not a record (no string ``name``)."""
         if not isinstance(data.get("name"), str):
             return None
-        return cls(**{f: data.get(f) for f in _FIELDS})  # type: ignore[arg-type]
+        values = {f: data.get(f) for f in _FIELDS}
+        values["stage"] = data.get("stage") or DEFAULT_STAGE  # a line from before stages existed
+        return cls(**values)  # type: ignore[arg-type]
 
 
 _FIELDS = tuple(f.name for f in fields(Record))
