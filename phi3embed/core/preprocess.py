@@ -10,12 +10,12 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
@@ -115,20 +115,18 @@ def _describe(source: object) -> str | None:
 
 
 def open_image(source: ImageInput, *, name: str | None = None) -> Image.Image:
-    """Open and fully decode one image (first frame). Every failure becomes an ImageError naming the file."""
+    """Open and fully decode one image (first frame). Every failure becomes an ImageError naming the file.
+
+    A path is read by :func:`read_image_file` (a regular file of sane size, identified from its header first)."""
     if isinstance(source, Image.Image):
         return source
     label = name or _describe(source) or "<bytes>"
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        source, _ = read_image_file(source, label=label)
     with image_errors(label):
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            if len(source) == 0:
-                raise ImageError("empty file (0 bytes)", path=label)
-            img = Image.open(io.BytesIO(bytes(source)))
-        else:
-            path = Path(source)
-            check_image_file(path, label)
-            with open(path, "rb") as fh:
-                img = Image.open(io.BytesIO(fh.read()))
+        if len(source) == 0:
+            raise ImageError("empty file (0 bytes)", path=label)
+        img = Image.open(io.BytesIO(bytes(source)))
         img.load()  # decode now, so truncated files fail here and not later
     return img
 
@@ -147,11 +145,13 @@ def read_image_size(
     the sides), as :func:`to_rgb` would produce it.
     """
     label = name or os.fspath(path)
-    with image_errors(label, decoding=False):
-        check_image_file(Path(path), label)
-        with Image.open(path) as img:
+    fd, _ = open_image_file(path, label=label)
+    try:
+        with image_errors(label, decoding=False), open(fd, "rb", closefd=False) as fh, Image.open(fh) as img:
             width, height = img.size
             orientation = _orientation(img) if exif_transpose else 1
+    finally:
+        os.close(fd)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
@@ -166,15 +166,101 @@ def _orientation(img: Image.Image) -> int:
     return int(tags.get(_EXIF_ORIENTATION, 1)) if tags is not None else 1
 
 
-def check_image_file(path: Path, label: str) -> None:
-    """What can be wrong with a path before Pillow sees it (a folder, nothing there, a broken link, an empty
-    file), as the ImageError that names ``label``. Call it inside :func:`image_errors` (a stat can be denied)."""
-    if path.is_dir():
+#: The largest file read as an image. Pillow refuses to decode more than 2 x ``Image.MAX_IMAGE_PIXELS`` pixels
+#: (~179 MP: ~1.1 GB even as uncompressed 16-bit RGB TIFF), so a larger file cannot be an image this decodes:
+#: it is refused from its size, without being read (a 50 GB ``.jpg``, a runaway log file).
+MAX_FILE_BYTES = 2**30
+
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "named pipe"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is neither a regular file nor a directory is, in words (``st_mode`` -> "named pipe")."""
+    return next((kind for is_kind, kind in _SPECIAL_KINDS if is_kind(mode)), "special file")
+
+
+@contextmanager
+def file_errors(label: str) -> Iterator[None]:
+    """A failing system call on a file (stat, open, read) -> the one-line ImageError naming ``label``."""
+    try:
+        yield
+    except PermissionError:
+        raise ImageError("permission denied", path=label) from None
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}", path=label) from None
+
+
+def check_image_file(
+    path: str | os.PathLike[str], label: str, *, max_bytes: int = MAX_FILE_BYTES, st: os.stat_result | None = None
+) -> os.stat_result:
+    """Why a path cannot be an image file, found from its ``stat`` alone (nothing is opened): a folder, nothing
+    there, a broken link, a named pipe, socket or device ("not a regular file"), an empty file, a file over
+    ``max_bytes``; as the ImageError naming ``label``. Returns the stat of a file that may be read (``st``: a
+    stat already made, e.g. ``fstat`` of the open file)."""
+    if st is None:
+        with file_errors(label):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                missing = "broken symbolic link" if os.path.islink(path) else "file not found"
+                raise ImageError(missing, path=label) from None
+    if stat.S_ISDIR(st.st_mode):
         raise ImageError("is a directory, not an image file", path=label)
-    if not path.exists():
-        raise ImageError("broken symbolic link" if path.is_symlink() else "file not found", path=label)
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"not a regular file ({file_kind(st.st_mode)})", path=label)
+    if st.st_size == 0:
         raise ImageError("empty file (0 bytes)", path=label)
+    if st.st_size > max_bytes:
+        raise ImageError(f"file too large for an image ({st.st_size:,} bytes; the limit is {max_bytes:,})", path=label)
+    return st
+
+
+def open_image_file(
+    path: str | os.PathLike[str], *, label: str, max_bytes: int = MAX_FILE_BYTES
+) -> tuple[int, os.stat_result]:
+    """A file descriptor of ``path`` after :func:`check_image_file` said it may be read, and its ``fstat``.
+
+    Opened with ``O_NONBLOCK``: a path swapped for a named pipe since the ``stat`` cannot block the open, and the
+    ``fstat`` checks again what was opened. The caller closes the descriptor."""
+    check_image_file(path, label, max_bytes=max_bytes)
+    with file_errors(label):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        with file_errors(label):
+            st = os.fstat(fd)
+        return fd, check_image_file(path, label, max_bytes=max_bytes, st=st)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_image_file(
+    path: str | os.PathLike[str], *, label: str, max_bytes: int = MAX_FILE_BYTES
+) -> tuple[bytes, os.stat_result]:
+    """The bytes of an image file, read once, and its stat: checked from the stat first (:func:`check_image_file`),
+    identified by Pillow from its header (a file that is no image costs a header read, not a full read), then
+    read whole: ``st_size`` bytes and no more, so a file that keeps growing is still a bounded read."""
+    fd, st = open_image_file(path, label=label, max_bytes=max_bytes)
+    try:
+        with image_errors(label), open(fd, "rb", closefd=False) as fh, Image.open(fh):
+            pass  # identified: Pillow read what it needs of the header
+        chunks: list[bytes] = []
+        done = 0
+        while done < st.st_size:
+            with file_errors(label):
+                chunk = os.pread(fd, st.st_size - done, done)
+            if not chunk:
+                raise ImageError(f"file shrank while being read ({done:,} of {st.st_size:,} bytes)", path=label)
+            chunks.append(chunk)
+            done += len(chunk)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks), st
 
 
 @contextmanager

@@ -5,13 +5,19 @@ root, which is also its identity in the output directory (``imgs/a/b.jpg`` given
 name ``a/b.jpg`` and the output ``a/b.jpg.npy``). The rules, one per kind of INPUT:
 
 * a directory: recursed (symbolic links to directories are not followed, hidden entries are skipped);
-  a file is an image if its extension is an image extension or its first bytes are an image signature.
-  Names are relative to the directory.
+  a regular file is an image if its extension is an image extension or its first bytes are an image
+  signature. Names are relative to the directory.
 * a glob pattern (``*``, ``?``, ``[``; ``**`` recurses): matching directories are recursed and matching
   files filtered as above. Names are relative to the pattern's literal leading directories.
 * a file (and every line of ``-``, which reads newline-separated paths from stdin): taken as given,
-  whatever its content, so that a bad file yields an error record. Names are relative to the current
-  directory; a path outside it keeps its absolute path without the leading ``/``.
+  whatever it is, so that a bad file yields an error record (a named pipe or a device gets "not a regular
+  file" when it is read, without being opened). Names are relative to the current directory; a path outside
+  it keeps its absolute path without the leading ``/``.
+
+Only regular files are ever opened here. Named pipes, sockets and devices found in folders and globs are
+skipped and counted (:attr:`Listing.special`): opening a pipe blocks until someone writes to it, reading a
+device may never end. The type comes from the directory entry itself (``d_type``, no system call on most
+file systems), so this rule costs no extra pass over the files.
 
 Names never contain ``..`` or start with ``/``, so an output can never escape the output directory.
 ``select_shard`` splits the list for job arrays by a stable hash of each name.
@@ -23,9 +29,10 @@ import glob
 import hashlib
 import os
 import re
+import stat
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
@@ -72,14 +79,34 @@ def is_image_signature(head: bytes) -> bool:
 
 
 def looks_like_image(path: str) -> bool:
-    """By extension first; otherwise by content (a few bytes are read). Unreadable files are not images."""
+    """For a regular file: by extension first; otherwise by content (16 bytes are read, the open never
+    blocks). Unreadable files are not images."""
     if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
         return True
     try:
-        with open(path, "rb") as fh:
-            return is_image_signature(fh.read(16))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and is_image_signature(os.read(fd, 16))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Listing:
+    """What the INPUTs name: the sources, and the special files (pipes, sockets, devices) skipped in folders
+    and globs, by absolute path (one count however many INPUTs reach them)."""
+
+    sources: list[Source]
+    special_paths: set[str] = field(default_factory=set)
+
+    @property
+    def special(self) -> int:
+        """How many special files were skipped."""
+        return len(self.special_paths)
 
 
 def _name_of_file(path: str, cwd: str) -> str:
@@ -98,19 +125,53 @@ def _name_under(path: str, root: str) -> str:
     return PurePosixPath(*Path(rel).parts).as_posix()
 
 
-def _walk(root: str, exclude: Sequence[str]) -> Iterable[str]:
-    """Image files under ``root`` (hidden entries and ``exclude`` directories skipped, links not followed)."""
-    excluded = {os.path.abspath(e) for e in exclude}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = [
-            d for d in dirnames if not d.startswith(".") and os.path.abspath(os.path.join(dirpath, d)) not in excluded
-        ]
-        for fname in filenames:
-            if fname.startswith("."):
-                continue
-            path = os.path.join(dirpath, fname)
-            if looks_like_image(path):
-                yield path
+def _walk(root: str, excluded: set[str], special: set[str]) -> Iterator[str]:
+    """Image files under ``root`` (hidden entries and ``excluded`` directories skipped, links to directories not
+    followed); special files found are added to ``special``. One ``scandir`` per directory: the entry's type
+    says what it is without a ``stat`` (only links, and file systems without ``d_type``, cost one)."""
+    folders = [root]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except OSError:  # unreadable or vanished: os.walk's default, nothing listed from it
+            continue
+        with entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    kind = _entry_kind(entry)
+                except OSError:
+                    continue
+                if kind == "dir":
+                    if os.path.abspath(entry.path) not in excluded:
+                        folders.append(entry.path)
+                elif kind == "special":
+                    special.add(os.path.abspath(entry.path))
+                elif kind == "broken" and _has_image_extension(entry.name):
+                    yield entry.path  # listed, so that it gets an error record
+                elif kind == "file" and looks_like_image(entry.path):
+                    yield entry.path
+
+
+def _entry_kind(entry: os.DirEntry[str]) -> str:
+    """ "dir" (a real directory), "file" (a regular file, or a link to one), "link-dir" (a link to a directory:
+    not followed), "broken" (a link to nothing) or "special" (pipe, socket, device, or a link to one)."""
+    if entry.is_dir(follow_symlinks=False):
+        return "dir"
+    if entry.is_file(follow_symlinks=False):
+        return "file"
+    if not entry.is_symlink():
+        return "special"
+    try:
+        mode = entry.stat().st_mode  # the link's target
+    except FileNotFoundError:
+        return "broken"
+    return "link-dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "special"
+
+
+def _has_image_extension(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _glob_root(pattern: str) -> str:
@@ -124,10 +185,10 @@ def _glob_root(pattern: str) -> str:
     return os.path.join(*literal) if literal else "."
 
 
-def _expand_one(arg: str, cwd: str, exclude: Sequence[str]) -> list[Source]:
+def _expand_one(arg: str, cwd: str, excluded: set[str], special: set[str]) -> list[Source]:
     path = os.path.join(cwd, arg) if not os.path.isabs(arg) else arg
     if os.path.isdir(path):
-        return [Source(_name_under(p, path), _display(p, cwd), arg) for p in _walk(path, exclude)]
+        return [Source(_name_under(p, path), _display(p, cwd), arg) for p in _walk(path, excluded, special)]
     if os.path.lexists(path):  # a file, a broken link, a fifo...: taken as given
         return [Source(_name_of_file(arg, cwd), arg, "")]
     if _GLOB_MAGIC.search(arg):
@@ -135,9 +196,17 @@ def _expand_one(arg: str, cwd: str, exclude: Sequence[str]) -> list[Source]:
         root = os.path.join(cwd, root_arg)
         found: list[Source] = []
         for match in sorted(glob.glob(os.path.join(cwd, arg) if not os.path.isabs(arg) else arg, recursive=True)):
-            if os.path.isdir(match):
-                found.extend(Source(_name_under(p, root), _display(p, cwd), root_arg) for p in _walk(match, exclude))
-            elif looks_like_image(match):
+            try:
+                mode = os.stat(match).st_mode
+            except OSError:  # a broken link: listed by its extension, to get an error record
+                mode = None
+            if mode is not None and stat.S_ISDIR(mode):
+                found.extend(
+                    Source(_name_under(p, root), _display(p, cwd), root_arg) for p in _walk(match, excluded, special)
+                )
+            elif mode is not None and not stat.S_ISREG(mode):
+                special.add(os.path.abspath(match))
+            elif _has_image_extension(match) if mode is None else looks_like_image(match):
                 found.append(Source(_name_under(match, root), _display(match, cwd), root_arg))
         if not found:
             raise InputError("no image matches this pattern", path=arg)
@@ -159,26 +228,29 @@ def read_path_list(stream: TextIO) -> list[str]:
     return [line.rstrip("\r\n") for line in stream if line.rstrip("\r\n")]
 
 
-def expand_inputs(
+def list_inputs(
     inputs: Sequence[str],
     *,
     stdin: TextIO | None = None,
     cwd: str | None = None,
     exclude: Sequence[str] = (),
-) -> list[Source]:
-    """INPUT arguments -> sorted, de-duplicated sources. ``-`` reads a path list from ``stdin``.
+) -> Listing:
+    """INPUT arguments -> sorted, de-duplicated sources, and the special files skipped on the way. ``-`` reads a
+    path list from ``stdin``.
 
     Raises InputError for an argument that names nothing, and when two different files would get the same
     name (and so the same output).
     """
     base = os.path.abspath(cwd or os.getcwd())
+    excluded = {os.path.abspath(e) for e in exclude}
+    special: set[str] = set()
     found: list[Source] = []
     for arg in inputs:
         if arg == "-":
             for line in read_path_list(stdin if stdin is not None else sys.stdin):
                 found.append(Source(_name_of_file(line, base), line, ""))
         else:
-            found.extend(_expand_one(arg, base, exclude))
+            found.extend(_expand_one(arg, base, excluded, special))
     by_name: dict[str, Source] = {}
     for src in found:
         seen = by_name.get(src.name)
@@ -191,7 +263,18 @@ def expand_inputs(
                 "encode them in separate runs or list them relative to a common directory",
                 path=src.name,
             )
-    return [by_name[name] for name in sorted(by_name)]
+    return Listing([by_name[name] for name in sorted(by_name)], special)
+
+
+def expand_inputs(
+    inputs: Sequence[str],
+    *,
+    stdin: TextIO | None = None,
+    cwd: str | None = None,
+    exclude: Sequence[str] = (),
+) -> list[Source]:
+    """The sources of :func:`list_inputs`, for callers that do not report skipped special files."""
+    return list_inputs(inputs, stdin=stdin, cwd=cwd, exclude=exclude).sources
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -1,5 +1,9 @@
 """Preparing one image for the encoder, the same way in every engine: read, sha256, decode + HD tiling.
 
+Reading follows the file rules of :func:`phi3embed.core.preprocess.read_image_file`: only a regular file of at
+most ``max_bytes`` is opened (a named pipe, socket or device is an error before any open), a file Pillow does not
+identify from its header is not read further, and the bytes hashed are the bytes decoded (one read).
+
 The local engine's worker processes and the Ray actors both call :meth:`Preparer.prepare`. A bad image never
 raises: it gives a one-line error naming the file (an image that decodes but cannot be tiled still reports
 its header size, which explains the failure). Time is counted in ONE clock, the preparing thread's CPU time
@@ -10,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import time
 from dataclasses import dataclass, replace
 
 from PIL import Image
 
 from phi3embed.core.config import PreprocessConfig
-from phi3embed.core.preprocess import AlphaMode, Preprocessed, preprocess_image
+from phi3embed.core.preprocess import MAX_FILE_BYTES, AlphaMode, Preprocessed, preprocess_image, read_image_file
 from phi3embed.errors import ImageError, UnsupportedImageError
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.records import ImageFacts
@@ -31,25 +34,6 @@ class Prepared:
     item: Preprocessed | None = None
     error: str | None = None
     seconds: float = 0.0  # CPU time spent reading and tiling
-
-
-def read_source(path: str | os.PathLike[str], *, label: str | None = None) -> tuple[bytes, int]:
-    """The file's bytes and modification time; failures are the one-line ImageErrors ``open_image`` gives,
-    naming the file ``label`` (default: ``path``)."""
-    path = os.fspath(path)
-    label = label or path
-    try:
-        st = os.stat(path)
-        with open(path, "rb") as fh:
-            return fh.read(), st.st_mtime_ns
-    except IsADirectoryError:
-        raise ImageError("is a directory, not an image file", path=label) from None
-    except FileNotFoundError:
-        raise ImageError("broken symbolic link" if os.path.islink(path) else "file not found", path=label) from None
-    except PermissionError:
-        raise ImageError("permission denied", path=label) from None
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}", path=label) from None
 
 
 def header_size(data: bytes) -> tuple[int | None, int | None]:
@@ -68,6 +52,7 @@ class Preparer:
     config: PreprocessConfig
     alpha: AlphaMode = "drop"
     exif_transpose: bool = False
+    max_bytes: int = MAX_FILE_BYTES  # larger files are refused from their size, unread
 
     def __call__(self, source: Source) -> Prepared:
         return self.prepare(source.path)
@@ -81,7 +66,8 @@ class Preparer:
         try:
             mtime_ns = None
             if data is None:
-                data, mtime_ns = read_source(path, label=label)
+                data, st = read_image_file(path, label=label, max_bytes=self.max_bytes)
+                mtime_ns = st.st_mtime_ns
             facts = ImageFacts(sha256=hashlib.sha256(data).hexdigest(), size=len(data), mtime_ns=mtime_ns)
             item = preprocess_image(data, self.config, alpha=self.alpha, exif_transpose=self.exif_transpose, name=label)
         except ImageError as exc:
