@@ -24,7 +24,7 @@ import typer
 
 from phi3embed.cli.combine import register as register_combine_commands
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
-from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha
+from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, Revision
 from phi3embed.cli.plan import STAGE_HELP, Stage
 from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers
 
@@ -113,6 +113,7 @@ def encode_command(
         str,
         typer.Option(envvar=MODEL_ENV, help="Checkpoint: local directory, hub id or preset name.", show_envvar=True),
     ] = DEFAULT_MODEL,
+    revision: Revision = None,
     num_crops: Annotated[
         int | None, typer.Option(min=1, help="Max 336 px crops per image (default: the checkpoint's).")
     ] = None,
@@ -220,6 +221,7 @@ class _EncodeOptions:
     ray_address: str | None = None
     actors: int | None = None
     stage: str = "projected"
+    revision: str | None = None  # of a hub id
 
     @property
     def output_format(self) -> str:
@@ -282,7 +284,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
     from phi3embed.core.checkpoint import resolve
 
     try:  # find the checkpoint first: a wrong --model is reported before transformers is even imported
-        checkpoint_dir = str(resolve(opts.model).root)
+        checkpoint_dir = str(resolve(opts.model, revision=opts.revision).root)
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
 
@@ -334,6 +336,8 @@ def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
     """``--engine ray``: the same job on a Ray actor pool (planned by phi3embed.jobs.ray_engine.plan)."""
     from phi3embed.cli.progress import say
 
+    if opts.revision is not None:
+        raise _Usage("--revision is not passed to Ray actors yet: pass the commit's checkpoint folder as --model")
     try:
         from phi3embed.jobs.ray_engine import RayOptions, plan
     except ImportError:
