@@ -131,6 +131,26 @@ def test_ordered_pool_keeps_order_and_isolates_a_crashing_task() -> None:
     assert pool.restarts >= 2  # the crash, then the crash again when retried alone
 
 
+def _maybe_stall(x: int) -> int:
+    if x == 3:
+        time.sleep(3600)  # a read or a decoder that never returns
+    return x * x
+
+
+def test_ordered_pool_stops_a_stuck_task_at_its_deadline_and_the_others_go_on() -> None:
+    pool: OrderedPool[int, int] = OrderedPool(
+        _maybe_stall, workers=2, window=4, on_crash=lambda x: -x, timeout=0.5, on_timeout=lambda x: -100
+    )
+    start = time.monotonic()
+    pool.start(range(10))
+    try:
+        results = list(pool)
+    finally:
+        pool.close()
+    assert results == [-100 if x == 3 else x * x for x in range(10)]
+    assert time.monotonic() - start < 5 and pool.timeouts == 1 and pool.restarts == 1  # not retried
+
+
 def test_inline_pool() -> None:
     pool: OrderedPool[int, int] = OrderedPool(lambda x: x + 1, workers=0, window=1, on_crash=lambda x: 0)
     pool.start(range(5))

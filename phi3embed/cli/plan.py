@@ -28,7 +28,8 @@ from phi3embed.cli.options import (
     human_bytes,
     model_settings,
 )
-from phi3embed.inputs.listing import InputError, expand_inputs, parse_shard, select_shard
+from phi3embed.cli.progress import skipped_special
+from phi3embed.inputs.listing import InputError, list_inputs, parse_shard, select_shard
 
 if TYPE_CHECKING:  # the plan module imports torch: only the command that runs pays for it, not --help
     from phi3embed.jobs.plan import PlanResult
@@ -68,14 +69,15 @@ def plan_command(
     Exit code 0 when every image can be planned, 1 when some cannot, 2 on usage, input, model or config errors.
     """
 
-    def work() -> "tuple[PlanResult, str]":
+    def work() -> "tuple[PlanResult, str, int]":
         from phi3embed.jobs.plan import plan
 
         shard_spec = parse_shard(shard) if shard is not None else None
         try:
-            sources = expand_inputs(inputs)
+            listing = list_inputs(inputs)
         except OSError as exc:
             raise InputError(f"cannot read the inputs: {exc}") from None
+        sources = listing.sources
         if shard_spec is not None:
             sources = select_shard(sources, *shard_spec)
         vision, pre, label = model_settings(model, num_crops)
@@ -87,12 +89,15 @@ def plan_command(
             exif_transpose=exif_transpose,
             stage=stage.value,
         )
-        return result, label
+        return result, label, listing.special
 
-    result, label = guard(work)
+    result, label, special = guard(work)
+    if special:  # pipes, sockets, devices in the folders: encode skips them too
+        typer.echo(f"note: {skipped_special(special)}", err=True)
     if as_json:
         doc = result.to_dict()
         doc["settings"] = {"model": label, **doc["settings"]}
+        doc["totals"]["skipped_special"] = special
         typer.echo(json.dumps(doc, indent=2))
         for row in result.rows:
             if row.error:

@@ -136,6 +136,12 @@ class RunInfo:
     model: str
     engine: EngineInfo  # its workers: decode workers (local engine) or actors (Ray)
     exit_code: int
+    special: int = 0  # special files (pipes, sockets, devices) the listing skipped
+
+
+def skipped_special(count: int) -> str:
+    """The words for ``count`` special files skipped while listing folders and globs (encode and plan)."""
+    return f"skipped {count} special file{'s' if count != 1 else ''} (not regular files)"
 
 
 def _bytes(n: int) -> str:
@@ -166,7 +172,9 @@ def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, byte
     table.add_row(
         "images",
         f"{summary.listed} listed, {summary.skipped} already done, {summary.ok} written, "
-        f"{summary.failed} failed" + (f", {not_done} not reached" if not_done else ""),
+        f"{summary.failed} failed"
+        + (f", {not_done} not reached" if not_done else "")
+        + (f"; {skipped_special(info.special)}" if info.special else ""),
     )
     table.add_row(
         "speed",

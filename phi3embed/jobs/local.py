@@ -15,7 +15,9 @@ are retried one at a time so that only the culprit is recorded as failed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -23,8 +25,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Generic, TypeVar, cast
 
 import torch
@@ -66,12 +66,19 @@ def _worker_init(parent: int, niceness: int = 0) -> None:
 
 
 class OrderedPool(Generic[T, R]):
-    """``fn`` over ``tasks`` in worker processes; results in task order, at most ``window`` in flight.
+    """``fn`` over ``tasks`` in worker processes; results in task order, at most ``window`` taken ahead.
 
-    ``workers=0`` runs ``fn`` inline. When a worker process dies, the pool is rebuilt and the tasks that
-    were in flight are rerun one at a time; the one that kills a worker again gets ``on_crash(task)``.
-    Workers run ``niceness`` nicer than this process. :meth:`start` forks the workers and submits the first
-    tasks: call it before starting other threads.
+    Each worker runs one task at a time, so the pool knows which task a worker holds and since when:
+
+    * a worker still on its task ``timeout`` seconds after receiving it is killed and replaced; the task gets
+      ``on_timeout(task)`` (a stuck read or a decoder in an endless loop: killing the process is the only
+      way to stop either);
+    * a worker that dies (a crashing decoder, the OOM killer) is replaced and its task run once more; a task
+      that takes a second worker down gets ``on_crash(task)``. Tasks in other workers are not disturbed.
+
+    ``workers=0`` runs ``fn`` inline (no timeout there: see :class:`LocalEngine` for how the CLI keeps its
+    promise). Workers run ``niceness`` nicer than this process. :meth:`start` forks the workers and hands out
+    the first tasks: call it before starting other threads.
     """
 
     def __init__(
@@ -82,88 +89,195 @@ class OrderedPool(Generic[T, R]):
         window: int,
         on_crash: Callable[[T], R],
         niceness: int = 0,
+        timeout: float | None = None,
+        on_timeout: Callable[[T], R] | None = None,
     ) -> None:
-        self.fn, self.workers, self.window, self.on_crash = fn, workers, max(1, window), on_crash
-        self.niceness = niceness
-        self._executor: ProcessPoolExecutor | None = None
-        self._pending: deque[tuple[T, Future[R]]] = deque()
+        self.fn, self.workers, self.window, self.on_crash = fn, workers, max(1, window, workers), on_crash
+        self.niceness, self.timeout = niceness, timeout if timeout and timeout > 0 else None
+        self.on_timeout = on_timeout or on_crash
+        self._ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        self._idle: list[_Worker[T, R]] = []
+        self._busy: list[_Worker[T, R]] = []
         self._todo: Iterator[T] = iter(())
+        self._retry: deque[tuple[int, T]] = deque()  # tasks whose worker died, run once more first
+        self._taken = 0  # tasks taken from ``tasks`` so far (the next one's index)
+        self._yielded = 0  # results yielded so far (the next one's index)
+        self._done: dict[int, R] = {}  # results waiting for the ones before them
         self.restarts = 0
-
-    def _new_executor(self) -> ProcessPoolExecutor:
-        # fork on Linux: workers start at once and share the parent's imports. Elsewhere spawn (macOS lists
-        # fork but its system libraries are not fork-safe); the worker then imports phi3embed itself.
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        sys.stdout.flush()  # a forked child must not inherit (and later flush) buffered output
-        sys.stderr.flush()
-        return ProcessPoolExecutor(
-            self.workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(), self.niceness)
-        )
-
-    def _restart(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = self._new_executor()
-        self.restarts += 1
-
-    def _fill(self) -> None:
-        assert self._executor is not None
-        while len(self._pending) < self.window:
-            task = next(self._todo, _END)
-            if task is _END:
-                return
-            self._pending.append((task, self._executor.submit(self.fn, task)))
+        self.timeouts = 0
 
     def start(self, tasks: Iterable[T]) -> None:
         self._todo = iter(tasks)
         if self.workers > 0:
-            self._executor = self._new_executor()
-            self._fill()
+            # fork on Linux: workers start at once and share the parent's imports. Elsewhere spawn (macOS lists
+            # fork but its system libraries are not fork-safe); the worker then imports phi3embed itself.
+            sys.stdout.flush()  # a forked child must not inherit (and later flush) buffered output
+            sys.stderr.flush()
+            self._idle = [_Worker(self._ctx, self.fn, self.niceness) for _ in range(self.workers)]
+            self._hand_out()
 
     def __iter__(self) -> Iterator[R]:
         if self.workers <= 0:
             yield from map(self.fn, self._todo)
             return
-        while self._pending:
-            task, future = self._pending.popleft()
-            try:
-                result = future.result()
-            except BrokenProcessPool:
-                suspects = [task] + [t for t, _ in self._pending]
-                self._pending.clear()
-                self._restart()
-                for suspect in suspects:
-                    yield self._isolated(suspect)
-                self._fill()
+        while True:
+            if self._yielded in self._done:
+                result = self._done.pop(self._yielded)
+                self._yielded += 1
+                self._hand_out()
+                yield result
                 continue
-            yield result
-            self._fill()
+            if not self._busy:
+                return  # nothing running, nothing waiting: every task was yielded
+            self._wait()
 
-    def _isolated(self, task: T) -> R:
-        assert self._executor is not None
-        try:
-            return self._executor.submit(self.fn, task).result()
-        except BrokenProcessPool:
-            self._restart()
-            return self.on_crash(task)
+    def _hand_out(self) -> None:
+        """Give idle workers the next tasks: retries first, then new ones while fewer than ``window`` are
+        taken and not yet yielded."""
+        while self._idle:
+            attempt = 1 if self._retry else 0
+            if self._retry:
+                index, task = self._retry.popleft()
+            elif self._taken - self._yielded < self.window:
+                task = next(self._todo, _END)
+                if task is _END:
+                    return
+                index, self._taken = self._taken, self._taken + 1
+            else:
+                return
+            worker = self._idle.pop()
+            worker.give(index, task, attempt=attempt)
+            self._busy.append(worker)
+
+    def _wait(self) -> None:
+        """Block until a worker finishes, dies, or passes its deadline; deal with each."""
+        now = time.monotonic()
+        deadline = min((w.started + self.timeout for w in self._busy), default=None) if self.timeout else None
+        ready = set(wait_any(self._busy, None if deadline is None else max(0.0, deadline - now)))
+        for worker in list(self._busy):
+            if worker in ready:
+                outcome = worker.receive()
+                if outcome is not None:
+                    self._done[worker.index] = outcome[0]
+                    self._busy.remove(worker)
+                    self._idle.append(worker)
+                    continue
+                self._replace(worker)  # died with its task
+                if worker.attempt == 0:
+                    self._retry.appendleft((worker.index, worker.task))
+                else:
+                    self._done[worker.index] = self.on_crash(worker.task)
+            elif self.timeout is not None and time.monotonic() - worker.started >= self.timeout:
+                self._replace(worker)
+                self.timeouts += 1
+                self._done[worker.index] = self.on_timeout(worker.task)
+        self._hand_out()
+
+    def _replace(self, worker: _Worker[T, R]) -> None:
+        worker.stop()
+        self._busy.remove(worker)
+        self._idle.append(_Worker(self._ctx, self.fn, self.niceness))
+        self.restarts += 1
 
     def close(self) -> None:
-        self._pending.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        for worker in self._idle + self._busy:
+            worker.stop(gently=worker in self._idle)
+        self._idle, self._busy = [], []
+        self._retry.clear()
+        self._done.clear()
 
 
 _END: Any = object()
 
 
+class _Worker(Generic[T, R]):
+    """One worker process, fed one task at a time through a pipe."""
+
+    def __init__(self, ctx: Any, fn: Callable[[T], R], niceness: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_worker_main, args=(fn, child, os.getpid(), niceness), daemon=True, name="phi3embed-reader"
+        )
+        self.process.start()
+        child.close()  # the child holds the only other end: its death is an EOF here
+        self.index, self.task, self.attempt, self.started = -1, cast(T, None), 0, 0.0
+
+    def give(self, index: int, task: T, *, attempt: int) -> None:
+        self.index, self.task, self.attempt, self.started = index, task, attempt, time.monotonic()
+        self.conn.send(task)
+
+    def receive(self) -> tuple[R] | None:
+        """The task's result (re-raising what ``fn`` raised), or None when the process died."""
+        try:
+            ok, value = self.conn.recv()
+        except (EOFError, OSError):
+            return None
+        if not ok:
+            raise value
+        return (value,)
+
+    def stop(self, *, gently: bool = False) -> None:
+        """End the process: asked to exit when idle, else killed (a stuck worker cannot be asked). A process
+        that even SIGKILL does not end at once (a read stuck in the kernel) is left behind, not waited for."""
+        with contextlib.suppress(OSError):
+            if gently:
+                self.conn.send(None)
+        if not gently:
+            self.process.kill()
+        self.process.join(5 if gently else 1)
+        if self.process.is_alive():
+            self.process.kill()
+        self.conn.close()
+
+
+def _worker_main(fn: Callable[[T], R], conn: Any, parent: int, niceness: int) -> None:
+    _worker_init(parent, niceness)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            reply: tuple[bool, Any] = (True, fn(task))
+        except Exception as exc:
+            reply = (False, exc)
+        conn.send(reply)
+
+
+def wait_any(workers: Sequence[_Worker[Any, Any]], timeout: float | None) -> list[_Worker[Any, Any]]:
+    """The workers with a reply to read or that died, waiting at most ``timeout`` seconds (None: no limit)."""
+    by_handle: dict[Any, _Worker[Any, Any]] = {}
+    for w in workers:
+        by_handle[w.conn] = w
+        by_handle[w.process.sentinel] = w
+    ready = multiprocessing.connection.wait(list(by_handle), timeout)
+    return list(dict.fromkeys(by_handle[h] for h in ready))
+
+
 def crashed(source: Source) -> Prepared:
     """What a source whose reading took its worker process down twice becomes."""
-    return Prepared(ImageFacts(), error=f"{source.path}: the worker process reading this file crashed")
+    return Prepared(ImageFacts(), error=f"{source.path}: the worker process reading this file crashed (twice)")
+
+
+def timed_out(source: Source, *, seconds: float) -> Prepared:
+    """What a source becomes when reading and decoding it took longer than ``seconds`` (its worker was killed)."""
+    return Prepared(
+        ImageFacts(),
+        error=f"{source.path}: reading and decoding took longer than the image timeout ({seconds:g} s); stopped",
+    )
 
 
 class LocalEngine:
-    """The embedder in this process, fed by ``workers`` decode processes (0: inline)."""
+    """The embedder in this process, fed by ``workers`` decode processes (0: inline).
+
+    ``image_timeout`` (seconds; None or 0: no limit) bounds reading and decoding one image: a worker past it is
+    killed and replaced, the image gets an error record. Only a process can be stopped that way (a thread
+    stuck in a read or in a decoder's C code can be neither interrupted nor killed, and a segfault in it
+    would end the job), so with ``workers=0`` and a timeout the images are read in ONE helper process: what
+    runs inline is then only the hand-over, and the encoder keeps every thread (RESULTS.md measures the cost).
+    """
 
     def __init__(
         self,
@@ -172,8 +286,10 @@ class LocalEngine:
         stored_dtype: torch.dtype | None = None,
         workers: int = 1,
         prefetch: int | None = None,
+        image_timeout: float | None = None,
     ) -> None:
         self.embedder, self.workers = embedder, workers
+        processes = workers if workers > 0 or not image_timeout else 1
         options = embedder.image_options
         self.info = EngineInfo(
             fingerprint=embedder.fingerprint,
@@ -190,10 +306,12 @@ class LocalEngine:
         preparer = Preparer(embedder.preprocess_config, alpha=options.alpha, exif_transpose=options.exif_transpose)
         self.pool: OrderedPool[Source, Prepared] = OrderedPool(
             preparer,
-            workers=workers,
+            workers=processes,
             window=prefetch or 2 * max(workers, 1) + 2,
             on_crash=crashed,
             niceness=WORKER_NICENESS,
+            timeout=image_timeout,
+            on_timeout=functools.partial(timed_out, seconds=image_timeout or 0),
         )
         self._todo: Sequence[Source] = ()
         self._summary = JobSummary()
