@@ -71,6 +71,10 @@ class _Usage(Exception):
     """A problem found before any work starts: one line on stderr, exit code 2."""
 
 
+#: Seconds reading and decoding one image may take by default: far above any real image (a 100 MP PNG decodes in
+#: a few seconds), short enough that a stuck network mount costs minutes, not the night.
+DEFAULT_IMAGE_TIMEOUT = 120.0
+
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
@@ -157,6 +161,16 @@ def encode_command(
             metavar="SIZE", help="Write safetensors pack files of about SIZE (e.g. 1GB) instead of one file per image."
         ),
     ] = None,
+    image_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            metavar="SECONDS",
+            help=f"Longest time reading and decoding one image may take (default {DEFAULT_IMAGE_TIMEOUT:g}; 0: no "
+            "limit); past it the image gets an error record and the job goes on. Local engine only.",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     jsonl: Annotated[
         bool, typer.Option("--jsonl", help="Print each manifest record to stdout as it is written.")
@@ -220,6 +234,7 @@ class _EncodeOptions:
     engine: str = "local"
     ray_address: str | None = None
     actors: int | None = None
+    image_timeout: float | None = None  # as given (None: DEFAULT_IMAGE_TIMEOUT)
     stage: str = "projected"
     revision: str | None = None  # of a hub id
 
@@ -257,26 +272,28 @@ def _options(*, shard: str | None, pack: str | None, format: "Format | None", **
 
 def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
     from phi3embed.errors import Phi3EmbedError
-    from phi3embed.inputs.listing import expand_inputs, select_shard
+    from phi3embed.inputs.listing import list_inputs, select_shard
 
     try:
-        sources = expand_inputs(inputs, exclude=[str(opts.out)])
+        listing = list_inputs(inputs, exclude=[str(opts.out)])
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
     except OSError as exc:
         raise _Usage(f"cannot read the inputs: {exc}") from None
+    sources = listing.sources
     listed = len(sources)
     if opts.shard_spec is not None:
         sources = select_shard(sources, *opts.shard_spec)
 
     from rich.console import Console
 
-    from phi3embed.cli.progress import say
+    from phi3embed.cli.progress import say, skipped_special
 
     console = Console(stderr=True)
     if not sources:
         if not opts.quiet:
             extra = f" in shard {opts.shard} ({listed} images in all)" if opts.shard_spec else ""
+            extra += f"; {skipped_special(listing.special)}" if listing.special else ""
             say(console, f"phi3embed encode: no images to encode{extra}")
         return 0
     _check_writable(opts.out)
@@ -292,7 +309,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
         engine = _ray_engine(opts, console) if opts.engine == "ray" else _local_engine(opts, checkpoint_dir, console)
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
-    return _run(engine, sources, opts, console=console)
+    return _run(engine, sources, opts, console=console, special=listing.special)
 
 
 def _local_engine(opts: _EncodeOptions, checkpoint_dir: str, console: Any) -> Any:
@@ -329,13 +346,16 @@ def _local_engine(opts: _EncodeOptions, checkpoint_dir: str, console: Any) -> An
     finally:
         if status is not None:
             status.stop()
-    return LocalEngine(embedder, stored_dtype=stored, workers=workers)
+    timeout = DEFAULT_IMAGE_TIMEOUT if opts.image_timeout is None else opts.image_timeout
+    return LocalEngine(embedder, stored_dtype=stored, workers=workers, image_timeout=timeout or None)
 
 
 def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
     """``--engine ray``: the same job on a Ray actor pool (planned by phi3embed.jobs.ray_engine.plan)."""
     from phi3embed.cli.progress import say
 
+    if opts.image_timeout and not opts.quiet:
+        say(console, "note: --image-timeout is not enforced by --engine ray (file rules still apply)")
     if opts.revision is not None:
         raise _Usage("--revision is not passed to Ray actors yet: pass the commit's checkpoint folder as --model")
     try:
@@ -353,8 +373,9 @@ def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
     return plan(options, announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"))
 
 
-def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any) -> int:
-    """Open the store, run the job, render the summary; the exit code."""
+def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any, special: int = 0) -> int:
+    """Open the store, run the job, render the summary (``special``: special files the listing skipped); the
+    exit code."""
     from phi3embed.cli.progress import ProgressReporter, RunInfo, render_summary, say
     from phi3embed.errors import Phi3EmbedError
     from phi3embed.jobs.core import run_job
@@ -395,7 +416,9 @@ def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any)
             output = f"safetensors packs of up to {pack_bytes:,} bytes, {dtype_name(info.stored_dtype)}"
         else:
             output = f"{fmt} {dtype_name(info.stored_dtype)}"
-        run = RunInfo(out_dir=str(opts.out), output=output, model=opts.model, engine=info, exit_code=code)
+        run = RunInfo(
+            out_dir=str(opts.out), output=output, model=opts.model, engine=info, exit_code=code, special=special
+        )
         written = store.publisher
         render_summary(console, summary, run, bytes_written=written.bytes_written, files=written.files_written)
     return code
