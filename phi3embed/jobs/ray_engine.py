@@ -7,6 +7,12 @@ rows; they never raise. Embeddings travel as raw bytes + dtype + shape, because 
 has no bfloat16: :func:`decode_rows` on the driver rebuilds the exact tensor the actor computed, so the
 files the driver writes are byte-identical to the local engine's.
 
+The Preparer brings the file rules with it (only regular files of sane size are opened, a non-image costs a
+header read). ``--image-timeout`` is not enforced here: an actor reads in threads (``decode_threads``), and a
+thread stuck in a read or a decoder can be neither interrupted nor killed; forking a reader process inside a
+Ray worker is not safe. A stalled image holds its actor's batch; a decoder that crashes takes the actor down,
+which fails the job (``max_restarts=0``, see :func:`build_pipeline`): rerun to resume.
+
 :class:`RayEngine` is the :class:`phi3embed.jobs.core.Engine` that ``phi3embed encode --engine ray`` runs through
 :func:`phi3embed.jobs.core.run_job`; :func:`plan` sizes it (device, actors, the checkpoint's fingerprint hashed
 on the driver) from the command's options.
