@@ -36,6 +36,11 @@ _LAZY = {
     "merge_image_embeddings": "core.prompt",
     "latest_records": "outputs.reader",
     "read": "outputs.reader",
+    "open": "outputs.mapping:open_outputs",
+    "EmbeddingStore": "outputs.mapping",
+    "EmbeddingDataset": "outputs.dataset",
+    "PaddedBatch": "outputs.dataset",
+    "pad_collate": "outputs.dataset",
 }
 
 if TYPE_CHECKING:
@@ -44,14 +49,18 @@ if TYPE_CHECKING:
     from phi3embed.core.hd import num_image_tokens
     from phi3embed.core.preprocess import HDGrid, Preprocessed, hd_grid, preprocess_image
     from phi3embed.core.prompt import load_text_embeddings, merge_image_embeddings
+    from phi3embed.outputs.dataset import EmbeddingDataset, PaddedBatch, pad_collate
+    from phi3embed.outputs.mapping import EmbeddingStore
+    from phi3embed.outputs.mapping import open_outputs as open  # noqa: A004
     from phi3embed.outputs.reader import latest_records, read
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    where = _LAZY.get(name)
+    if where is None:
         raise AttributeError(f"module 'phi3embed' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"phi3embed.{module}"), name)
+    module, _, attr = where.partition(":")  # "module:attr" when the public name differs (open: no builtin shadowed)
+    value = getattr(importlib.import_module(f"phi3embed.{module}"), attr or name)
     globals()[name] = value
     return value
 
@@ -66,9 +75,12 @@ __all__ = [
     "ConfigError",
     "DecompressionBombError",
     "DeviceOutOfMemoryError",
+    "EmbeddingDataset",
+    "EmbeddingStore",
     "HDGrid",
     "ImageError",
     "MergeError",
+    "PaddedBatch",
     "Phi3EmbedError",
     "Phi3VisionEmbedder",
     "PreprocessConfig",
@@ -81,6 +93,8 @@ __all__ = [
     "load_text_embeddings",
     "merge_image_embeddings",
     "num_image_tokens",
+    "open",
+    "pad_collate",
     "preprocess_image",
     "read",
 ]

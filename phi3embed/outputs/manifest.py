@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.outputs.records import Record
@@ -21,23 +22,33 @@ from phi3embed.outputs.records import Record
 MANIFEST = "manifest.jsonl"
 
 
-def iter_manifest(path: str | os.PathLike[str]) -> Iterator[Record]:
-    """Records of a manifest, oldest first. Lines that are not complete JSON records are skipped."""
+def iter_manifest_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(byte offset, JSON object)`` of every complete record line, oldest first; the rest is skipped
+    (a torn last line of a killed writer, lines that are not JSON objects with a string ``name``)."""
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
         return
+    offset = 0
     with fh:
         for line in fh:
+            start, offset = offset, offset + len(line)
             if not line.endswith(b"\n"):
                 continue  # torn last line of a killed writer
             try:
                 data = json.loads(line)
             except ValueError:
                 continue
-            record = Record.from_json(data) if isinstance(data, dict) else None
-            if record is not None:
-                yield record
+            if isinstance(data, dict) and isinstance(data.get("name"), str):
+                yield start, data
+
+
+def iter_manifest(path: str | os.PathLike[str]) -> Iterator[Record]:
+    """Records of a manifest, oldest first. Lines that are not complete JSON records are skipped."""
+    for _, data in iter_manifest_lines(path):
+        record = Record.from_json(data)
+        if record is not None:
+            yield record
 
 
 def latest_records(out_dir: str | os.PathLike[str]) -> dict[str, Record]:
