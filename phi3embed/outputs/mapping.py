@@ -189,13 +189,30 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         """The tensor of the ``i``-th name in sorted order (what a Dataset indexes)."""
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} images")
+        whole = None
         if self._loc_off[i] < 0:
-            self._locate(i)
+            # a per-image file is read whole, header included, in one call (one trip to the disk, as the
+            # raw read of its tensor would take); a pack's header once, then only the tensors asked for
+            if self._out_id[i] >= 0 and self._files[self._out_id[i]][1] is not None:
+                whole = self._read_whole(i)
+            self._locate(i, whole)
         shape = self._loc_shape[i, : self._loc_ndim[i]].tolist()
         dtype = _DTYPES[self._loc_dtype[i]]
-        out = np.empty(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
-        self._pread_into(self._path(i), out, int(self._loc_off[i]), name_index=i)
+        nbytes, offset = math.prod(shape) * dtype.itemsize, int(self._loc_off[i])
+        if whole is not None:
+            if offset + nbytes > len(whole):
+                raise Phi3EmbedError(f"file ends before the tensor of {self.name_at(i)} does", path=self._path(i))
+            out = whole[offset : offset + nbytes]
+        else:
+            out = np.empty(nbytes, dtype=np.uint8)
+            self._pread_into(self._path(i), out, offset, name_index=i)
         return torch.from_numpy(out).view(dtype).reshape(shape)
+
+    def _read_whole(self, i: int) -> np.ndarray:
+        path = self._path(i)
+        whole = np.empty(os.fstat(self._fd(path)).st_size, dtype=np.uint8)
+        self._pread_into(path, whole, 0, name_index=i)
+        return whole
 
     def record(self, name: str) -> Record:
         """The latest manifest record of ``name`` (ok or error), read again from the manifest."""
@@ -272,16 +289,20 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
     def _pread(self, path: str, size: int, offset: int) -> bytes:
         return os.pread(self._fd(path), size, offset)
 
-    def _locate(self, i: int) -> None:
-        """Read the header of the ``i``-th name's file; note where its tensor (and, in a pack, every tensor
-        of the store the pack holds) is."""
+    def _locate(self, i: int, whole: np.ndarray | None = None) -> None:
+        """Read the header of the ``i``-th name's file (from ``whole``, the file's bytes, when given); note
+        where its tensor (and, in a pack, every tensor of the store the pack holds) is."""
         path = self._path(i)
         key = self.key_at(i)
+
+        def read(size: int, offset: int) -> bytes:
+            return whole[offset : offset + size].tobytes() if whole is not None else self._pread(path, size, offset)
+
         try:
             if key is None:
-                self._note(i, *self._npy_header(path))
+                self._note(i, *self._npy_header(read))
                 return
-            entries, base = self._safetensors_header(path)
+            entries, base = _safetensors_header(read)
         except (OSError, ValueError, KeyError) as exc:
             raise Phi3EmbedError(f"cannot read the header: {exc}", path=path) from None
         if key not in entries:
@@ -300,37 +321,17 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         self._loc_dtype[i] = _DTYPES.index(dtype)
         self._loc_off[i] = offset
 
-    def _npy_header(self, path: str) -> tuple[int, torch.dtype, tuple[int, ...]]:
+    def _npy_header(self, read: Callable[[int, int], bytes]) -> tuple[int, torch.dtype, tuple[int, ...]]:
         """``(data offset, dtype, shape)`` of an npy file (what np.save writes: C order, little endian).
         Headers are parsed once per distinct header (images with the same shape share one)."""
-        head = self._pread(path, 128, 0)
+        head = read(128, 0)
         known = self._npy_headers.get(head)
         if known is not None:
             return known
-        parsed = _parse_npy_header(head, lambda size: self._pread(path, size, 0))
+        parsed = _parse_npy_header(head, lambda size: read(size, 0))
         if parsed[0] == len(head) and len(self._npy_headers) < 4096:  # the 128 bytes are the whole header
             self._npy_headers[head] = parsed
         return parsed
-
-    def _safetensors_header(self, path: str) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
-        """``({key: (offset in the data, dtype, shape)}, data start)`` of a safetensors file."""
-        (n,) = struct.unpack("<Q", self._pread(path, 8, 0))
-        if n > 1 << 30:
-            raise ValueError("not a safetensors file (header length is implausible)")
-        header = json.loads(self._pread(path, n, 8))
-        entries = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                continue
-            start, end = info["data_offsets"]
-            shape = tuple(int(d) for d in info["shape"])
-            if end - start != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {key!r}: {end - start} bytes for shape {list(shape)}")
-            entries[key] = (int(start), dtype, shape)
-        return entries, 8 + n
 
     def close(self) -> None:
         """Close this process's descriptors (they reopen when needed)."""
@@ -352,6 +353,30 @@ def _file_template(name: str, output: str) -> tuple[str, str | None]:
     if stem.endswith(name):
         return output[: len(stem) - len(name)], output[len(stem) :]
     return output, None
+
+
+def _safetensors_header(
+    read: Callable[[int, int], bytes],
+) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
+    """``({key: (offset in the data, dtype, shape)}, data start)`` of a safetensors file
+    (``read(size, offset)``: its bytes)."""
+    (n,) = struct.unpack("<Q", read(8, 0))
+    if n > 1 << 30:
+        raise ValueError("not a safetensors file (header length is implausible)")
+    header = json.loads(read(n, 8))
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            continue
+        start, end = info["data_offsets"]
+        shape = tuple(int(d) for d in info["shape"])
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {key!r}: {end - start} bytes for shape {list(shape)}")
+        entries[key] = (int(start), dtype, shape)
+    return entries, 8 + n
 
 
 def _parse_npy_header(head: bytes, read: Callable[[int], bytes]) -> tuple[int, torch.dtype, tuple[int, ...]]:
