@@ -120,13 +120,18 @@ def _maybe_crash(x: int) -> int:
     return x * x
 
 
-def test_ordered_pool_keeps_order_and_isolates_a_crashing_task() -> None:
-    pool: OrderedPool[int, int] = OrderedPool(_maybe_crash, workers=2, window=5, on_crash=lambda x: -x)
-    pool.start(range(30))
+def drain(pool: OrderedPool[int, int], tasks: range) -> list[int]:
+    """Every result of ``pool`` over ``tasks``; the pool is closed after."""
+    pool.start(tasks)
     try:
-        results = list(pool)
+        return list(pool)
     finally:
         pool.close()
+
+
+def test_ordered_pool_keeps_order_and_isolates_a_crashing_task() -> None:
+    pool: OrderedPool[int, int] = OrderedPool(_maybe_crash, workers=2, window=5, on_crash=lambda x: -x)
+    results = drain(pool, range(30))
     assert results == [-13 if x == 13 else x * x for x in range(30)]
     assert pool.restarts >= 2  # the crash, then the crash again when retried alone
 
@@ -142,11 +147,7 @@ def test_ordered_pool_stops_a_stuck_task_at_its_deadline_and_the_others_go_on() 
         _maybe_stall, workers=2, window=4, on_crash=lambda x: -x, timeout=0.5, on_timeout=lambda x: -100
     )
     start = time.monotonic()
-    pool.start(range(10))
-    try:
-        results = list(pool)
-    finally:
-        pool.close()
+    results = drain(pool, range(10))
     assert results == [-100 if x == 3 else x * x for x in range(10)]
     assert time.monotonic() - start < 5 and pool.timeouts == 1 and pool.restarts == 1  # not retried
 
