@@ -528,3 +528,14 @@ def test_a_wrapped_error_is_told_in_one_line() -> None:
     text = "The actor died\nTraceback...\n    raise CheckpointError(\nphi3embed.errors.CheckpointError: a: b c\n"
     assert _one_line(RuntimeError(text)) == "a: b c"
     assert _one_line(CheckpointError("no weights", path="x")) == "x: no weights"
+
+
+def test_actors_return_the_stage_they_are_asked_for(golden: Path) -> None:
+    """EncoderSpec.stage: the rows carry the stored shape, so the driver rebuilds 3-D ``clip`` tensors."""
+    clip = RayEncoder(EncoderSpec(model=ckpt(), device="cpu", num_crops=NUM_CROPS, stage="clip"))
+    (row,) = decode_rows(clip(batch_of(IMAGES[:1])))
+    assert row.ok and row.embedding is not None and row.crops is not None
+    rows, cols = row.crops
+    assert tuple(row.embedding.shape) == (1 + rows * cols, 576, 64)
+    (want,) = clip.embedder.encode([IMAGES[0]])
+    assert torch.equal(row.embedding, want)
