@@ -670,12 +670,9 @@ def locate(
     config = _download(repo_id, "config.json", commit, cache_dir, required=True)
     assert config is not None
     _download(repo_id, "preprocessor_config.json", commit, cache_dir, required=False)
-    snapshot = _hf_snapshot(repo_id, commit, cache_dir, vision, text)
-    if snapshot is not None:
-        return HubModel(repo_id, commit, "hub cache", snapshot, [snapshot])
-    entries = _cached_entries(repo_id, commit, parts)
-    if entries is not None:
-        return HubModel(repo_id, commit, "phi3embed cache", entries[0], entries)
+    cached = _cached_model(repo_id, commit, parts, cache_dir, vision, text)
+    if cached is not None:
+        return cached
     index = _download(repo_id, INDEX_FILE, commit, cache_dir, required=False)
     weight_map: Any = None
     if index is not None:
@@ -731,14 +728,24 @@ def _locate_offline(
     repo_id: str, revision: str | None, parts: list[str], cache_dir: str | None, vision: bool, text: bool, reason: str
 ) -> HubModel:
     commit = _offline_commit(repo_id, revision, cache_dir)
-    if commit is not None:
-        snapshot = _hf_snapshot(repo_id, commit, cache_dir, vision, text)
-        if snapshot is not None:
-            return HubModel(repo_id, commit, "hub cache", snapshot, [snapshot])
-        entries = _cached_entries(repo_id, commit, parts)
-        if entries is not None:
-            return HubModel(repo_id, commit, "phi3embed cache", entries[0], entries)
-    raise CheckpointError(unreachable_message(repo_id, reason), path=repo_id)
+    cached = None if commit is None else _cached_model(repo_id, commit, parts, cache_dir, vision, text)
+    if cached is None:
+        raise CheckpointError(unreachable_message(repo_id, reason), path=repo_id)
+    return cached
+
+
+def _cached_model(
+    repo_id: str, commit: str, parts: list[str], cache_dir: str | None, vision: bool, text: bool
+) -> HubModel | None:
+    """The model at ``commit`` from a cache, with no network: complete in the HF cache (used in place), else
+    phi3embed's vision-only entries; None when neither has it."""
+    snapshot = _hf_snapshot(repo_id, commit, cache_dir, vision, text)
+    if snapshot is not None:
+        return HubModel(repo_id, commit, "hub cache", snapshot, [snapshot])
+    entries = _cached_entries(repo_id, commit, parts)
+    if entries is not None:
+        return HubModel(repo_id, commit, "phi3embed cache", entries[0], entries)
+    return None
 
 
 def locate_configs(repo_id: str, *, revision: str | None = None, cache_dir: str | None = None) -> Path:
