@@ -25,6 +25,7 @@ Names never contain ``..`` or start with ``/``, so an output can never escape th
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import os
@@ -37,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import TextIO
 
 from phi3embed.errors import Phi3EmbedError
+from phi3embed.inputs.archives import Member, archive_kind, list_archive, member_label
 
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -52,13 +54,35 @@ class InputError(Phi3EmbedError):
     """An INPUT argument names nothing usable (a usage error: reported before any work starts)."""
 
 
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True, slots=True)
 class Source:
-    """One image to encode. ``name`` (sort key and identity) is a relative POSIX path."""
+    """One image to encode. ``name`` (identity) is a relative POSIX path. Sources sort by name, except that the
+    images of one archive stay together in archive order (so that an archive is read front to back)."""
 
     name: str
-    path: str  # what to open, as listed (relative to the current directory or absolute)
+    path: str  # what to open, as listed (relative to the current directory or absolute); for a member: the archive
     root: str  # the input root ``name`` is relative to ("" for single files)
+    member: Member | None = None  # where the image lies inside the archive ``path`` (None: a loose file)
+
+    def sort_key(self) -> tuple[str, int, str]:
+        member = self.member
+        return (self.name, 0, "") if member is None else (member.archive + "/", member.index, self.name)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Source):
+            return NotImplemented
+        return self.sort_key() < other.sort_key()
+
+    @property
+    def group(self) -> str:
+        """What ``--shard`` hashes: the archive's name for its images (whole archives go to one part)."""
+        return self.name if self.member is None else self.member.archive
+
+    @property
+    def label(self) -> str:
+        """How errors name this image: its path, or ``<archive path>/<member path>``."""
+        return self.path if self.member is None else member_label(self.path, self.member)
 
 
 def is_image_signature(head: bytes) -> bool:
@@ -185,12 +209,20 @@ def _glob_root(pattern: str) -> str:
     return os.path.join(*literal) if literal else "."
 
 
-def _expand_one(arg: str, cwd: str, excluded: set[str], special: set[str]) -> list[Source]:
+def _file(path: str, name: str, root: str, cwd: str, image_column: str | None) -> list[Source]:
+    """A listed file: one source, or the images of an archive (the archive's name is ``name``)."""
+    if archive_kind(path) is None:
+        return [Source(name, path, root)]
+    members = list_archive(os.path.join(cwd, path), name, image_extensions=IMAGE_EXTENSIONS, image_column=image_column)
+    return [Source(member_name, path, root, member) for member_name, member in members]
+
+
+def _expand_one(arg: str, cwd: str, excluded: set[str], special: set[str], image_column: str | None) -> list[Source]:
     path = os.path.join(cwd, arg) if not os.path.isabs(arg) else arg
     if os.path.isdir(path):
         return [Source(_name_under(p, path), _display(p, cwd), arg) for p in _walk(path, excluded, special)]
     if os.path.lexists(path):  # a file, a broken link, a fifo...: taken as given
-        return [Source(_name_of_file(arg, cwd), arg, "")]
+        return _file(arg, _name_of_file(arg, cwd), "", cwd, image_column)
     if _GLOB_MAGIC.search(arg):
         root_arg = _glob_root(arg)
         root = os.path.join(cwd, root_arg)
@@ -206,12 +238,64 @@ def _expand_one(arg: str, cwd: str, excluded: set[str], special: set[str]) -> li
                 )
             elif mode is not None and not stat.S_ISREG(mode):
                 special.add(os.path.abspath(match))
+            elif mode is not None and archive_kind(match) is not None:
+                found.extend(_file(_display(match, cwd), _name_under(match, root), root_arg, cwd, image_column))
             elif _has_image_extension(match) if mode is None else looks_like_image(match):
                 found.append(Source(_name_under(match, root), _display(match, cwd), root_arg))
         if not found:
             raise InputError("no image matches this pattern", path=arg)
         return found
     raise InputError("no such file or directory", path=arg)
+
+
+_BRACE_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?|([A-Za-z])\.\.([A-Za-z])")
+
+
+def expand_braces(text: str) -> list[str]:
+    """Bash brace expansion: ``{a,b}`` alternatives, ``{000..099}`` ranges (zero-padded as written, with an
+    optional step), ``{a..e}``, nested; a brace that is neither stays literal."""
+    for start, char in enumerate(text):
+        if char != "{":
+            continue
+        depth, commas, end = 0, [], -1
+        options: list[str] | None
+        for i in range(start, len(text)):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    end = i
+                    break
+            elif text[i] == "," and depth == 1:
+                commas.append(i)
+        if end < 0:
+            return [text]  # unbalanced: the rest is literal
+        if commas:
+            cuts = [start, *commas, end]
+            options = [text[a + 1 : b] for a, b in zip(cuts, cuts[1:], strict=False)]
+        else:
+            options = _brace_range(text[start + 1 : end])
+            if options is None:
+                continue  # "{x}": literal, look further
+        head, tail = text[:start], text[end + 1 :]
+        return [out for option in options for out in expand_braces(head + option + tail)]
+    return [text]
+
+
+def _brace_range(body: str) -> list[str] | None:
+    match = _BRACE_RANGE.fullmatch(body)
+    if match is None:
+        return None
+    first, last, step_text, letter_a, letter_b = match.groups()
+    if letter_a is not None:
+        a, b = ord(letter_a), ord(letter_b)
+        return [chr(c) for c in (range(a, b + 1) if a <= b else range(a, b - 1, -1))]
+    a, b, step = int(first), int(last), abs(int(step_text or 1)) or 1
+    padded = any(len(t.lstrip("-")) > 1 and t.lstrip("-").startswith("0") for t in (first, last))
+    width = max(len(first), len(last)) if padded else 0
+    values = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
+    return [f"{v:0{width}d}" for v in values]
 
 
 def _display(path: str, cwd: str) -> str:
@@ -234,6 +318,7 @@ def list_inputs(
     stdin: TextIO | None = None,
     cwd: str | None = None,
     exclude: Sequence[str] = (),
+    image_column: str | None = None,
 ) -> Listing:
     """INPUT arguments -> sorted, de-duplicated sources, and the special files skipped on the way. ``-`` reads a
     path list from ``stdin``.
@@ -248,9 +333,11 @@ def list_inputs(
     for arg in inputs:
         if arg == "-":
             for line in read_path_list(stdin if stdin is not None else sys.stdin):
-                found.append(Source(_name_of_file(line, base), line, ""))
+                found.extend(_file(line, _name_of_file(line, base), "", base, image_column))
         else:
-            found.extend(_expand_one(arg, base, excluded, special))
+            literal = os.path.lexists(os.path.join(base, arg))  # a file really named "{a,b}.jpg" is that file
+            for one in [arg] if literal else expand_braces(arg):
+                found.extend(_expand_one(one, base, excluded, special, image_column))
     by_name: dict[str, Source] = {}
     for src in found:
         seen = by_name.get(src.name)
@@ -263,7 +350,7 @@ def list_inputs(
                 "encode them in separate runs or list them relative to a common directory",
                 path=src.name,
             )
-    return Listing([by_name[name] for name in sorted(by_name)], special)
+    return Listing(sorted(by_name.values()), special)
 
 
 def expand_inputs(
@@ -272,9 +359,10 @@ def expand_inputs(
     stdin: TextIO | None = None,
     cwd: str | None = None,
     exclude: Sequence[str] = (),
+    image_column: str | None = None,
 ) -> list[Source]:
     """The sources of :func:`list_inputs`, for callers that do not report skipped special files."""
-    return list_inputs(inputs, stdin=stdin, cwd=cwd, exclude=exclude).sources
+    return list_inputs(inputs, stdin=stdin, cwd=cwd, exclude=exclude, image_column=image_column).sources
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -296,5 +384,6 @@ def shard_of(name: str, count: int) -> int:
 
 
 def select_shard(sources: Sequence[Source], index: int, count: int) -> list[Source]:
-    """The sources of shard ``index`` of ``count``, still sorted. All shards together are ``sources``."""
-    return [s for s in sources if shard_of(s.name, count) == index]
+    """The sources of shard ``index`` of ``count``, still sorted. All shards together are ``sources``. The
+    images of one archive share its shard (:attr:`Source.group`): no part reads another's archives."""
+    return [s for s in sources if shard_of(s.group, count) == index]

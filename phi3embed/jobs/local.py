@@ -258,14 +258,14 @@ def wait_any(workers: Sequence[_Worker[Any, Any]], timeout: float | None) -> lis
 
 def crashed(source: Source) -> Prepared:
     """What a source whose reading took its worker process down twice becomes."""
-    return Prepared(ImageFacts(), error=f"{source.path}: the worker process reading this file crashed (twice)")
+    return Prepared(ImageFacts(), error=f"{source.label}: the worker process reading this file crashed (twice)")
 
 
 def timed_out(source: Source, *, seconds: float) -> Prepared:
     """What a source becomes when reading and decoding it took longer than ``seconds`` (its worker was killed)."""
     return Prepared(
         ImageFacts(),
-        error=f"{source.path}: reading and decoding took longer than the image timeout ({seconds:g} s); stopped",
+        error=f"{source.label}: reading and decoding took longer than the image timeout ({seconds:g} s); stopped",
     )
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 from phi3embed.core.config import PreprocessConfig
 from phi3embed.core.preprocess import MAX_FILE_BYTES, AlphaMode, Preprocessed, preprocess_image, read_image_file
 from phi3embed.errors import ImageError, UnsupportedImageError
+from phi3embed.inputs.archives import Member, member_label, read_member
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.records import ImageFacts
 
@@ -55,7 +56,22 @@ class Preparer:
     max_bytes: int = MAX_FILE_BYTES  # larger files are refused from their size, unread
 
     def __call__(self, source: Source) -> Prepared:
-        return self.prepare(source.path)
+        if source.member is None:
+            return self.prepare(source.path)
+        return self.prepare_member(source.path, source.member)
+
+    def prepare_member(self, path: str, member: Member) -> Prepared:
+        """An image inside the archive at ``path``: its bytes prepared exactly as a loose file's bytes; the
+        facts keep the archive's size and modification time (what resume compares) and the member's sha256."""
+        start = time.thread_time()
+        try:
+            data, st = read_member(path, member, max_bytes=self.max_bytes)
+        except ImageError as exc:
+            return Prepared(ImageFacts(), error=str(exc), seconds=time.thread_time() - start)
+        prepared = self.prepare(path, label=member_label(path, member), data=data)
+        prepared.facts = replace(prepared.facts, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        prepared.seconds = time.thread_time() - start
+        return prepared
 
     def prepare(self, path: str, *, label: str | None = None, data: bytes | None = None) -> Prepared:
         """Read ``path`` (unless its ``data`` is given: then there is no modification time), hash, decode

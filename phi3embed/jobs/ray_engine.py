@@ -23,7 +23,9 @@ workers, and :func:`build_pipeline` / :func:`ray_session` import it when called.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import logging
 import os
 import re
@@ -46,6 +48,7 @@ from phi3embed.core.model import Phi3VisionModel
 from phi3embed.core.preprocess import AlphaMode, Preprocessed
 from phi3embed.core.stages import DEFAULT_STAGE, Stage, stage_shape
 from phi3embed.errors import CheckpointError, Phi3EmbedError
+from phi3embed.inputs.archives import Member
 from phi3embed.inputs.listing import Source
 from phi3embed.jobs.core import EngineInfo, JobSummary, Result, stored_dtypes
 from phi3embed.jobs.prepare import Prepared, Preparer
@@ -58,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
 PATH = "path"  # input column: the file to read, or the name of the bytes in BYTES
 BYTES = "bytes"  # optional input column: the file's content (then PATH is only its name); None = read PATH
 LABEL = "label"  # optional input column: the file's name in error messages (default: PATH)
+MEMBER = "member"  # optional input column: where the image lies inside the archive PATH, as JSON ("" for a file)
 UNKNOWN = -1  # integer columns of facts an error row does not have
 
 #: Output columns added to every row, in this order (input columns other than BYTES pass through).
@@ -187,6 +191,15 @@ def _blob(value: Any) -> bytes | None:
     return None
 
 
+def member_cell(member: Member | None) -> str:
+    """A member as one string cell (Arrow stores no dataclasses): JSON of its fields, "" for a loose file."""
+    return "" if member is None else json.dumps(dataclasses.astuple(member))
+
+
+def member_from_cell(cell: Any) -> Member | None:
+    return Member(*json.loads(cell)) if isinstance(cell, str) and cell else None
+
+
 class RayEncoder:
     """Callable class for ``Dataset.map_batches``: batch of ``path`` (+ optional ``bytes``) -> result rows.
 
@@ -211,15 +224,21 @@ class RayEncoder:
         )
         self._pool = ThreadPoolExecutor(spec.decode_threads) if spec.decode_threads > 0 else None
 
-    def _prepare(self, path: str, label: str, data: bytes | None) -> tuple[_Row, Preprocessed | None]:
-        prepared = self.preparer.prepare(path, label=label, data=data)
+    def _prepare(
+        self, path: str, label: str, data: bytes | None, member: Member | None
+    ) -> tuple[_Row, Preprocessed | None]:
+        if member is not None:  # read here, on the worker, as the local engine's decode workers do
+            prepared = self.preparer.prepare_member(path, member)
+        else:
+            prepared = self.preparer.prepare(path, label=label, data=data)
         return _Row.of(prepared), prepared.item
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch[PATH]]
         labels = [str(p) for p in batch[LABEL]] if LABEL in batch else paths
         blobs = [_blob(b) for b in batch[BYTES]] if BYTES in batch else [None] * len(paths)
-        jobs = list(zip(paths, labels, blobs, strict=True))
+        members = [member_from_cell(m) for m in batch[MEMBER]] if MEMBER in batch else [None] * len(paths)
+        jobs = list(zip(paths, labels, blobs, members, strict=True))
         prepared = (
             self._pool.map(lambda a: self._prepare(*a), jobs) if self._pool else (self._prepare(*a) for a in jobs)
         )
@@ -300,7 +319,7 @@ def _known(v: Any) -> int | None:
 def decode_rows(batch: Mapping[str, Any]) -> Iterator[EncodedImage]:
     """A numpy batch of RayEncoder output (e.g. from ``iter_batches(batch_format="numpy")``) -> results."""
     n = len(batch["status"])
-    extras = [k for k in batch if k not in RESULT_COLUMNS and k not in (PATH, BYTES, LABEL)]
+    extras = [k for k in batch if k not in RESULT_COLUMNS and k not in (PATH, BYTES, LABEL, MEMBER)]
     for i in range(n):
         ok = batch["status"][i] == "ok"
         emb = None
@@ -626,7 +645,10 @@ class RayEngine:
             return
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # input order: packs as the local engine's
-        rows = [{PATH: os.path.abspath(s.path), LABEL: s.path, "index": i} for i, s in enumerate(todo)]
+        rows = [
+            {PATH: os.path.abspath(s.path), LABEL: s.label, MEMBER: member_cell(s.member), "index": i}
+            for i, s in enumerate(todo)
+        ]
         per_batch = self.images_per_batch or default_images_per_batch(len(todo), self.actors)
         actors = min(self.actors, -(-len(todo) // per_batch))  # no actor without a batch to encode
         dataset = build_pipeline(
