@@ -24,7 +24,7 @@ import typer
 
 from phi3embed.cli.combine import register as register_combine_commands
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
-from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, Revision
+from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, ImageColumn, Revision
 from phi3embed.cli.plan import STAGE_HELP, Stage
 from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers
 
@@ -153,8 +153,13 @@ def encode_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Encode again images already done.")] = False,
     shard: Annotated[
         str | None,
-        typer.Option(metavar="I/N", help="Only part I of N (0-based), split by a stable hash of each name."),
+        typer.Option(
+            metavar="I/N",
+            help="Only part I of N (0-based), split by a stable hash of each name (of each archive's name for the "
+            "images inside tar and parquet files).",
+        ),
     ] = None,
+    image_column: ImageColumn = None,
     pack: Annotated[
         str | None,
         typer.Option(
@@ -237,6 +242,7 @@ class _EncodeOptions:
     image_timeout: float | None = None  # as given (None: DEFAULT_IMAGE_TIMEOUT)
     stage: str = "projected"
     revision: str | None = None  # of a hub id
+    image_column: str | None = None  # of parquet INPUTs (None: the first of the usual names)
 
     @property
     def output_format(self) -> str:
@@ -275,7 +281,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
     from phi3embed.inputs.listing import list_inputs, select_shard
 
     try:
-        listing = list_inputs(inputs, exclude=[str(opts.out)])
+        listing = list_inputs(inputs, exclude=[str(opts.out)], image_column=opts.image_column)
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
     except OSError as exc:

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from phi3embed.cli.options import ImageColumn
+
 SHOWN = 10  # names listed per problem kind for people (--json lists all)
 
 COMBINE_HELP = """Check that the outputs of a job split with --shard are complete, and optionally write one manifest for all.
@@ -50,6 +52,7 @@ def combine_command(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report on stderr (the exit code tells).")] = False,
+    image_column: ImageColumn = None,
 ) -> None:
     from rich.console import Console
 
@@ -58,7 +61,7 @@ def combine_command(
     from phi3embed.outputs.combine import check_outputs, write_combined
 
     try:
-        sources = expand_inputs(inputs, exclude=[str(d) for d in dirs]) if inputs else None
+        sources = expand_inputs(inputs, exclude=[str(d) for d in dirs], image_column=image_column) if inputs else None
         report = check_outputs(dirs, sources)
         written = write_combined(report, out) if out is not None else None
     except Phi3EmbedError as exc:

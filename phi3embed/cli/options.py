@@ -51,6 +51,14 @@ ConfigModel = Annotated[
 ExifTranspose = Annotated[
     bool, typer.Option("--exif-transpose", help="Apply EXIF orientation first (the reference ignores it).")
 ]
+ImageColumn = Annotated[
+    str | None,
+    typer.Option(
+        "--image-column",
+        metavar="NAME",
+        help="Parquet INPUTs: the column holding the images (default: the first of image, jpg, png, img).",
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
 Revision = Annotated[
     str | None,

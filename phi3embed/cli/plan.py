@@ -22,6 +22,7 @@ from phi3embed.cli.options import (
     AsJson,
     ConfigModel,
     ExifTranspose,
+    ImageColumn,
     NumCrops,
     OutDType,
     guard,
@@ -62,6 +63,7 @@ def plan_command(
         str | None,
         typer.Option(metavar="I/N", help="Only shard I of N (0-based), split by a stable hash of each name."),
     ] = None,
+    image_column: ImageColumn = None,
     as_json: AsJson = False,
 ) -> None:
     """Predict crop grids, token counts, output sizes and GFLOP of encoding INPUT. Reads image headers only.
@@ -74,7 +76,7 @@ def plan_command(
 
         shard_spec = parse_shard(shard) if shard is not None else None
         try:
-            listing = list_inputs(inputs)
+            listing = list_inputs(inputs, image_column=image_column)
         except OSError as exc:
             raise InputError(f"cannot read the inputs: {exc}") from None
         sources = listing.sources

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Union
+from typing import BinaryIO, Literal, Union
 
 import numpy as np
 import torch
@@ -147,11 +147,17 @@ def read_image_size(
     label = name or os.fspath(path)
     fd, _ = open_image_file(path, label=label)
     try:
-        with image_errors(label, decoding=False), open(fd, "rb", closefd=False) as fh, Image.open(fh) as img:
-            width, height = img.size
-            orientation = _orientation(img) if exif_transpose else 1
+        with open(fd, "rb", closefd=False) as fh:
+            return image_size_of(fh, label=label, exif_transpose=exif_transpose)
     finally:
         os.close(fd)
+
+
+def image_size_of(fh: BinaryIO, *, label: str, exif_transpose: bool = False) -> tuple[int, int]:
+    """:func:`read_image_size` of an open file or of bytes (``io.BytesIO``: an image inside an archive)."""
+    with image_errors(label, decoding=False), Image.open(fh) as img:
+        width, height = img.size
+        orientation = _orientation(img) if exif_transpose else 1
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 

@@ -9,6 +9,7 @@ a name encode's manifest records, with the token count encode writes.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,9 +17,10 @@ from typing import Any
 
 from phi3embed.core.config import PreprocessConfig, VisionConfig
 from phi3embed.core.cost import crop_flops, image_flops, token_flops
-from phi3embed.core.preprocess import image_geometry, read_image_size
+from phi3embed.core.preprocess import MAX_FILE_BYTES, image_geometry, image_size_of, read_image_size
 from phi3embed.core.stages import DEFAULT_STAGE, STAGES, Stage, stage_shape
 from phi3embed.errors import ConfigError, ImageError
+from phi3embed.inputs.archives import read_member
 from phi3embed.inputs.listing import Source
 
 #: The shape of each stage's output, in words (filled with the model's widths).
@@ -124,6 +126,14 @@ class PlanResult:
         }
 
 
+def _image_size(source: Source, *, exif_transpose: bool) -> tuple[int, int]:
+    """A loose file's size from its header; an archive member's from its bytes, read as encode reads them."""
+    if source.member is None:
+        return read_image_size(source.path, exif_transpose=exif_transpose)
+    data, _ = read_member(source.path, source.member, max_bytes=MAX_FILE_BYTES)
+    return image_size_of(io.BytesIO(data), label=source.label, exif_transpose=exif_transpose)
+
+
 def _plan_row(
     source: Source,
     *,
@@ -135,7 +145,7 @@ def _plan_row(
 ) -> PlanRow:
     """One source's row: its header read, its geometry computed; an ImageError becomes the row's error."""
     try:
-        width, height = read_image_size(source.path, exif_transpose=exif_transpose)
+        width, height = _image_size(source, exif_transpose=exif_transpose)
         grid, tokens = image_geometry(width=width, height=height, cfg=preprocess)
     except ImageError as exc:
         error = str(exc) if exc.path else f"{source.path}: {exc.reason}"
