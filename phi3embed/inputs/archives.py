@@ -262,9 +262,12 @@ class _OpenArchives:
 _OPEN = _OpenArchives()
 
 
-def read_member(path: str, member: Member, *, max_bytes: int) -> tuple[bytes, os.stat_result]:
-    """A member's bytes and the archive's ``stat`` (what resume compares); ImageError naming the member."""
-    label = member_label(path, member)
+def read_member(
+    path: str, member: Member, *, max_bytes: int, archive_label: str | None = None
+) -> tuple[bytes, os.stat_result]:
+    """A member's bytes and the archive's ``stat`` (what resume compares); ImageError naming the member
+    (``<archive_label>/<member path>``, ``archive_label`` by default ``path``)."""
+    label = member_label(archive_label or path, member)
     if member.error:
         raise ImageError(member.error, path=label)
     try:

@@ -60,15 +60,16 @@ class Preparer:
             return self.prepare(source.path)
         return self.prepare_member(source.path, source.member)
 
-    def prepare_member(self, path: str, member: Member) -> Prepared:
-        """An image inside the archive at ``path``: its bytes prepared exactly as a loose file's bytes; the
-        facts keep the archive's size and modification time (what resume compares) and the member's sha256."""
+    def prepare_member(self, path: str, member: Member, *, archive_label: str | None = None) -> Prepared:
+        """An image inside the archive at ``path`` (errors name it ``<archive_label>/<member path>``): its bytes
+        prepared exactly as a loose file's bytes; the facts keep the archive's size and modification time (what
+        resume compares) and the member's sha256."""
         start = time.thread_time()
         try:
-            data, st = read_member(path, member, max_bytes=self.max_bytes)
+            data, st = read_member(path, member, max_bytes=self.max_bytes, archive_label=archive_label)
         except ImageError as exc:
             return Prepared(ImageFacts(), error=str(exc), seconds=time.thread_time() - start)
-        prepared = self.prepare(path, label=member_label(path, member), data=data)
+        prepared = self.prepare(path, label=member_label(archive_label or path, member), data=data)
         prepared.facts = replace(prepared.facts, size=st.st_size, mtime_ns=st.st_mtime_ns)
         prepared.seconds = time.thread_time() - start
         return prepared

@@ -228,7 +228,7 @@ class RayEncoder:
         self, path: str, label: str, data: bytes | None, member: Member | None
     ) -> tuple[_Row, Preprocessed | None]:
         if member is not None:  # read here, on the worker, as the local engine's decode workers do
-            prepared = self.preparer.prepare_member(path, member)
+            prepared = self.preparer.prepare_member(path, member, archive_label=label)
         else:
             prepared = self.preparer.prepare(path, label=label, data=data)
         return _Row.of(prepared), prepared.item
@@ -646,7 +646,7 @@ class RayEngine:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # input order: packs as the local engine's
         rows = [
-            {PATH: os.path.abspath(s.path), LABEL: s.label, MEMBER: member_cell(s.member), "index": i}
+            {PATH: os.path.abspath(s.path), LABEL: s.path, MEMBER: member_cell(s.member), "index": i}
             for i, s in enumerate(todo)
         ]
         per_batch = self.images_per_batch or default_images_per_batch(len(todo), self.actors)
