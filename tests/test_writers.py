@@ -257,12 +257,15 @@ def test_records_keep_the_manifest_bytes_and_read_like_dicts(tmp_path: Path, ima
         written = store.write(images[1], facts_for(images[1], 6), emb(1))
     line = (tmp_path / "emb" / MANIFEST).read_text().splitlines()[0]
     data = json.loads(line)
-    # stage came last, so lines of older versions keep their order (they read as "projected")
+    # stage and duplicate_of came last, so lines of older versions keep their order (they read as "projected"
+    # and not a duplicate)
     assert list(data) == [
         "name", "source", "status", "output", "key", "error", "width", "height", "image_sizes", "crops",
         "num_tokens", "shape", "dtype", "num_crops", "model", "fingerprint", "compute_dtype", "format", "alpha",
-        "exif_transpose", "device", "sha256", "size", "mtime_ns", "stage", "attempt", "time",
+        "exif_transpose", "device", "sha256", "size", "mtime_ns", "stage", "duplicate_of", "attempt", "time",
     ]  # fmt: skip
+    old = Record.from_json({k: v for k, v in data.items() if k != "duplicate_of"})
+    assert old is not None and old.duplicate_of is None and old == written
     assert line == json.dumps(written.to_json(), ensure_ascii=True)
     assert Record.from_json(data) == written and written["name"] == written.name == "b.png"
     assert "attempt" not in Record.from_json({**data, "attempt": None, "time": None}).to_json()  # type: ignore[union-attr]

@@ -49,6 +49,33 @@ class FileWriter:
             key = EMBED_KEY
         return new_record(self.settings, source, facts, status="ok", output=rel, key=key, shape=tuple(tensor.shape))
 
+    def write_duplicate(self, source: Source, facts: ImageFacts, first: Record) -> Record:
+        """Give ``source`` (same bytes as ``first``, an ok record) ``first``'s file under its own name: a hard
+        link, or a copy where links are refused. (A safetensors file's metadata then names the first.)"""
+        rel = self.expected_output(source)
+        try:
+            existing = self.publisher.safe_path(str(first.output))
+            final = self.publisher.safe_path(rel)
+        except ImageError as exc:
+            return error_record(self.settings, source, str(exc), facts)
+        if not existing.is_file():
+            return error_record(self.settings, source, f"{source.label}: the output of {first.name} is gone", facts)
+        self.publisher.link_or_copy(existing, final)
+        return new_record(
+            self.settings,
+            source,
+            facts,
+            status="ok",
+            output=rel,
+            key=first.key,
+            shape=tuple(first.shape or ()),
+            duplicate_of=first.name,
+        )
+
+    def pending(self, name: str) -> None:
+        """Records are never held here."""
+        return None
+
     def _metadata(self, source: Source, facts: ImageFacts) -> dict[str, str]:
         s = self.settings
         return {

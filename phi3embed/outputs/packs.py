@@ -28,8 +28,9 @@ PACK_FORMAT = "phi3embed-pack/1"  # metadata "format" of our pack files
 
 @dataclass
 class _PendingPack:
-    entries: list[tuple[Record, torch.Tensor]] = field(default_factory=list)
+    entries: list[tuple[Record, torch.Tensor | None]] = field(default_factory=list)  # None: a copy's record
     nbytes: int = 0
+    by_name: dict[str, Record] = field(default_factory=dict)  # the records of the tensors it holds
 
 
 class PackWriter:
@@ -74,7 +75,32 @@ class PackWriter:
         )
         self._pending.entries.append((record, tensor))
         self._pending.nbytes += nbytes
+        self._pending.by_name[record.name] = record
         return record
+
+    def write_duplicate(self, source: Source, facts: ImageFacts, first: Record) -> Record:
+        """``source`` (same bytes as ``first``, an ok record) points at ``first``'s pack file and key; no new
+        bytes. Its record goes with the current pack (into its metadata records too, for recovery), or at
+        once when no pack is waiting."""
+        record = new_record(
+            self.settings,
+            source,
+            facts,
+            status="ok",
+            output=first.output,
+            key=first.key,
+            shape=tuple(first.shape or ()),
+            duplicate_of=first.name,
+        )
+        if self._pending.entries:
+            self._pending.entries.append((record, None))
+        else:
+            self.commit([record])
+        return record
+
+    def pending(self, name: str) -> Record | None:
+        """The record of ``name`` when its tensor waits in the current pack."""
+        return self._pending.by_name.get(name)
 
     def flush(self) -> None:
         """Publish the last, partial pack."""
@@ -85,7 +111,7 @@ class PackWriter:
         entries = self._pending.entries
         records = [r for r, _ in entries]
         meta = {"format": PACK_FORMAT, "records": json.dumps([r.to_json() for r in records], ensure_ascii=True)}
-        tensors = [(r.key or r.name, t) for r, t in entries]
+        tensors = [(r.key or r.name, t) for r, t in entries if t is not None]
         self.publisher.atomic_write(
             self.publisher.real / self.pack_file(self._next), lambda fh: write_safetensors(fh, tensors, meta)
         )

@@ -11,6 +11,7 @@ Output paths are checked to stay inside DIR (no ``..``, no symbolic link leading
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import threading
@@ -26,6 +27,8 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 TMP_DIR = ".phi3embed-tmp"
+#: What ``os.link`` says where a copy must do: another device, links not supported or not allowed, too many.
+LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES})
 
 
 class OutputError(Phi3EmbedError):
@@ -114,15 +117,47 @@ class Publisher:
 
     def atomic_write(self, final: Path, write: Callable[[IO[bytes]], None]) -> None:
         """``write`` into a temp file, fsync it, rename it to ``final``; OutputError when that fails."""
-        with self._lock:
-            self._tmp_count += 1
-            tmp = self.tmp / f"{self._tmp_count:09d}.part"
-        try:
+
+        def fill(tmp: Path) -> int:
             with open(tmp, "wb") as fh:
                 write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-                size = fh.tell()
+                return fh.tell()
+
+        self._publish(final, fill)
+
+    def link_or_copy(self, existing: Path, final: Path) -> bool:
+        """Publish ``existing`` (a file already in place in DIR) under ``final`` too: a hard link (no new
+        bytes), or a copy where the filesystem refuses links (another device, no link support, too many
+        links); same temp name + rename rules as :meth:`atomic_write`. True when it linked."""
+        linked = True
+
+        def fill(tmp: Path) -> int:
+            nonlocal linked
+            try:
+                os.link(existing, tmp)
+                return 0
+            except OSError as exc:
+                if exc.errno not in LINK_REFUSED:
+                    raise
+            linked = False
+            with open(existing, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+                return dst.tell()
+
+        self._publish(final, fill)
+        return linked
+
+    def _publish(self, final: Path, fill: Callable[[Path], int]) -> None:
+        """``fill`` a fresh temp path (returns the bytes it wrote), rename it to ``final``, note the folder."""
+        with self._lock:
+            self._tmp_count += 1
+            tmp = self.tmp / f"{self._tmp_count:09d}.part"
+        try:
+            size = fill(tmp)
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

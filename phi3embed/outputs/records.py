@@ -131,6 +131,7 @@ class Record:
     size: int | None
     mtime_ns: int | None
     stage: str = DEFAULT_STAGE  # lines written before stages existed hold projected tokens
+    duplicate_of: str | None = None  # the image with the same bytes whose output this one shares (not encoded)
     attempt: int | None = None
     time: str | None = None
 
@@ -182,6 +183,7 @@ def new_record(
     key: str | None = None,
     shape: tuple[int, ...] | None = None,
     error: str | None = None,
+    duplicate_of: str | None = None,
 ) -> Record:
     """The record of one attempt at ``source`` made with ``settings`` (not yet stamped)."""
     return Record(
@@ -192,6 +194,7 @@ def new_record(
         key=key,
         error=error,
         shape=list(shape) if shape is not None else None,
+        duplicate_of=duplicate_of,
         **(facts or ImageFacts()).record_fields(),
         **settings.record_fields(),
     )

@@ -21,9 +21,49 @@ class ResumeIndex:
     def __init__(self, root: Path, signature: Signature, *, overwrite: bool = False) -> None:
         self.root, self.signature, self.overwrite = root, signature, overwrite
         self._latest: dict[str, Record] = {}
+        self._by_sha256: dict[str, str] | None = None  # sha256 -> a name with an ok record; built on first use
 
     def note(self, record: Record) -> None:
         self._latest[record.name] = record
+        if self._by_sha256 is not None:
+            self._index_sha256(record)
+
+    def latest(self, name: str) -> Record | None:
+        """The latest record of ``name`` (this run's included), or None."""
+        return self._latest.get(name)
+
+    def identical(self, sha256: str) -> Record | None:
+        """An ok record made with the same settings from a source with these bytes whose output still
+        exists (None under ``overwrite``): what a copy of those bytes may share instead of being encoded.
+
+        Uses the index of :meth:`index_sha256` (built here when it was not)."""
+        if self.overwrite:
+            return None
+        by_sha256 = self.index_sha256()
+        name = by_sha256.get(sha256)
+        seen = self._latest.get(name) if name is not None else None
+        if seen is None or not self._usable(seen) or seen.sha256 != sha256:
+            return None  # that name has a newer record since (failed, or other bytes)
+        return seen if (self.root / str(seen.output)).is_file() else None
+
+    def index_sha256(self) -> dict[str, str]:
+        """Index every ok record by sha256, once (one dict entry per image, about 100 bytes: the strings are
+        the records' own); records noted later are indexed as they come. Call it before other threads
+        note records."""
+        if self._by_sha256 is None:
+            self._by_sha256 = {}
+            for record in self._latest.values():
+                self._index_sha256(record)
+        return self._by_sha256
+
+    def _index_sha256(self, record: Record) -> None:
+        """Note ``record`` under its sha256 if usable; an encoded original wins over a copy of it."""
+        assert self._by_sha256 is not None
+        if self._usable(record) and (record.duplicate_of is None or record.sha256 not in self._by_sha256):
+            self._by_sha256[record.sha256 or ""] = record.name
+
+    def _usable(self, record: Record) -> bool:
+        return record.ok and bool(record.sha256) and bool(record.output) and record.signature() == self.signature
 
     def is_done(self, source: Source, expected_output: str | None) -> bool:
         """The rule of the module docstring; ``expected_output`` None accepts any output (packs)."""

@@ -42,6 +42,10 @@ class EmbeddingWriter(Protocol):
 
     def write(self, source: Source, facts: ImageFacts, tensor: torch.Tensor) -> Record: ...
 
+    def write_duplicate(self, source: Source, facts: ImageFacts, first: Record) -> Record: ...
+
+    def pending(self, name: str) -> Record | None: ...  # a record written but not yet committed (packs)
+
     def flush(self) -> None: ...  # publish what is still waiting (the last pack)
 
 
@@ -139,6 +143,19 @@ class OutputStore:
         record instead; a problem with DIR itself raises OutputError.
         """
         record = self.writer.write(source, facts, self._host_tensor(embeddings))
+        return self.commit(record) if self.writer.concurrent else record
+
+    def write_duplicate(self, source: Source, facts: ImageFacts, first: str) -> Record:
+        """Give ``source``, whose bytes are those of the image named ``first`` (committed before it, or
+        waiting in the current pack), its record and output without encoding it
+        (:meth:`EmbeddingWriter.write_duplicate`). When ``first`` has no usable output (it failed), ``source``
+        gets an error record saying so: a rerun encodes both. Returns the record as :meth:`write` does."""
+        found = self.writer.pending(first) or self.index.latest(first)
+        usable = found is not None and found.ok and found.output and found.sha256 == facts.sha256
+        if found is None or not usable or found.signature() != self.settings.signature():
+            why = found.error if found is not None and found.error else "it has no output made with these settings"
+            return self.write_error(source, f"{source.label}: same bytes as {first}, which failed: {why}", facts)
+        record = self.writer.write_duplicate(source, facts, found)
         return self.commit(record) if self.writer.concurrent else record
 
     def write_file(self, source: Source, facts: ImageFacts, embeddings: torch.Tensor) -> Record:
