@@ -153,6 +153,15 @@ def _bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def reused_line(summary: JobSummary) -> str:
+    """What deduplication saved: copies of identical images that share an output instead of being encoded."""
+    n = summary.reused_in_job + summary.reused_earlier
+    return (
+        f"{n} output{'s' if n != 1 else ''} of identical images reused, not encoded "
+        f"({summary.reused_in_job} in this job, {summary.reused_earlier} from earlier runs)"
+    )
+
+
 def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, bytes_written: int, files: int) -> None:
     """The one-screen summary at the end of a run."""
     if summary.interrupted:
@@ -176,6 +185,8 @@ def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, byte
         + (f", {not_done} not reached" if not_done else "")
         + (f"; {skipped_special(info.special)}" if info.special else ""),
     )
+    if summary.reused_in_job or summary.reused_earlier:
+        table.add_row("reused", reused_line(summary))
     table.add_row(
         "speed",
         f"{_rate(summary.ok + summary.failed, wall):.2f} images/s, {summary.tokens:,} tokens "

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -33,6 +33,7 @@ from phi3embed.core.batching import HostResult, StageTimes
 from phi3embed.core.embedder import parse_dtype
 from phi3embed.core.stages import DEFAULT_STAGE, Stage
 from phi3embed.inputs.listing import Source
+from phi3embed.jobs.dedup import Copies, Copy
 from phi3embed.outputs.publish import OutputError
 from phi3embed.outputs.records import Format, ImageFacts, OutputSettings, Record
 from phi3embed.outputs.store import OutputStore
@@ -75,12 +76,14 @@ class EngineInfo:
 
 @dataclass
 class Result:
-    """One source after the engine: its embeddings (host, stored dtype, once ``wait()`` returns) or an error."""
+    """One source after the engine: its embeddings (host, stored dtype, once ``wait()`` returns), an error,
+    or (``duplicate``) a copy of another image's bytes, not encoded (:mod:`phi3embed.jobs.dedup`)."""
 
     source: Source
     facts: ImageFacts
     embeddings: HostResult | None = None
     error: str | None = None
+    duplicate: Copy | None = None
 
 
 class Engine(Protocol):
@@ -103,6 +106,15 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Stop workers, give back what ``open`` took. Safe to call more than once."""
+
+
+@runtime_checkable
+class SkipsCopies(Protocol):
+    """An engine that can leave copies out of its encoder's input (the local engine: it knows each image's
+    sha256 before encoding it). Its results still come in input order, copies as ``Result.duplicate``.
+    Other engines encode copies too; the job then shares the first's output all the same."""
+
+    def skip_copies(self, copies: Copies) -> None: ...
 
 
 class Reporter(Protocol):
@@ -137,8 +149,10 @@ def stored_dtypes(
 class JobSummary:
     listed: int = 0
     skipped: int = 0  # already done (resume)
-    ok: int = 0
+    ok: int = 0  # reused outputs included
     failed: int = 0
+    reused_in_job: int = 0  # copies of an image of this job: its output shared, not encoded
+    reused_earlier: int = 0  # copies of an earlier run's output
     tokens: int = 0
     wall_s: float = 0.0  # from the first image to the last write
     wait_input_s: float = 0.0  # encoder waiting for prepared images
@@ -259,6 +273,7 @@ class Writer(threading.Thread):
         self.files = ThreadPoolExecutor(file_threads, thread_name_prefix="phi3embed-file") if concurrent else None
         self.in_flight_limit = 2 * file_threads
         self._in_flight: deque[Future[Record] | Result] = deque()  # input order
+        self.reused = {False: 0, True: 0}  # copies given the first's output, by Copy.earlier
 
     def put(self, result: Result) -> None:
         start = time.perf_counter()
@@ -290,7 +305,7 @@ class Writer(threading.Thread):
     def _take(self, result: Result) -> None:
         host = result.embeddings
         if host is None:
-            self._in_flight.append(result)  # an error: committed in turn by _commit
+            self._in_flight.append(result)  # an error or a copy: committed in turn by _commit
         elif self.files is not None:
             src, facts = result.source, result.facts
             self._in_flight.append(self.files.submit(lambda: self.store.write_file(src, facts, host.wait())))
@@ -306,6 +321,9 @@ class Writer(threading.Thread):
             self._in_flight.popleft()
             if isinstance(head, Future):
                 record = self.store.commit(head.result())
+            elif head.duplicate is not None:  # its first was committed before it (or waits in the pack)
+                record = self.store.write_duplicate(head.source, head.facts, head.duplicate.first)
+                self.reused[head.duplicate.earlier] += record.ok
             else:
                 record = self.store.write_error(
                     head.source, head.error or f"{head.source.path}: unknown error", head.facts
@@ -320,6 +338,7 @@ class Writer(threading.Thread):
         """After :meth:`finish`: the writer's times into ``summary``, and its failure as ``summary.fatal``
         when it is an output failure the job did not already end on; any other failure is a bug: raised."""
         summary.write_s, summary.wait_writer_s = self.busy, self.put_wait
+        summary.reused_in_job, summary.reused_earlier = self.reused[False], self.reused[True]
         if self.error is not None and summary.fatal is None:
             if not isinstance(self.error, OutputError):
                 raise self.error
@@ -327,6 +346,15 @@ class Writer(threading.Thread):
 
 
 # --------------------------------------------------------------------------- the job
+
+
+def mark_copy(result: Result, copies: Copies) -> Result:
+    """``result`` as a copy when an engine encoded an image whose bytes an earlier one has (an engine that
+    hashes and encodes in one step, as Ray's actors do): the first's output is shared all the same."""
+    if result.embeddings is None or result.duplicate is not None:
+        return result
+    copy = copies.copy_of(result.source.name, result.facts.sha256)
+    return result if copy is None else Result(result.source, result.facts, duplicate=copy)
 
 
 def run_job(
@@ -338,15 +366,21 @@ def run_job(
     writer_queue: int = 16,
     file_threads: int = 4,
     max_errors_kept: int = 5,
+    dedup: bool = True,
 ) -> JobSummary:
     """Encode every source not already done in ``store`` (opened by the caller) with ``engine``.
 
     ``file_threads`` per-image output files are written at once (records still go to the manifest in order).
+    ``dedup``: images with the bytes of an earlier image of the job, or of an ok output of an earlier run
+    with the same settings, share that output instead of being encoded (:mod:`phi3embed.jobs.dedup`).
     See the module docstring for how a job ends.
     """
     summary = JobSummary(listed=len(sources))
     todo = [s for s in sources if not store.is_done(s)]
     summary.skipped = len(sources) - len(todo)
+    copies = Copies(store.index, todo) if dedup else None
+    if copies is not None and isinstance(engine, SkipsCopies):
+        engine.skip_copies(copies)
 
     def count(record: Record) -> None:  # writer thread
         summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
@@ -360,7 +394,7 @@ def run_job(
         if reporter is not None:
             reporter.start(total=len(todo), skipped=summary.skipped)
         for result in engine.results(writer.put):
-            writer.put(result)
+            writer.put(result if copies is None else mark_copy(result, copies))
     except STOPS as exc:
         summary.stopped(exc)
     except Exception as exc:
