@@ -22,9 +22,11 @@ from typing import Any
 import pytest
 import torch
 from conftest import GOLDEN, TINY_128K
+from typer.testing import CliRunner
 
 import phi3embed
 from phi3embed import Phi3VisionEmbedder
+from phi3embed.cli.app import app
 from phi3embed.core.batching import HostResult
 from phi3embed.inputs.listing import Source, expand_inputs
 from phi3embed.jobs.core import EngineInfo, JobSummary, Result, run_job
@@ -277,6 +279,21 @@ def test_copies_decides_in_input_order_and_held_keeps_it(tmp_path: Path, embedde
     assert list(held.release()) == ["copy after 2"]
     held.hold("last")
     assert list(held.release(end=True)) == ["last"]
+
+
+def test_the_command_reports_reuse_prints_duplicate_of_and_no_dedup_turns_it_off(tmp_path: Path) -> None:
+    imgs = make_set(tmp_path / "imgs", {"a.jpg": C, "b.jpg": C})
+    model = ["--model", str(GOLDEN / "checkpoints" / TINY_128K), "--num-crops", "4", "--jsonl"]
+    env = {"PHI3EMBED_MODEL": None, "HF_HUB_OFFLINE": "1"}
+    r = CliRunner().invoke(app, ["encode", str(imgs), "-o", str(tmp_path / "d"), *model], env=env)
+    assert r.exit_code == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["duplicate_of"] for line in lines] == [None, "a.jpg"]
+    summary = " ".join(r.stderr.split())  # the table wraps long rows
+    assert "reused 1 output of identical images (1 in this job, 0 from earlier runs), not encoded" in summary
+    r = CliRunner().invoke(app, ["encode", str(imgs), "-o", str(tmp_path / "n"), *model, "--no-dedup"], env=env)
+    assert r.exit_code == 0 and [json.loads(line)["duplicate_of"] for line in r.stdout.splitlines()] == [None, None]
+    assert "reused" not in r.stderr
 
 
 # --------------------------------------------------------------------------- kill -9 and resume (e2e)

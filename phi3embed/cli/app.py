@@ -151,6 +151,14 @@ def encode_command(
     ] = Alpha.drop,
     stage: Annotated[Stage, typer.Option(help=STAGE_HELP)] = Stage.projected,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Encode again images already done.")] = False,
+    no_dedup: Annotated[
+        bool,
+        typer.Option(
+            "--no-dedup",
+            help="Encode every image, even one whose bytes an earlier image of the job (or an ok output of an "
+            "earlier run) has; by default such a copy shares that output (a hard link, or the pack key).",
+        ),
+    ] = False,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -243,6 +251,7 @@ class _EncodeOptions:
     stage: str = "projected"
     revision: str | None = None  # of a hub id
     image_column: str | None = None  # of parquet INPUTs (None: the first of the usual names)
+    no_dedup: bool = False  # encode copies of identical bytes too
 
     @property
     def output_format(self) -> str:
@@ -402,7 +411,8 @@ def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any,
         except Phi3EmbedError as exc:
             raise _Usage(str(exc)) from None
         try:
-            summary = run_job(sources, store, engine, reporter=ProgressReporter(console, show_progress=not quiet))
+            reporter = ProgressReporter(console, show_progress=not quiet)
+            summary = run_job(sources, store, engine, reporter=reporter, dedup=not opts.no_dedup)
         finally:
             store.close()
     finally:

@@ -157,8 +157,8 @@ def reused_line(summary: JobSummary) -> str:
     """What deduplication saved: copies of identical images that share an output instead of being encoded."""
     n = summary.reused_in_job + summary.reused_earlier
     return (
-        f"{n} output{'s' if n != 1 else ''} of identical images reused, not encoded "
-        f"({summary.reused_in_job} in this job, {summary.reused_earlier} from earlier runs)"
+        f"{n} output{'s' if n != 1 else ''} of identical images ({summary.reused_in_job} in this job, "
+        f"{summary.reused_earlier} from earlier runs), not encoded"
     )
 
 
