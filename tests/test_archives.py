@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +89,7 @@ def test_a_broken_tar_file_keeps_the_members_before_the_break_and_names_where_it
     else:
         broken.write_bytes(b"")
         expected_names = ["003.tar"]
-        expected = "not a readable tar file (empty file)"
+        expected = "empty archive (0 bytes)"
     sources = listed(tmp_path, "003.tar")
     assert [s.name for s in sources] == expected_names
     assert errors(sources) == {"003.tar": expected}
@@ -217,3 +219,22 @@ def test_sources_sort_with_each_archive_together(tmp_path: Path) -> None:
     assert names == ["a.png", "m.tar.png", "z.png"]  # a folder: no archive read
     names = [s.name for s in listed(tmp_path, "*")]
     assert names == ["a.png", "m.tar.png", "m.tar/s2.jpg", "m.tar/s1.png", "z.png"]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_member_headers_are_read_as_tarfile_reads_them(tmp_path: Path, fmt: int) -> None:
+    """Plain headers are parsed without tarfile; long names (ustar prefix, GNU and pax long-name headers),
+    non-ASCII names and links go through it: the listing is tarfile's either way."""
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "p" * 90
+    names = ["a.jpg", f"{long_dir}/b.png", "sub/é.png", f"{'x' * 150}.jpg" if fmt != tarfile.USTAR_FORMAT else "c.jpg"]
+    path = tmp_path / "f.tar"
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for n in names:
+            info = tarfile.TarInfo(n)
+            info.size = len(TINY)
+            tf.addfile(info, io.BytesIO(TINY))
+    sources = listed(tmp_path, "f.tar")
+    with tarfile.open(path) as tf:
+        expected = [(m.name, m.offset_data, m.size) for m in tf.getmembers()]
+    got = [(s.member.inner, s.member.offset, s.member.size) for s in sources if s.member is not None]
+    assert got == expected
