@@ -13,6 +13,12 @@ name ``a/b.jpg`` and the output ``a/b.jpg.npy``). The rules, one per kind of INP
   whatever it is, so that a bad file yields an error record (a named pipe or a device gets "not a regular
   file" when it is read, without being opened). Names are relative to the current directory; a path outside
   it keeps its absolute path without the leading ``/``.
+* a ``.tar`` or ``.parquet`` file given as a file, matched by a glob or listed on stdin is an *archive*: its
+  images are listed from its headers (:mod:`phi3embed.inputs.archives`), named ``<archive name>/<member>``.
+  Folders never open archives: a directory INPUT yields only its loose images.
+
+Brace patterns (``data/{000..099}.tar``, ``{a,b}``) are expanded first, as bash does, for every kind of INPUT
+(an argument that names an existing file is taken literally).
 
 Only regular files are ever opened here. Named pipes, sockets and devices found in folders and globs are
 skipped and counted (:attr:`Listing.special`): opening a pipe blocks until someone writes to it, reading a
@@ -20,7 +26,8 @@ device may never end. The type comes from the directory entry itself (``d_type``
 file systems), so this rule costs no extra pass over the files.
 
 Names never contain ``..`` or start with ``/``, so an output can never escape the output directory.
-``select_shard`` splits the list for job arrays by a stable hash of each name.
+``select_shard`` splits the list for job arrays by a stable hash of each name (of the archive's name for the
+images inside one, so that a part reads only its own archives).
 """
 
 from __future__ import annotations
