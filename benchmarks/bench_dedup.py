@@ -1,0 +1,123 @@
+"""Exact duplicates encoded once (issue 12, item 8): a set with 30 % byte-identical copies, dedup on vs --no-dedup.
+
+The real command (``phi3embed encode``, local engine, one decode worker) on the tiny golden checkpoint with
+``--num-crops 16`` (every image fills 16 crops + the global view, so encoding dominates the time as it does
+with the real models, where an image is ~6 TFLOP and decoding ~0.3 % of the work). The set: ``--distinct``
+photo-like JPEGs and, on top, copies of some of them under other names so that ``--copies`` (default 30 %)
+of all images are byte-identical copies, interleaved in name order. Runs alternate (dedup, no-dedup, ...)
+so that drift of a shared host hits both alike; each run writes into a fresh folder. Every output file of
+the two modes is compared byte for byte, and the manifests' duplicate_of fields are checked.
+
+    python benchmarks/bench_dedup.py                   # 28 distinct + 12 copies (30 %), 3 runs of each mode
+    python benchmarks/bench_dedup.py --distinct 70 --runs 5 --json benchmarks/results/dedup.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from images import BenchImage, render  # noqa: E402
+from report import save_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "data" / "golden" / "checkpoints" / "tiny-phi3v-128k-f32"
+CLI = [str(Path(sys.executable).with_name("phi3embed"))]
+
+
+def make_set(folder: Path, *, distinct: int, copies: float) -> tuple[int, int]:
+    """``distinct`` images plus copies (``copies`` of the total); returns (distinct, copies)."""
+    folder.mkdir(parents=True)
+    n_copies = round(distinct * copies / (1 - copies))
+    originals = []
+    for i in range(distinct):
+        path = folder / f"img{i:04d}.jpg"
+        render(BenchImage("b", 640, 480, "JPEG", photo=True), seed=i).save(path, "JPEG", quality=85)
+        originals.append(path)
+    for j in range(n_copies):  # copy k of image k*step lands later in name order: its first precedes it
+        original = originals[(j * distinct) // n_copies]
+        shutil.copyfile(original, folder / f"{original.stem}-copy{j:04d}.jpg")
+    return distinct, n_copies
+
+
+def run(imgs: Path, out: Path, *, dedup: bool, extra: list[str]) -> tuple[float, float]:
+    """(process seconds, the job's own seconds from its summary: first image to last write)."""
+    args = [*CLI, "encode", str(imgs), "-o", str(out), "--model", str(TINY), "--num-crops", "16", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    start = time.perf_counter()
+    done = subprocess.run([*args, *([] if dedup else ["--no-dedup"])], check=True, env=env, capture_output=True)
+    seconds = time.perf_counter() - start
+    job = re.search(r"finished in ([0-9.]+) s", done.stderr.decode())
+    assert job is not None, done.stderr.decode()
+    return seconds, float(job.group(1))
+
+
+def compare(a: Path, b: Path) -> int:
+    """Every output file of ``a`` equals ``b``'s, byte for byte; returns how many."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*.npy"))
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*.npy")), "different output files"
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), f"{rel} differs"
+    return len(files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--distinct", type=int, default=28, help="distinct images (default 28)")
+    parser.add_argument("--copies", type=float, default=0.30, help="share of copies in the set (default 0.30)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each mode, alternating (default 3)")
+    parser.add_argument("--workers", type=int, default=1, help="decode workers (default 1)")
+    parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here too")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-dedup-", dir=args.dir))
+    try:
+        distinct, n_copies = make_set(root / "imgs", distinct=args.distinct, copies=args.copies)
+        total = distinct + n_copies
+        print(f"{total} images: {distinct} distinct + {n_copies} copies ({n_copies / total:.0%}), 640x480 JPEG")
+        extra = ["--workers", str(args.workers)]
+        times: dict[str, list[float]] = {"dedup": [], "no-dedup": []}  # whole process
+        jobs: dict[str, list[float]] = {"dedup": [], "no-dedup": []}  # the job alone (start-up left out)
+        report: dict[str, Any] = {"images": total, "distinct": distinct, "copies": n_copies, "process_s": times}
+        report["job_s"] = jobs
+        for i in range(args.runs):
+            for mode in ("dedup", "no-dedup") if i % 2 == 0 else ("no-dedup", "dedup"):
+                out = root / f"out-{mode}-{i}"
+                seconds, job = run(root / "imgs", out, dedup=mode == "dedup", extra=extra)
+                times[mode].append(seconds)
+                jobs[mode].append(job)
+                print(f"run {i} {mode:9s} process {seconds:7.2f} s, job {job:7.2f} s", flush=True)
+                save_json(args.json, report)
+        same = compare(root / "out-dedup-0", root / "out-no-dedup-0")
+        records = [json.loads(line) for line in (root / "out-dedup-0" / "manifest.jsonl").read_text().splitlines()]
+        assert sum(1 for r in records if r["duplicate_of"]) == n_copies and all(r["status"] == "ok" for r in records)
+        report["identical_files"] = same
+        print(f"{same} output files identical byte for byte; ideal ratio {total / distinct:.2f}x")
+        for what, figures in (("process", times), ("job", jobs)):
+            ratios = [n / d for d, n in zip(figures["dedup"], figures["no-dedup"], strict=True)]
+            medians = {m: statistics.median(t) for m, t in figures.items()}
+            ratio = medians["no-dedup"] / medians["dedup"]
+            report[what] = {"median_s": medians, "ratio_of_medians": ratio, "ratios_per_pair": ratios}
+            print(
+                f"{what:7s}: median dedup {medians['dedup']:.2f} s, no-dedup {medians['no-dedup']:.2f} s: "
+                f"{ratio:.2f}x faster (pairs: {', '.join(f'{r:.2f}x' for r in ratios)})"
+            )
+        save_json(args.json, report)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
