@@ -30,7 +30,7 @@ from phi3embed.cli.app import app
 from phi3embed.core.batching import HostResult
 from phi3embed.inputs.listing import Source, expand_inputs
 from phi3embed.jobs.core import EngineInfo, JobSummary, Result, run_job
-from phi3embed.jobs.dedup import Copies, Copy, Held
+from phi3embed.jobs.dedup import Duplicate, Duplicates, Held
 from phi3embed.jobs.local import LocalEngine
 from phi3embed.jobs.prepare import Preparer
 from phi3embed.outputs.combine import check_outputs, write_combined
@@ -266,10 +266,10 @@ def test_an_engine_that_encodes_copies_still_shares_the_first_output(
 
 def test_copies_decides_in_input_order_and_held_keeps_it(tmp_path: Path, embedder: Phi3VisionEmbedder) -> None:
     with store_for(tmp_path / "out", embedder) as store:
-        copies = Copies(store.index, [])
-        assert copies.copy_of("a", "00" * 32) is None and copies.copy_of("a", "00" * 32) is None
-        assert copies.copy_of("b", "00" * 32) == Copy("a", earlier=False)
-        assert copies.copy_of("c", None) is None and copies.copy_of("d", "11" * 32) is None
+        duplicates = Duplicates(store.index, [])
+        assert duplicates.find("a", "00" * 32) is None and duplicates.find("a", "00" * 32) is None
+        assert duplicates.find("b", "00" * 32) == Duplicate("a", earlier=False)
+        assert duplicates.find("c", None) is None and duplicates.find("d", "11" * 32) is None
     held: Held[str] = Held()
     held.fed()  # image 1 to the encoder
     held.hold("copy after 1")

@@ -154,7 +154,7 @@ def _bytes(n: int) -> str:
 
 
 def reused_line(summary: JobSummary) -> str:
-    """What deduplication saved: copies of identical images that share an output instead of being encoded."""
+    """What deduplication saved: images identical to another that share its output instead of being encoded."""
     n = summary.reused_in_job + summary.reused_earlier
     return (
         f"{n} output{'s' if n != 1 else ''} of identical images ({summary.reused_in_job} in this job, "

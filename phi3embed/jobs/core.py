@@ -33,7 +33,7 @@ from phi3embed.core.batching import HostResult, StageTimes
 from phi3embed.core.embedder import parse_dtype
 from phi3embed.core.stages import DEFAULT_STAGE, Stage
 from phi3embed.inputs.listing import Source
-from phi3embed.jobs.dedup import Copies, Copy
+from phi3embed.jobs.dedup import Duplicate, Duplicates
 from phi3embed.outputs.publish import OutputError
 from phi3embed.outputs.records import Format, ImageFacts, OutputSettings, Record
 from phi3embed.outputs.store import OutputStore
@@ -77,13 +77,13 @@ class EngineInfo:
 @dataclass
 class Result:
     """One source after the engine: its embeddings (host, stored dtype, once ``wait()`` returns), an error,
-    or (``duplicate``) a copy of another image's bytes, not encoded (:mod:`phi3embed.jobs.dedup`)."""
+    or (``duplicate``) a duplicate: the bytes of another image, not encoded (:mod:`phi3embed.jobs.dedup`)."""
 
     source: Source
     facts: ImageFacts
     embeddings: HostResult | None = None
     error: str | None = None
-    duplicate: Copy | None = None
+    duplicate: Duplicate | None = None
 
 
 class Engine(Protocol):
@@ -109,12 +109,12 @@ class Engine(Protocol):
 
 
 @runtime_checkable
-class SkipsCopies(Protocol):
-    """An engine that can leave copies out of its encoder's input (the local engine: it knows each image's
-    sha256 before encoding it). Its results still come in input order, copies as ``Result.duplicate``.
-    Other engines encode copies too; the job then shares the first's output all the same."""
+class SkipsDuplicates(Protocol):
+    """An engine that can leave duplicates out of its encoder's input (the local engine: it knows each image's
+    sha256 before encoding it). Its results still come in input order, duplicates as ``Result.duplicate``.
+    Other engines encode duplicates too; the job then shares the first's output all the same."""
 
-    def skip_copies(self, copies: Copies) -> None: ...
+    def skip_duplicates(self, duplicates: Duplicates) -> None: ...
 
 
 class Reporter(Protocol):
@@ -151,8 +151,8 @@ class JobSummary:
     skipped: int = 0  # already done (resume)
     ok: int = 0  # reused outputs included
     failed: int = 0
-    reused_in_job: int = 0  # copies of an image of this job: its output shared, not encoded
-    reused_earlier: int = 0  # copies of an earlier run's output
+    reused_in_job: int = 0  # duplicates of an image of this job: its output shared, not encoded
+    reused_earlier: int = 0  # duplicates of an earlier run's output
     tokens: int = 0
     wall_s: float = 0.0  # from the first image to the last write
     wait_input_s: float = 0.0  # encoder waiting for prepared images
@@ -273,7 +273,7 @@ class Writer(threading.Thread):
         self.files = ThreadPoolExecutor(file_threads, thread_name_prefix="phi3embed-file") if concurrent else None
         self.in_flight_limit = 2 * file_threads
         self._in_flight: deque[Future[Record] | Result] = deque()  # input order
-        self.reused = {False: 0, True: 0}  # copies given the first's output, by Copy.earlier
+        self.reused = {False: 0, True: 0}  # duplicates given the first's output, by Duplicate.earlier
 
     def put(self, result: Result) -> None:
         start = time.perf_counter()
@@ -305,7 +305,7 @@ class Writer(threading.Thread):
     def _take(self, result: Result) -> None:
         host = result.embeddings
         if host is None:
-            self._in_flight.append(result)  # an error or a copy: committed in turn by _commit
+            self._in_flight.append(result)  # an error or a duplicate: committed in turn by _commit
         elif self.files is not None:
             src, facts = result.source, result.facts
             self._in_flight.append(self.files.submit(lambda: self.store.write_file(src, facts, host.wait())))
@@ -348,13 +348,13 @@ class Writer(threading.Thread):
 # --------------------------------------------------------------------------- the job
 
 
-def mark_copy(result: Result, copies: Copies) -> Result:
-    """``result`` as a copy when an engine encoded an image whose bytes an earlier one has (an engine that
+def mark_duplicate(result: Result, duplicates: Duplicates) -> Result:
+    """``result`` as a duplicate when an engine encoded an image whose bytes an earlier one has (an engine that
     hashes and encodes in one step, as Ray's actors do): the first's output is shared all the same."""
     if result.embeddings is None or result.duplicate is not None:
         return result
-    copy = copies.copy_of(result.source.name, result.facts.sha256)
-    return result if copy is None else Result(result.source, result.facts, duplicate=copy)
+    duplicate = duplicates.find(result.source.name, result.facts.sha256)
+    return result if duplicate is None else Result(result.source, result.facts, duplicate=duplicate)
 
 
 def run_job(
@@ -378,9 +378,9 @@ def run_job(
     summary = JobSummary(listed=len(sources))
     todo = [s for s in sources if not store.is_done(s)]
     summary.skipped = len(sources) - len(todo)
-    copies = Copies(store.index, todo) if dedup else None
-    if copies is not None and isinstance(engine, SkipsCopies):
-        engine.skip_copies(copies)
+    duplicates = Duplicates(store.index, todo) if dedup else None
+    if duplicates is not None and isinstance(engine, SkipsDuplicates):
+        engine.skip_duplicates(duplicates)
 
     def count(record: Record) -> None:  # writer thread
         summary.count(record, reporter=reporter, keep_errors=max_errors_kept)
@@ -394,7 +394,7 @@ def run_job(
         if reporter is not None:
             reporter.start(total=len(todo), skipped=summary.skipped)
         for result in engine.results(writer.put):
-            writer.put(result if copies is None else mark_copy(result, copies))
+            writer.put(result if duplicates is None else mark_duplicate(result, duplicates))
     except STOPS as exc:
         summary.stopped(exc)
     except Exception as exc:

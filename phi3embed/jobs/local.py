@@ -35,7 +35,7 @@ from phi3embed.core.embedder import Phi3VisionEmbedder
 from phi3embed.core.preprocess import Preprocessed
 from phi3embed.inputs.listing import Source
 from phi3embed.jobs.core import EngineInfo, JobSummary, Result
-from phi3embed.jobs.dedup import Copies, Held
+from phi3embed.jobs.dedup import Duplicates, Held
 from phi3embed.jobs.prepare import Prepared, Preparer
 from phi3embed.outputs.records import ImageFacts
 
@@ -318,11 +318,11 @@ class LocalEngine:
         self._summary = JobSummary()
         self._threads_before: int | None = None
         self._usage_start = (0.0, 0)
-        self.copies: Copies | None = None
+        self.duplicates: Duplicates | None = None
 
-    def skip_copies(self, copies: Copies) -> None:
-        """Images whose bytes ``copies`` already knows are not encoded (core.SkipsCopies)."""
-        self.copies = copies
+    def skip_duplicates(self, duplicates: Duplicates) -> None:
+        """Images whose bytes ``duplicates`` already knows are not encoded (core.SkipsDuplicates)."""
+        self.duplicates = duplicates
 
     def open(self, todo: Sequence[Source], summary: JobSummary) -> None:
         self._todo, self._summary = todo, summary
@@ -335,7 +335,7 @@ class LocalEngine:
     def results(self, early: Callable[[Result], None]) -> Iterator[Result]:
         summary = self._summary
         copier = HostCopier(self.embedder.device)  # results leave the device off the compute stream
-        copies, held = self.copies, Held[Result]()  # copies skip the encoder, and keep their place in order
+        duplicates, held = self.duplicates, Held[Result]()  # duplicates skip the encoder, and keep their place in order
 
         def feed() -> Iterator[tuple[tuple[Source, ImageFacts], Preprocessed]]:
             for source, p in zip(self._todo, summary.waited_for(self.pool), strict=False):
@@ -343,9 +343,9 @@ class LocalEngine:
                 if p.item is None:  # written now: the encoder may hold earlier images for a while
                     early(Result(source, p.facts, error=p.error))
                     continue
-                copy = copies.copy_of(source.name, p.facts.sha256) if copies is not None else None
-                if copy is not None:
-                    held.hold(Result(source, p.facts, duplicate=copy))
+                duplicate = duplicates.find(source.name, p.facts.sha256) if duplicates is not None else None
+                if duplicate is not None:
+                    held.hold(Result(source, p.facts, duplicate=duplicate))
                     continue
                 held.fed()
                 yield (source, p.facts), p.item

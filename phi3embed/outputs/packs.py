@@ -28,7 +28,7 @@ PACK_FORMAT = "phi3embed-pack/1"  # metadata "format" of our pack files
 
 @dataclass
 class _PendingPack:
-    entries: list[tuple[Record, torch.Tensor | None]] = field(default_factory=list)  # None: a copy's record
+    entries: list[tuple[Record, torch.Tensor | None]] = field(default_factory=list)  # None: a duplicate's record
     nbytes: int = 0
     by_name: dict[str, Record] = field(default_factory=dict)  # the records of the tensors it holds
 

@@ -34,7 +34,7 @@ class ResumeIndex:
 
     def identical(self, sha256: str) -> Record | None:
         """An ok record made with the same settings from a source with these bytes whose output still
-        exists (None under ``overwrite``): what a copy of those bytes may share instead of being encoded.
+        exists (None under ``overwrite``): what a duplicate of those bytes may share instead of being encoded.
 
         Uses the index of :meth:`index_sha256` (built here when it was not)."""
         if self.overwrite:
@@ -47,7 +47,7 @@ class ResumeIndex:
         return seen if (self.root / str(seen.output)).is_file() else None
 
     def index_sha256(self) -> dict[str, str]:
-        """Index every ok record by sha256, once (one dict entry per image, about 100 bytes: the strings are
+        """Index every ok record by sha256, once (one dict entry per image, about 30 bytes: the strings are
         the records' own); records noted later are indexed as they come. Call it before other threads
         note records."""
         if self._by_sha256 is None:
@@ -57,7 +57,7 @@ class ResumeIndex:
         return self._by_sha256
 
     def _index_sha256(self, record: Record) -> None:
-        """Note ``record`` under its sha256 if usable; an encoded original wins over a copy of it."""
+        """Note ``record`` under its sha256 if usable; an encoded original wins over a duplicate of it."""
         assert self._by_sha256 is not None
         if self._usable(record) and (record.duplicate_of is None or record.sha256 not in self._by_sha256):
             self._by_sha256[record.sha256 or ""] = record.name
