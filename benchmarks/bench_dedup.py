@@ -10,6 +10,8 @@ the two modes is compared byte for byte, and the manifests' duplicate_of fields 
 
     python benchmarks/bench_dedup.py                   # 28 distinct + 12 copies (30 %), 3 runs of each mode
     python benchmarks/bench_dedup.py --distinct 70 --runs 5 --json benchmarks/results/dedup.json
+    python benchmarks/bench_dedup.py --threads 1     # one encoder thread: CPU seconds measure the work even on a
+                                                     # busy shared host (spinning OpenMP threads inflate them)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -52,16 +55,22 @@ def make_set(folder: Path, *, distinct: int, copies: float) -> tuple[int, int]:
     return distinct, n_copies
 
 
-def run(imgs: Path, out: Path, *, dedup: bool, extra: list[str]) -> tuple[float, float]:
-    """(process seconds, the job's own seconds from its summary: first image to last write)."""
+def run(imgs: Path, out: Path, *, dedup: bool, extra: list[str], threads: int | None) -> tuple[float, float, float]:
+    """(process seconds, the job's own seconds from its summary: first image to last write, CPU seconds of the
+    process and its decode workers: the work done, which a busy shared host does not stretch as it does time)."""
     args = [*CLI, "encode", str(imgs), "-o", str(out), "--model", str(TINY), "--num-crops", "16", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch threads of the encoder
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([*args, *([] if dedup else ["--no-dedup"])], check=True, env=env, capture_output=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
     job = re.search(r"finished in ([0-9.]+) s", done.stderr.decode())
     assert job is not None, done.stderr.decode()
-    return seconds, float(job.group(1))
+    return seconds, float(job.group(1)), cpu_s
 
 
 def compare(a: Path, b: Path) -> int:
@@ -79,6 +88,7 @@ def main() -> None:
     parser.add_argument("--copies", type=float, default=0.30, help="share of copies in the set (default 0.30)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each mode, alternating (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="decode workers (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: as set)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here too")
     args = parser.parse_args()
@@ -90,22 +100,24 @@ def main() -> None:
         extra = ["--workers", str(args.workers)]
         times: dict[str, list[float]] = {"dedup": [], "no-dedup": []}  # whole process
         jobs: dict[str, list[float]] = {"dedup": [], "no-dedup": []}  # the job alone (start-up left out)
+        cpus: dict[str, list[float]] = {"dedup": [], "no-dedup": []}  # CPU seconds, workers included
         report: dict[str, Any] = {"images": total, "distinct": distinct, "copies": n_copies, "process_s": times}
-        report["job_s"] = jobs
+        report["job_s"], report["cpu_s"] = jobs, cpus
         for i in range(args.runs):
             for mode in ("dedup", "no-dedup") if i % 2 == 0 else ("no-dedup", "dedup"):
                 out = root / f"out-{mode}-{i}"
-                seconds, job = run(root / "imgs", out, dedup=mode == "dedup", extra=extra)
+                seconds, job, cpu = run(root / "imgs", out, dedup=mode == "dedup", extra=extra, threads=args.threads)
                 times[mode].append(seconds)
                 jobs[mode].append(job)
-                print(f"run {i} {mode:9s} process {seconds:7.2f} s, job {job:7.2f} s", flush=True)
+                cpus[mode].append(cpu)
+                print(f"run {i} {mode:9s} process {seconds:7.2f} s, job {job:7.2f} s, CPU {cpu:7.2f} s", flush=True)
                 save_json(args.json, report)
         same = compare(root / "out-dedup-0", root / "out-no-dedup-0")
         records = [json.loads(line) for line in (root / "out-dedup-0" / "manifest.jsonl").read_text().splitlines()]
         assert sum(1 for r in records if r["duplicate_of"]) == n_copies and all(r["status"] == "ok" for r in records)
         report["identical_files"] = same
         print(f"{same} output files identical byte for byte; ideal ratio {total / distinct:.2f}x")
-        for what, figures in (("process", times), ("job", jobs)):
+        for what, figures in (("process", times), ("job", jobs), ("CPU", cpus)):
             ratios = [n / d for d, n in zip(figures["dedup"], figures["no-dedup"], strict=True)]
             medians = {m: statistics.median(t) for m, t in figures.items()}
             ratio = medians["no-dedup"] / medians["dedup"]
