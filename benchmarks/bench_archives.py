@@ -244,6 +244,7 @@ def main() -> None:
     r.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    args.json = args.json.resolve() if args.json else None  # "reading" works in a temporary folder
     report = scale(args) if args.what == "scale" else reading(args)
     print(json.dumps(report, indent=2))
     save_json(args.json, report)
