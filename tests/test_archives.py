@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from archivefiles import PHOTO, SQUARE, TINY, make_parquet, make_tar, member_offset, sample_tar
+from archivefiles import IMAGES, PHOTO, SQUARE, TINY, make_parquet, make_tar, member_offset, sample_tar
 
 from phi3embed.core.config import PreprocessConfig
 from phi3embed.errors import ImageError
@@ -238,3 +238,25 @@ def test_member_headers_are_read_as_tarfile_reads_them(tmp_path: Path, fmt: int)
         expected = [(m.name, m.offset_data, m.size) for m in tf.getmembers()]
     got = [(s.member.inner, s.member.offset, s.member.size) for s in sources if s.member is not None]
     assert got == expected
+
+
+def test_plan_reads_members_as_loose_files_from_their_first_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from phi3embed.core.config import VisionConfig
+    from phi3embed.jobs import plan as plan_module
+
+    exif = (IMAGES / "exif_rot6_640x480.jpg").read_bytes()
+    big = (IMAGES / "photo_1000x750.jpg").read_bytes()
+    assert len(big) > plan_module.HEAD_BYTES
+    make_tar(tmp_path / "p.tar", [("exif.jpg", exif), ("big.jpg", big), ("bad.jpg", b"not an image")])
+    for name, data in (("exif.jpg", exif), ("big.jpg", big), ("bad.jpg", b"not an image")):
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    vision = VisionConfig()
+    loose = plan_module.plan(listed(tmp_path, "*.jpg"), vision=vision, preprocess=PreprocessConfig(num_crops=4))
+    inside = plan_module.plan(listed(tmp_path, "p.tar"), vision=vision, preprocess=PreprocessConfig(num_crops=4))
+    by_name = {row.name: row for row in loose.rows}
+    for row in inside.rows:
+        same = by_name[row.name.removeprefix("p.tar/")]
+        assert (row.width, row.height, row.num_tokens, row.ok) == (same.width, same.height, same.num_tokens, same.ok)

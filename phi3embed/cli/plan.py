@@ -61,7 +61,11 @@ def plan_command(
     stage: Annotated[Stage, typer.Option(help=STAGE_HELP + " Output sizes are computed for it.")] = Stage.projected,
     shard: Annotated[
         str | None,
-        typer.Option(metavar="I/N", help="Only shard I of N (0-based), split by a stable hash of each name."),
+        typer.Option(
+            metavar="I/N",
+            help="Only shard I of N (0-based), split by a stable hash of each name (of each archive's name for the "
+            "images inside tar and parquet files), as encode splits.",
+        ),
     ] = None,
     image_column: ImageColumn = None,
     as_json: AsJson = False,

@@ -9,10 +9,11 @@ a name encode's manifest records, with the token count encode writes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from phi3embed.core.config import PreprocessConfig, VisionConfig
@@ -126,11 +127,21 @@ class PlanResult:
         }
 
 
+#: How much of a tar member ``plan`` reads first: image headers (EXIF included) nearly always fit.
+HEAD_BYTES = 64 * 1024
+
+
 def _image_size(source: Source, *, exif_transpose: bool) -> tuple[int, int]:
-    """A loose file's size from its header; an archive member's from its bytes, read as encode reads them."""
-    if source.member is None:
+    """A loose file's size from its header; an archive member's from its bytes, read as encode reads them: a tar
+    member's first :data:`HEAD_BYTES` only, unless its header does not fit in them."""
+    member = source.member
+    if member is None:
         return read_image_size(source.path, exif_transpose=exif_transpose)
-    data, _ = read_member(source.path, source.member, max_bytes=MAX_FILE_BYTES)
+    if not member.column and not member.error and HEAD_BYTES < member.size <= MAX_FILE_BYTES:
+        head, _ = read_member(source.path, replace(member, size=HEAD_BYTES), max_bytes=MAX_FILE_BYTES)
+        with contextlib.suppress(ImageError):
+            return image_size_of(io.BytesIO(head), label=source.label, exif_transpose=exif_transpose)
+    data, _ = read_member(source.path, member, max_bytes=MAX_FILE_BYTES)
     return image_size_of(io.BytesIO(data), label=source.label, exif_transpose=exif_transpose)
 
 
