@@ -1,14 +1,17 @@
 """Exact duplicates encoded once (issue 12, item 8): a set with 30 % byte-identical copies, dedup on vs --no-dedup.
 
 The real command (``phi3embed encode``, local engine, one decode worker) on the tiny golden checkpoint with
-``--num-crops 16`` (every image fills 16 crops + the global view, so encoding dominates the time as it does
-with the real models, where an image is ~6 TFLOP and decoding ~0.3 % of the work). The set: ``--distinct``
+``--num-crops 16`` (a square image fills 4x4 crops + the global view). Duplicates are still read, hashed,
+decoded and tiled (the worker hashes the bytes it decodes); only the encoder is skipped. With the real models
+an image is ~6 TFLOP and decoding ~0.3 % of the work; with the tiny model a 640x480 JPEG takes 0.07 s to
+prepare against ~0.11 s to encode, so the one decode worker, not the encoder, would bound a dedup run. Small
+images (default 224x224, a common thumbnail size: 0.03 s) keep the encoder dominant. The set: ``--distinct``
 photo-like JPEGs and, on top, copies of some of them under other names so that ``--copies`` (default 30 %)
 of all images are byte-identical copies, interleaved in name order. Runs alternate (dedup, no-dedup, ...)
 so that drift of a shared host hits both alike; each run writes into a fresh folder. Every output file of
 the two modes is compared byte for byte, and the manifests' duplicate_of fields are checked.
 
-    python benchmarks/bench_dedup.py                   # 28 distinct + 12 copies (30 %), 3 runs of each mode
+    python benchmarks/bench_dedup.py                   # 28 distinct + 12 copies (30 %) of 224x224, 3 runs of each mode
     python benchmarks/bench_dedup.py --distinct 70 --runs 5 --json benchmarks/results/dedup.json
     python benchmarks/bench_dedup.py --threads 1     # one encoder thread: CPU seconds measure the work even on a
                                                      # busy shared host (spinning OpenMP threads inflate them)
@@ -40,14 +43,14 @@ TINY = REPO / "tests" / "data" / "golden" / "checkpoints" / "tiny-phi3v-128k-f32
 CLI = [str(Path(sys.executable).with_name("phi3embed"))]
 
 
-def make_set(folder: Path, *, distinct: int, copies: float) -> tuple[int, int]:
-    """``distinct`` images plus copies (``copies`` of the total); returns (distinct, copies)."""
+def make_set(folder: Path, *, distinct: int, copies: float, size: tuple[int, int]) -> tuple[int, int]:
+    """``distinct`` JPEGs of ``size`` plus copies (``copies`` of the total); returns (distinct, copies)."""
     folder.mkdir(parents=True)
     n_copies = round(distinct * copies / (1 - copies))
     originals = []
     for i in range(distinct):
         path = folder / f"img{i:04d}.jpg"
-        render(BenchImage("b", 640, 480, "JPEG", photo=True), seed=i).save(path, "JPEG", quality=85)
+        render(BenchImage("b", *size, "JPEG", photo=True), seed=i).save(path, "JPEG", quality=85)
         originals.append(path)
     for j in range(n_copies):  # copy k of image k*step lands later in name order: its first precedes it
         original = originals[(j * distinct) // n_copies]
@@ -86,6 +89,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--distinct", type=int, default=28, help="distinct images (default 28)")
     parser.add_argument("--copies", type=float, default=0.30, help="share of copies in the set (default 0.30)")
+    parser.add_argument(
+        "--size", default="224x224", help="image size WxH (default 224x224: a square fills 4x4 crops at --num-crops 16)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs of each mode, alternating (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="decode workers (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: as set)")
@@ -94,9 +100,11 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-dedup-", dir=args.dir))
     try:
-        distinct, n_copies = make_set(root / "imgs", distinct=args.distinct, copies=args.copies)
+        size = tuple(int(v) for v in args.size.split("x"))
+        assert len(size) == 2, "--size WxH"
+        distinct, n_copies = make_set(root / "imgs", distinct=args.distinct, copies=args.copies, size=size)  # type: ignore[arg-type]
         total = distinct + n_copies
-        print(f"{total} images: {distinct} distinct + {n_copies} copies ({n_copies / total:.0%}), 640x480 JPEG")
+        print(f"{total} images: {distinct} distinct + {n_copies} copies ({n_copies / total:.0%}), {args.size} JPEG")
         extra = ["--workers", str(args.workers)]
         times: dict[str, list[float]] = {"dedup": [], "no-dedup": []}  # whole process
         jobs: dict[str, list[float]] = {"dedup": [], "no-dedup": []}  # the job alone (start-up left out)
