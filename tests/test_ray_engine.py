@@ -262,6 +262,17 @@ def test_driver_knows_the_actors_fingerprint_without_loading(name: str) -> None:
     assert checkpoint_facts(EncoderSpec(model=ckpt(name))) == (default.fingerprint, default.num_crops)
 
 
+def test_the_revision_reaches_every_actor_spec() -> None:
+    """``encode --engine ray --revision R``: the driver plans with R and each actor resolves the same R."""
+    from phi3embed.jobs.ray_engine import RayOptions, plan
+
+    engine = plan(RayOptions(model=ckpt(TINY_128K), revision="v1.0", device="cpu", actors=1))
+    try:
+        assert engine.spec.revision == "v1.0"
+    finally:
+        engine.close()
+
+
 def test_actor_refuses_other_weights(golden: Path) -> None:
     with pytest.raises(CheckpointError, match="fingerprint"):
         RayEncoder(EncoderSpec(model=ckpt(), device="cpu", num_crops=NUM_CROPS, expect_fingerprint="0" * 32))

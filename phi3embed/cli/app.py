@@ -371,14 +371,13 @@ def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
 
     if opts.image_timeout and not opts.quiet:
         say(console, "note: --image-timeout is not enforced by --engine ray (file rules still apply)")
-    if opts.revision is not None:
-        raise _Usage("--revision is not passed to Ray actors yet: pass the commit's checkpoint folder as --model")
     try:
         from phi3embed.jobs.ray_engine import RayOptions, plan
     except ImportError:
         raise _Usage("--engine ray needs Ray: pip install 'phi3embed[ray]'") from None
     same_names = (
-        "model", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha", "exif_transpose", "stage"
+        "model", "revision", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha", "exif_transpose",
+        "stage",
     )  # fmt: skip
     options = RayOptions(
         **{name: getattr(opts, name) for name in (*same_names, "batch_size", "actors")},

@@ -474,6 +474,7 @@ class RayOptions:
     """What ``encode --engine ray`` was asked for (``"auto"`` / None: decided by :func:`plan`)."""
 
     model: str
+    revision: str | None = None  # of a hub id: every actor resolves the same (the fingerprint check tells)
     device: str = "auto"  # auto, cpu or cuda: Ray gives each actor its GPU
     dtype: str = "auto"
     out_dtype: str = "auto"
@@ -501,7 +502,11 @@ def plan(options: RayOptions, *, announce: Callable[[str], None] = lambda line: 
     # filesystem all nodes share), a hub id or preset by name (each node's hub cache).
     model = os.path.abspath(options.model) if os.path.isdir(options.model) else options.model
     spec = EncoderSpec(
-        model=model, num_crops=options.num_crops, alpha=options.alpha, exif_transpose=options.exif_transpose
+        model=model,
+        revision=options.revision,
+        num_crops=options.num_crops,
+        alpha=options.alpha,
+        exif_transpose=options.exif_transpose,
     )
     fingerprint, num_crops = checkpoint_facts(spec)
     session = ExitStack()
@@ -526,6 +531,7 @@ def plan(options: RayOptions, *, announce: Callable[[str], None] = lambda line: 
     threads = options.decode_threads if options.decode_threads is not None else (4 if device == "cuda" else 0)
     spec = EncoderSpec(
         model=model,
+        revision=options.revision,
         device=device,
         dtype=dtype_name(compute),
         out_dtype=dtype_name(stored),
