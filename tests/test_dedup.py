@@ -104,7 +104,7 @@ def tensors(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("fmt", "file_threads"), [("npy", 4), ("safetensors", 1)])
-def test_copies_are_encoded_once_and_get_their_own_record_and_linked_file(
+def test_duplicates_are_encoded_once_and_get_their_own_record_and_linked_file(
     embedder: Phi3VisionEmbedder, encoded: list[str], tmp_path: Path, fmt: str, file_threads: int
 ) -> None:
     imgs, out = make_set(tmp_path / "imgs"), tmp_path / "out"
@@ -186,7 +186,7 @@ def test_a_later_run_reuses_outputs_with_the_same_bytes(
     assert records["new/n.jpg"].duplicate_of == "a.jpg"
 
 
-def test_a_first_that_fails_leaves_an_error_on_its_copies_and_a_rerun_mends_both(
+def test_a_first_that_fails_leaves_an_error_on_its_duplicates_and_a_rerun_mends_both(
     embedder: Phi3VisionEmbedder, encoded: list[str], tmp_path: Path
 ) -> None:
     imgs, out = make_set(tmp_path / "imgs", {"x/a.jpg": A, "y.jpg": A}), tmp_path / "out"
@@ -216,7 +216,7 @@ def test_a_refused_link_falls_back_to_a_copy(
     assert os.stat(out / "b.jpg.npy").st_ino != os.stat(out / "a.jpg.npy").st_ino
 
 
-def test_combine_accepts_copies(embedder: Phi3VisionEmbedder, tmp_path: Path) -> None:
+def test_combine_accepts_duplicates(embedder: Phi3VisionEmbedder, tmp_path: Path) -> None:
     imgs = make_set(tmp_path / "imgs")
     encode(embedder, imgs, tmp_path / "out")
     report = check_outputs([tmp_path / "out"], expand_inputs([str(imgs)]))
@@ -253,7 +253,7 @@ class EncodesEverything:
         pass
 
 
-def test_an_engine_that_encodes_copies_still_shares_the_first_output(
+def test_an_engine_that_encodes_duplicates_still_shares_the_first_output(
     embedder: Phi3VisionEmbedder, tmp_path: Path
 ) -> None:
     imgs, out = make_set(tmp_path / "imgs"), tmp_path / "out"
@@ -264,7 +264,7 @@ def test_an_engine_that_encodes_copies_still_shares_the_first_output(
     assert os.stat(out / "z.jpg.npy").st_ino == os.stat(out / "a.jpg.npy").st_ino
 
 
-def test_copies_decides_in_input_order_and_held_keeps_it(tmp_path: Path, embedder: Phi3VisionEmbedder) -> None:
+def test_duplicates_decides_in_input_order_and_held_keeps_it(tmp_path: Path, embedder: Phi3VisionEmbedder) -> None:
     with store_for(tmp_path / "out", embedder) as store:
         duplicates = Duplicates(store.index, [])
         assert duplicates.find("a", "00" * 32) is None and duplicates.find("a", "00" * 32) is None
