@@ -16,6 +16,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import typer
+from typer.testing import CliRunner
+
+from phi3embed.cli.inspect_commands import register
 
 REPO = Path(__file__).resolve().parent.parent
 IN_REPO_GOLDEN = REPO / "tests" / "data" / "golden"
@@ -105,3 +109,18 @@ def golden_embeddings(file: str | Path, sha256: str | None = None) -> GoldenEmbe
             z["embeddings_row_sum"],
             z["embeddings_row_absmax"],
         )
+
+
+@pytest.fixture()
+def app() -> typer.Typer:
+    """The inspection commands (plan, preview, info, download) on an application of their own."""
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+@pytest.fixture()
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """A CLI runner that does not see the caller's PHI3EMBED_MODEL."""
+    monkeypatch.delenv("PHI3EMBED_MODEL", raising=False)
+    return CliRunner()

@@ -14,25 +14,11 @@ from conftest import TINY_35, TINY_128K
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from phi3embed.cli.inspect_commands import register
 from phi3embed.core.checkpoint import Checkpoint, resolve, resolve_configs
 from phi3embed.core.config import vision_config_from_dict
 from phi3embed.core.info import model_info
 from phi3embed.core.model import Phi3VisionModel
 from phi3embed.errors import CheckpointError
-
-
-@pytest.fixture()
-def app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-    return app
-
-
-@pytest.fixture()
-def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.delenv("PHI3EMBED_MODEL", raising=False)
-    return CliRunner()
 
 
 def _fake_hub_cache(cache: Path, repo_id: str, source: Path) -> None:

@@ -16,7 +16,6 @@ from conftest import TINY_35, TINY_128K
 from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
-from phi3embed.cli.inspect_commands import register
 from phi3embed.core.config import PreprocessConfig, VisionConfig, parse_configs
 from phi3embed.core.preprocess import hd_grid, preprocess_image, read_image_size
 from phi3embed.errors import ConfigError, ImageError
@@ -167,19 +166,6 @@ def test_png_helper_really_truncates(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the command
-
-
-@pytest.fixture()
-def app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-    return app
-
-
-@pytest.fixture()
-def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.delenv("PHI3EMBED_MODEL", raising=False)
-    return CliRunner()
 
 
 @pytest.mark.parametrize("command", ["plan", "preview", "info"])

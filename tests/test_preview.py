@@ -12,7 +12,6 @@ from conftest import TINY_128K
 from PIL import Image
 from typer.testing import CliRunner
 
-from phi3embed.cli.inspect_commands import register
 from phi3embed.core.config import PreprocessConfig
 from phi3embed.core.preprocess import hd_grid, hd_image, to_rgb
 from phi3embed.core.preview import _BACKGROUND, _LINE, preview_layout, render_preview
@@ -21,19 +20,6 @@ from phi3embed.errors import ImageError
 
 def _cases(manifest: dict[str, Any], num_crops: int) -> list[dict[str, Any]]:
     return [c for c in manifest["processor_cases"] if c["num_crops"] == num_crops]
-
-
-@pytest.fixture()
-def app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-    return app
-
-
-@pytest.fixture()
-def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.delenv("PHI3EMBED_MODEL", raising=False)
-    return CliRunner()
 
 
 def test_preview_shows_the_exact_hd_image_and_grid(golden: Path, manifest: dict[str, Any]) -> None:
