@@ -246,13 +246,6 @@ class StopSignals:
 # --------------------------------------------------------------------------- writing
 
 
-@dataclass(frozen=True)
-class WriteItem:
-    """One result on its way to the writer thread."""
-
-    result: Result
-
-
 class Writer(threading.Thread):
     """Drains a bounded queue of results into the store, in order, and hands each record to ``count``.
 
@@ -265,7 +258,7 @@ class Writer(threading.Thread):
     def __init__(self, store: OutputStore, count: Callable[[Record], None], maxsize: int, file_threads: int) -> None:
         super().__init__(name="phi3embed-writer", daemon=True)
         self.store, self._count = store, count
-        self.queue: queue.Queue[WriteItem | None] = queue.Queue(maxsize)
+        self.queue: queue.Queue[Result | None] = queue.Queue(maxsize)  # None: no more results
         self.error: BaseException | None = None
         self.busy = 0.0
         self.put_wait = 0.0
@@ -277,18 +270,18 @@ class Writer(threading.Thread):
 
     def put(self, result: Result) -> None:
         start = time.perf_counter()
-        self.queue.put(WriteItem(result))
+        self.queue.put(result)
         self.put_wait += time.perf_counter() - start
         if self.error is not None:
             raise self.error
 
     def run(self) -> None:
-        while (item := self.queue.get()) is not None:
+        while (result := self.queue.get()) is not None:
             if self.error is not None:
                 continue  # keep draining so that the producer never blocks
             start = time.perf_counter()
             try:
-                self._take(item.result)
+                self._take(result)
                 self._commit(keep=self.in_flight_limit)
             except BaseException as exc:
                 self.error = exc
