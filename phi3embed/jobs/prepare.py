@@ -17,10 +17,15 @@ import io
 import time
 from dataclasses import dataclass, replace
 
-from PIL import Image
-
 from phi3embed.core.config import PreprocessConfig
-from phi3embed.core.preprocess import MAX_FILE_BYTES, AlphaMode, Preprocessed, preprocess_image, read_image_file
+from phi3embed.core.preprocess import (
+    MAX_FILE_BYTES,
+    AlphaMode,
+    Preprocessed,
+    image_size_of,
+    preprocess_image,
+    read_image_file,
+)
 from phi3embed.errors import ImageError, UnsupportedImageError
 from phi3embed.inputs.archives import Member, member_label, read_member
 from phi3embed.inputs.listing import Source
@@ -38,10 +43,9 @@ class Prepared:
 
 
 def header_size(data: bytes) -> tuple[int | None, int | None]:
-    """Width and height from the image header (None, None when there is none)."""
+    """Width and height from the image header, as ``plan`` reads them (None, None when there is none)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.width, img.height
+        return image_size_of(io.BytesIO(data), label="<bytes>")
     except Exception:
         return None, None
 
