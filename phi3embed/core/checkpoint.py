@@ -18,10 +18,7 @@ never read, mapped or materialised, so a 4.2B-parameter checkpoint costs only it
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +27,7 @@ from typing import Any
 import torch
 
 from phi3embed.core.config import PreprocessConfig, VisionConfig, find_preset, parse_configs, read_json
+from phi3embed.core.safetensors_io import SafetensorsFormatError, TensorInfo, read_header
 from phi3embed.errors import CheckpointError, ConfigError
 
 VISION_PREFIX = "model.vision_embed_tokens."
@@ -39,32 +37,6 @@ TIED_TEXT_ALIAS = VISION_PREFIX + "wte.weight"  # the same table, saved under th
 CONFIG_FILES = ("config.json", "preprocessor_config.json")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
 
 
 @dataclass
@@ -125,14 +97,7 @@ class Checkpoint:
             with fh:
                 for key in file_keys:
                     info = self.tensors[key]
-                    stored = _DTYPES[info.dtype]
-                    need = math.prod(info.shape) * stored.itemsize
-                    if need != info.nbytes:
-                        raise CheckpointError(
-                            f"tensor {key} has {info.nbytes} bytes, its shape {list(info.shape)} and dtype "
-                            f"{info.dtype} need {need}",
-                            path=path,
-                        )
+                    stored = info.torch_dtype  # the header parser checked that shape and dtype fill nbytes
                     target = dtype if dtype is not None and stored.is_floating_point else stored
                     # Read into the final tensor when nothing is to be done to it, else into the scratch.
                     dest = torch.empty(info.shape, dtype=stored) if device.type == "cpu" and target == stored else None
@@ -160,45 +125,13 @@ class Checkpoint:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header: the 8-byte little-endian length, then JSON. Never reads tensor data."""
+    """The tensors of a local weight file's safetensors header (never reads tensor data)."""
     try:
-        with open(path, "rb") as fh:
-            raw_len = fh.read(8)
-            if len(raw_len) != 8:
-                raise CheckpointError("not a safetensors file (shorter than 8 bytes)", path=path)
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > 100 * 1024 * 1024:
-                raise CheckpointError(f"not a safetensors file (header length {n})", path=path)
-            header_bytes = fh.read(n)
+        return read_header(path).tensors
+    except SafetensorsFormatError as exc:
+        raise CheckpointError(exc.reason, path=path) from None
     except OSError as exc:
         raise CheckpointError(f"cannot read weights: {exc.strerror or exc}", path=path) from None
-    if len(header_bytes) != n:
-        raise CheckpointError("safetensors header is truncated", path=path)
-    return parse_safetensors_header(header_bytes, base=8 + n, file=path, where=path)
-
-
-def parse_safetensors_header(header_bytes: bytes, *, base: int, file: Path, where: str | Path) -> dict[str, TensorInfo]:
-    """The tensors of a safetensors JSON header whose data starts at byte ``base`` of ``file``."""
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError("safetensors header is not valid JSON", path=where) from None
-    if not isinstance(header, dict):
-        raise CheckpointError("safetensors header is not a JSON object", path=where)
-    out: dict[str, TensorInfo] = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = meta["dtype"]
-            shape = tuple(int(d) for d in meta["shape"])
-            start, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"safetensors entry {key} is malformed", path=where) from None
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"tensor {key} has unsupported dtype {dtype}", path=where)
-        out[key] = TensorInfo(file=file, dtype=dtype, shape=shape, start=base + start, end=base + end)
-    return out
 
 
 def select_keys(keys: Iterable[str], *, vision: bool, text: bool) -> set[str]:

@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 import uuid
@@ -55,13 +54,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from phi3embed.core.checkpoint import (
-    CONFIG_FILES,
-    INDEX_FILE,
-    SINGLE_FILE,
+from phi3embed.core.checkpoint import CONFIG_FILES, INDEX_FILE, SINGLE_FILE, select_keys
+from phi3embed.core.safetensors_io import (
+    LENGTH_BYTES,
+    SafetensorsFormatError,
     TensorInfo,
-    parse_safetensors_header,
-    select_keys,
+    encode_header,
+    header_length,
+    parse_header,
 )
 from phi3embed.errors import CheckpointError
 
@@ -396,13 +396,18 @@ def remote_file(repo_id: str, name: str, commit: str) -> RemoteFile:
         buf.extend(data)
 
     _get_range(repo_id, name, url, headers, size, 0, min(HEADER_PROBE, size), keep)
-    (n,) = struct.unpack("<Q", bytes(buf[:8]))
-    if 8 + n > size or n > 100 * 1024 * 1024:
-        raise CheckpointError(f"{name}: not a safetensors file (header length {n})", path=repo_id)
-    if 8 + n > len(buf):
-        _get_range(repo_id, name, url, headers, size, len(buf), 8 + n, keep)
-    tensors = parse_safetensors_header(bytes(buf[8 : 8 + n]), base=8 + n, file=Path(name), where=f"{repo_id}/{name}")
-    return RemoteFile(name=name, url=url, headers=headers, etag=etag, size=size, header_bytes=8 + n, tensors=tensors)
+    where = f"{repo_id}/{name}"
+    try:
+        n = header_length(bytes(buf[:LENGTH_BYTES]), file_size=size, where=where)
+        if LENGTH_BYTES + n > len(buf):
+            _get_range(repo_id, name, url, headers, size, len(buf), LENGTH_BYTES + n, keep)
+        raw = bytes(buf[LENGTH_BYTES : LENGTH_BYTES + n])
+        tensors = parse_header(raw, file=Path(name), file_size=size, where=where).tensors
+    except SafetensorsFormatError as exc:
+        raise CheckpointError(exc.reason, path=where) from None
+    return RemoteFile(
+        name=name, url=url, headers=headers, etag=etag, size=size, header_bytes=LENGTH_BYTES + n, tensors=tensors
+    )
 
 
 # --------------------------------------------------------------------------- the cache
@@ -469,23 +474,6 @@ def _entry_lock(repo_id: str, commit: str, part: str) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _safetensors_layout(keys: list[str], tensors: dict[str, TensorInfo]) -> tuple[bytes, dict[str, int]]:
-    """Header bytes (padded to 8) of a file holding ``keys`` in this order, and each key's absolute offset."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key in keys:
-        info = tensors[key]
-        header[key] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
-        offset += info.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    base = 8 + len(raw)
-    starts = {}
-    for key in keys:
-        starts[key] = base + int(header[key]["data_offsets"][0])
-    return struct.pack("<Q", len(raw)) + raw, starts
-
-
 class _Counter:
     def __init__(self) -> None:
         self.value = 0
@@ -527,7 +515,10 @@ def _write_entry(
     files = [f for f in plan.files if keys & set(f.tensors)]
     all_tensors = {k: f.tensors[k] for f in files for k in f.tensors if k in keys}
     ordered = plan.keys[part]  # by file, then offset: the entry keeps the source order
-    header, dst = _safetensors_layout(ordered, all_tensors)
+    header, starts = encode_header(
+        [(k, all_tensors[k].dtype, all_tensors[k].shape) for k in ordered], metadata={"format": "pt"}
+    )
+    dst = dict(zip(ordered, starts, strict=True))
     total = len(header) + sum(all_tensors[k].nbytes for k in ordered)
     before = counter.value
     out = tmp / SINGLE_FILE
