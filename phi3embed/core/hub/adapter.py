@@ -1,18 +1,29 @@
 """What phi3embed uses of huggingface_hub, in one place: its HTTP session, timeouts, headers and error types.
 
-Everything else in :mod:`phi3embed.core.hub` calls these functions and never huggingface_hub's HTTP client
-or its error classes directly. huggingface_hub is imported on first use (the CLI starts without it).
+huggingface_hub changed its HTTP client twice: 0.x uses ``requests`` (errors are ``requests`` exceptions,
+``get_hf_file_metadata`` has no ``retry_on_errors``, offline mode is the ``HF_HUB_OFFLINE`` constant), 1.x
+``httpx`` and 2.x ``httpx2`` (a streaming ``Client.stream``, ``constants.is_offline_mode()``). This module
+asks the installed huggingface_hub which client its session is and imports only that one; everything else
+in :mod:`phi3embed.core.hub` calls these functions and never an HTTP client or huggingface_hub's error
+classes directly. The error classes used here are the ones every generation exports from
+``huggingface_hub.utils``. huggingface_hub is imported on first use (the CLI starts without it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import inspect
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 
 class Failure(Enum):
@@ -58,19 +69,42 @@ def quiet() -> Iterator[None]:
         hf_logger.setLevel(level)
 
 
+@functools.cache
+def client() -> str:
+    """The HTTP client huggingface_hub's session is made with: ``requests``, ``httpx`` or ``httpx2``."""
+    from huggingface_hub.utils import get_session
+
+    return type(get_session()).__module__.split(".")[0]
+
+
+def _client_module() -> ModuleType:
+    return importlib.import_module(client())
+
+
 def is_offline() -> bool:
     from huggingface_hub import constants
 
-    return bool(constants.is_offline_mode())
+    check = getattr(constants, "is_offline_mode", None)  # 1.x and later; 0.x has only the constant
+    return bool(check()) if check is not None else bool(constants.HF_HUB_OFFLINE)
 
 
 def timeout(connect: float) -> Any:
-    """The timeout object of huggingface_hub's HTTP client: ``connect`` seconds to connect, huggingface_hub's
+    """The timeout of huggingface_hub's HTTP client: ``connect`` seconds to connect, huggingface_hub's
     download timeout (HF_HUB_DOWNLOAD_TIMEOUT) between bytes."""
-    import httpx2
     from huggingface_hub import constants
 
-    return httpx2.Timeout(float(constants.HF_HUB_DOWNLOAD_TIMEOUT), connect=connect)
+    read = float(getattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 10))
+    if client() == "requests":
+        return (connect, read)
+    return _client_module().Timeout(read, connect=connect)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The client's exceptions for "no (complete) answer": refused, reset, timed out, a body cut short."""
+    http = _client_module()
+    if client() == "requests":
+        return (http.ConnectionError, http.Timeout, http.exceptions.ChunkedEncodingError)
+    return (http.TransportError,)
 
 
 def user_headers(library_version: str) -> dict[str, str]:
@@ -88,7 +122,6 @@ def hub_url(repo_id: str, filename: str, revision: str | None) -> str:
 
 def classify(exc: BaseException) -> Failure:
     """Which :class:`Failure` an exception raised by huggingface_hub or its HTTP client is."""
-    import httpx2
     from huggingface_hub.utils import (
         EntryNotFoundError,
         GatedRepoError,
@@ -101,7 +134,7 @@ def classify(exc: BaseException) -> Failure:
 
     if isinstance(exc, OfflineModeIsEnabled):
         return Failure.OFFLINE
-    if isinstance(exc, (httpx2.TransportError, LocalEntryNotFoundError)):
+    if isinstance(exc, (LocalEntryNotFoundError, *_network_errors())):
         return Failure.NETWORK
     if isinstance(exc, EntryNotFoundError):
         return Failure.MISSING
@@ -120,20 +153,70 @@ def classify(exc: BaseException) -> Failure:
 
 def file_metadata(url: str, *, headers: dict[str, str], timeout: Any, retry: bool) -> FileMetadata:
     """One HEAD of ``url`` (redirects within the hub followed; ``retry``: huggingface_hub's retries on 5xx and
-    network errors, where the generation has them)."""
+    network errors, where the generation has them: 0.x makes one attempt)."""
     from huggingface_hub import get_hf_file_metadata
 
-    meta = get_hf_file_metadata(url, timeout=timeout, headers=headers, retry_on_errors=retry)
+    if _has_retry_option():
+        meta = get_hf_file_metadata(url, timeout=timeout, headers=headers, retry_on_errors=retry)
+    elif retry:
+        meta = get_hf_file_metadata(url, timeout=timeout, headers=headers)  # 0.x: always retries, ~23 s at most
+    else:
+        return _head_once(url, headers=headers, timeout=timeout)
     return FileMetadata(commit=meta.commit_hash, etag=meta.etag, location=meta.location or url, size=meta.size)
+
+
+def _head_once(url: str, *, headers: dict[str, str], timeout: Any) -> FileMetadata:
+    """One HEAD without retries, read as get_hf_file_metadata reads it, for huggingface_hub 0.x (whose
+    get_hf_file_metadata retries network errors five times): redirects within the hub (a renamed repository)
+    are followed, one to another host is the file's location; the linked etag and size (of a file stored
+    out of git) come first."""
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    session: Any = get_session()
+    asked = {**headers, "Accept-Encoding": "identity"}
+    for _ in range(10):
+        response = session.head(url, headers=asked, allow_redirects=False, timeout=timeout)
+        target = response.headers.get("Location", "")
+        if not (300 <= response.status_code < 400 and target and not urlsplit(target).netloc):
+            break
+        url = urljoin(url, target)
+    hf_raise_for_status(response)
+    h = response.headers
+    etag = h.get("X-Linked-Etag") or h.get("ETag")
+    size = h.get("X-Linked-Size") or h.get("Content-Length")
+    return FileMetadata(
+        commit=h.get("X-Repo-Commit"),
+        etag=None if etag is None else etag.removeprefix("W/").strip('"'),
+        location=h.get("Location") or url,
+        size=None if size is None else int(size),
+    )
+
+
+@functools.cache
+def _has_retry_option() -> bool:
+    from huggingface_hub import get_hf_file_metadata
+
+    return "retry_on_errors" in inspect.signature(get_hf_file_metadata).parameters
 
 
 @contextlib.contextmanager
 def stream_get(url: str, *, headers: dict[str, str], timeout: Any, chunk_size: int) -> Iterator[Answer]:
     """A GET on huggingface_hub's session, its body streamed; an error status is raised (as huggingface_hub's
-    typed error) only by :meth:`Answer.raise_for_status`."""
+    typed error) only by :meth:`Answer.raise_for_status`. Redirects are followed by the client, which drops
+    the authorization header when one leads to another host."""
     from huggingface_hub.utils import get_session, hf_raise_for_status
 
-    with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
+    session: Any = get_session()  # a requests.Session (0.x), an httpx / httpx2 Client (1.x / 2.x)
+    if client() == "requests":
+        with contextlib.closing(session.get(url, headers=headers, timeout=timeout, stream=True)) as response:
+            yield Answer(
+                status=response.status_code,
+                headers=response.headers,
+                chunks=response.iter_content(chunk_size),
+                raise_for_status=lambda: hf_raise_for_status(response),
+            )
+        return
+    with session.stream("GET", url, headers=headers, timeout=timeout) as response:
         yield Answer(
             status=response.status_code,
             headers=response.headers,
@@ -162,6 +245,18 @@ def hf_cache_dir(cache_dir: str | None) -> Path:
     from huggingface_hub import constants
 
     return Path(cache_dir or constants.HF_HUB_CACHE)
+
+
+def describe(exc: BaseException) -> str:
+    """One short line for an error: the operating system's words for a network error when the client wraps
+    them (``requests`` nests them in urllib3's retry errors, with a request id), else the error's text."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, _network_errors()):
+        os_error = re.search(r"\[Errno -?\d+\] [^'\"()]*[^'\"() ]", text)
+        if os_error:
+            return os_error.group(0)
+    text = re.sub(r",? ?'?\(Request ID: [^)]*\)'?", "", text)
+    return text or type(exc).__name__
 
 
 def status_of(exc: BaseException) -> int | None:

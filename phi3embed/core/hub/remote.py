@@ -34,7 +34,7 @@ class HubUnreachable(Exception):
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return adapter.describe(exc)
 
 
 def _timeout() -> Any:
