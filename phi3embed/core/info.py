@@ -98,11 +98,11 @@ def model_info(
     Resolution is :func:`phi3embed.core.checkpoint.resolve`'s, but a hub id that is not cached is not
     fetched: its configs come through ``hf_hub_download`` and its weight files' headers by range requests.
     """
-    from phi3embed.core.model import Phi3VisionModel  # heavy import (transformers), only needed here
-
     text = os.fspath(source)
     ckpt = resolve(text, revision=revision, fetch=False)
     fetch = ckpt.plan if ckpt.location == "hub" else None  # what encode would fetch first
+    from phi3embed.core.model import Phi3VisionModel  # heavy (transformers): after a model is found, not before
+
     vision, pre = parse_configs(ckpt.config, ckpt.preprocessor_config, where=str(ckpt.root / "config.json"))
     if num_crops is not None:
         if num_crops < 1:
