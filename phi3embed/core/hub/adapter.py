@@ -229,19 +229,19 @@ def download(repo_id: str, filename: str, *, revision: str, cache_dir: str | Non
     """One file through hf_hub_download (into the Hugging Face cache)."""
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+    return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=hf_cache_dir(cache_dir)))
 
 
 def cached_file(repo_id: str, filename: str, *, revision: str, cache_dir: str | None) -> Path | None:
     """The file in the Hugging Face cache, or None (no network)."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=hf_cache_dir(cache_dir), revision=revision)
     return Path(found) if isinstance(found, str) else None
 
 
 def hf_cache_dir(cache_dir: str | None) -> Path:
-    """The Hugging Face hub cache in use."""
+    """The Hugging Face hub cache in use: passed explicitly to every call (0.x binds its default at import)."""
     from huggingface_hub import constants
 
     return Path(cache_dir or constants.HF_HUB_CACHE)
