@@ -12,9 +12,10 @@ import json
 import numpy as np
 import torch
 
+from phi3embed.core.safetensors_io import write_safetensors
 from phi3embed.errors import ImageError
 from phi3embed.inputs.listing import Source
-from phi3embed.outputs.formats import EMBED_KEY, write_safetensors
+from phi3embed.outputs.formats import EMBED_KEY
 from phi3embed.outputs.publish import Publisher
 from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, error_record, new_record
 

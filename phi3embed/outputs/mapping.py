@@ -38,13 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from phi3embed.core.safetensors_io import SafetensorsFormatError, read_header_with
 from phi3embed.errors import Phi3EmbedError
+from phi3embed.outputs.formats import OUTPUT_DTYPES
 from phi3embed.outputs.manifest import MANIFEST, iter_manifest_lines
 from phi3embed.outputs.records import Record
 
 MAX_NDIM = 4  # stored tensors have 2 (projected, hd) or 3 (clip) dimensions
-_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _NPY_DTYPES = {np.dtype("<f4"): torch.float32, np.dtype("<f2"): torch.float16}
 _NO_KEY, _KEY_IS_NAME = -1, -2  # key codes besides indices into the interned keys
 _OPEN_FILES = 64  # descriptors kept open per process (pack files are read again and again)
@@ -197,7 +197,7 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
                 whole = self._read_whole(i)
             self._locate(i, whole)
         shape = self._loc_shape[i, : self._loc_ndim[i]].tolist()
-        dtype = _DTYPES[self._loc_dtype[i]]
+        dtype = OUTPUT_DTYPES[self._loc_dtype[i]]
         nbytes, offset = math.prod(shape) * dtype.itemsize, int(self._loc_off[i])
         if whole is not None:
             if offset + nbytes > len(whole):
@@ -302,23 +302,28 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
             if key is None:
                 self._note(i, *self._npy_header(read))
                 return
-            entries, base = _safetensors_header(read)
+            size = len(whole) if whole is not None else os.fstat(self._fd(path)).st_size
+            header = read_header_with(read, file=Path(path), file_size=size, where=path)
+        except SafetensorsFormatError as exc:
+            raise Phi3EmbedError(f"cannot read the header: {exc.reason}", path=path) from None
         except (OSError, ValueError, KeyError) as exc:
             raise Phi3EmbedError(f"cannot read the header: {exc}", path=path) from None
-        if key not in entries:
+        if key not in header.tensors:
             raise Phi3EmbedError(f"no tensor {key!r} (the embeddings of {self.name_at(i)})", path=path)
         out = int(self._out_id[i])
-        for k, entry in entries.items():  # a pack: every image of it this store reads from this file
+        for k, info in header.tensors.items():  # a pack: every image of it this store reads from this file
             j = i if k == key else self._names.find(k)
             if j is not None and self._out_id[j] == out and self.key_at(j) == k:
-                self._note(j, base + entry[0], entry[1], entry[2])
+                if info.torch_dtype not in OUTPUT_DTYPES:
+                    raise Phi3EmbedError(f"tensor {k!r} is {info.dtype}, not an embedding", path=path)
+                self._note(j, info.start, info.torch_dtype, info.shape)
 
     def _note(self, i: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         if len(shape) > MAX_NDIM:
             raise Phi3EmbedError(f"tensor of {self.name_at(i)} has {len(shape)} dimensions", path=self.path_at(i))
         self._loc_shape[i, : len(shape)] = shape
         self._loc_ndim[i] = len(shape)
-        self._loc_dtype[i] = _DTYPES.index(dtype)
+        self._loc_dtype[i] = OUTPUT_DTYPES.index(dtype)
         self._loc_off[i] = offset
 
     def _npy_header(self, read: Callable[[int, int], bytes]) -> tuple[int, torch.dtype, tuple[int, ...]]:
@@ -353,30 +358,6 @@ def _file_template(name: str, output: str) -> tuple[str, str | None]:
     if stem.endswith(name):
         return output[: len(stem) - len(name)], output[len(stem) :]
     return output, None
-
-
-def _safetensors_header(
-    read: Callable[[int, int], bytes],
-) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
-    """``({key: (offset in the data, dtype, shape)}, data start)`` of a safetensors file
-    (``read(size, offset)``: its bytes)."""
-    (n,) = struct.unpack("<Q", read(8, 0))
-    if n > 1 << 30:
-        raise ValueError("not a safetensors file (header length is implausible)")
-    header = json.loads(read(n, 8))
-    entries = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            continue
-        start, end = info["data_offsets"]
-        shape = tuple(int(d) for d in info["shape"])
-        if end - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"tensor {key!r}: {end - start} bytes for shape {list(shape)}")
-        entries[key] = (int(start), dtype, shape)
-    return entries, 8 + n
 
 
 def _parse_npy_header(head: bytes, read: Callable[[int], bytes]) -> tuple[int, torch.dtype, tuple[int, ...]]:

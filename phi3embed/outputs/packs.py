@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from phi3embed.core.safetensors_io import read_metadata, write_safetensors
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
-from phi3embed.outputs.formats import read_safetensors_metadata, write_safetensors
 from phi3embed.outputs.publish import Publisher
 from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, new_record
 
@@ -138,7 +138,7 @@ class PackWriter:
         missing: list[Record] = []
         for index in sorted(i for i in indices if i >= last):
             try:
-                meta = read_safetensors_metadata(self.publisher.real / indices[index])
+                meta = read_metadata(self.publisher.real / indices[index])
                 stored = json.loads(meta["records"]) if meta.get("format") == PACK_FORMAT else []
             except (OSError, ValueError, KeyError, Phi3EmbedError):
                 continue  # not one of ours

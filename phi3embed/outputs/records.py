@@ -18,7 +18,7 @@ import torch
 from phi3embed.core.stages import DEFAULT_STAGE, Stage, parse_stage
 from phi3embed.errors import ConfigError
 from phi3embed.inputs.listing import Source
-from phi3embed.outputs.formats import ST_DTYPES, dtype_name
+from phi3embed.outputs.formats import OUTPUT_DTYPES, dtype_name
 
 Format = Literal["npy", "safetensors", "pack"]
 Signature = tuple[Any, ...]  # what a finished record must match to be skipped on resume
@@ -41,7 +41,7 @@ class OutputSettings:
     stage: Stage = DEFAULT_STAGE  # which intermediate is stored (phi3embed.core.stages)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ST_DTYPES or self.compute_dtype not in ST_DTYPES:
+        if self.dtype not in OUTPUT_DTYPES or self.compute_dtype not in OUTPUT_DTYPES:
             raise ConfigError("dtypes must be float32, float16 or bfloat16")
         if self.format == "npy" and self.dtype == torch.bfloat16:
             raise ConfigError("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
