@@ -24,8 +24,10 @@ Windows, a binary parquet key) are kept as lone surrogates (``os.fsdecode``, "su
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
+from typing import Any
 
 NAME_MAX = 255  #: bytes in one path component (ext4, xfs, btrfs, tmpfs, zfs)
 #: bytes of an output path inside DIR: Linux's PATH_MAX is 4096 for DIR and this path together, so DIR itself
@@ -68,6 +70,38 @@ def readable(text: str) -> str:
     """``text`` as valid UTF-8 text: each byte that is not UTF-8 written as ``\\xNN`` (``text`` itself when it is
     valid). For people and for formats that need UTF-8; not reversible (the exact bytes are kept elsewhere)."""
     return text if is_text(text) else exact_bytes(text).decode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """``text`` for a line people read: :func:`readable`, and control characters as ``\\xNN`` too."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", readable(text))
+
+
+def text_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object (one level) made valid UTF-8: each string field that is not valid UTF-8 in its
+    :func:`readable` form, and its exact bytes, base64, in ``data["raw"][field]`` (what manifest records and
+    ``plan --json`` rows write; :func:`phi3embed.outputs.records.exact_field` reads it back)."""
+    raw = {}
+    out = dict(data)
+    for key, value in data.items():
+        if isinstance(value, str) and not is_text(value):
+            raw[key] = base64.b64encode(exact_bytes(value)).decode("ascii")
+            out[key] = readable(value)
+    if raw:
+        out["raw"] = raw
+    return out
+
+
+def readable_json(value: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, strings...) with every string in its :func:`readable` form, so that
+    ``json.dumps`` of it is valid UTF-8 JSON (a lone surrogate would be written as an invalid ``\\udcXX``)."""
+    if isinstance(value, str):
+        return readable(value)
+    if isinstance(value, dict):
+        return {readable_json(k): readable_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [readable_json(v) for v in value]
+    return value
 
 
 def name_hash(text: str) -> str:
@@ -127,8 +161,11 @@ def pack_key(name: str) -> str:
     return name if is_text(name) and not _KEY_MARK.search(name) else f"{readable(name)}~{name_hash(name)}"
 
 
-def unstorable_reason(name: str, suffix: str) -> str | None:
-    """Why ``name`` is not stored under ``name + suffix`` (None when it is): the first reason that applies."""
+def unstorable_reason(name: str, suffix: str | None) -> str | None:
+    """Why ``name`` is not stored under ``name + suffix`` (``suffix`` None: as a pack key), None when it is:
+    the first reason that applies."""
+    if suffix is None:
+        return None if pack_key(name) == name else "not valid UTF-8" if not is_text(name) else "ends like a hash"
     if output_path(name, suffix) == name + suffix:
         return None
     parts = name.split("/")
@@ -139,5 +176,5 @@ def unstorable_reason(name: str, suffix: str) -> str | None:
     if any(len(p.encode()) + len(suffix) * (i == len(parts) - 1) > NAME_MAX for i, p in enumerate(parts)):
         return f"a part longer than {NAME_MAX} bytes"
     if any(_MARK.search(p) for p in parts):
-        return "ends like a shortened name"
+        return "ends like a hash"
     return f"longer than {PATH_BUDGET} bytes"

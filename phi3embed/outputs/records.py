@@ -21,7 +21,7 @@ from phi3embed.core.stages import DEFAULT_STAGE, Stage, parse_stage
 from phi3embed.errors import ConfigError
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.formats import ST_DTYPES, dtype_name
-from phi3embed.outputs.names import exact_bytes, from_bytes, is_text, readable
+from phi3embed.outputs.names import from_bytes, text_fields
 
 Format = Literal["npy", "safetensors", "pack"]
 Signature = tuple[Any, ...]  # what a finished record must match to be skipped on resume
@@ -167,14 +167,7 @@ class Record:
         for late in ("attempt", "time"):
             if data[late] is None:
                 del data[late]
-        raw = {}
-        for key, value in data.items():
-            if isinstance(value, str) and not is_text(value):
-                raw[key] = base64.b64encode(exact_bytes(value)).decode("ascii")
-                data[key] = readable(value)
-        if raw:
-            data["raw"] = raw
-        return data
+        return text_fields(data)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record | None:
