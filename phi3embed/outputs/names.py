@@ -116,7 +116,8 @@ def _nbytes(text: str) -> int:
 def _kept(component: str, suffix: str) -> bool:
     """True when ``component`` (+ ``suffix``) is stored as it is."""
     return (
-        is_text(component)
+        component not in ("", ".", "..")  # (the listing never gives these; a path must never hold them)
+        and is_text(component)
         and not _CONTROL.search(component)
         and not _MARK.search(component)
         and len(component.encode()) + len(suffix) <= NAME_MAX
