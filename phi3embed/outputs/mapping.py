@@ -3,7 +3,8 @@
 :func:`open_outputs` reads the manifest once and keeps, per image whose latest record is ``ok``, only what it
 takes to find its tensor: the name (all names in one sorted byte blob, looked up by bisection), the
 manifest line's offset (:meth:`EmbeddingStore.record` reads it again when asked) and small codes for the
-output file and the tensor key (per-image outputs are ``<prefix><name><suffix>``, so no path is stored per
+output file and the tensor key (per-image outputs are ``<prefix><name><suffix>``, or ``<prefix>`` and the
+storable form of the name (:func:`phi3embed.outputs.names.output_path`), so no path is stored per
 image). That is a few dozen bytes per image and no Python object per image, so a million-image store opens
 in seconds, stays small, and DataLoader workers forked from it do not copy it page by page (reference
 counts of per-image objects would).
@@ -40,7 +41,7 @@ import torch
 
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.outputs.manifest import MANIFEST, iter_manifest_lines
-from phi3embed.outputs.names import exact_bytes, from_bytes
+from phi3embed.outputs.names import exact_bytes, from_bytes, output_path
 from phi3embed.outputs.records import Record, exact_field
 
 MAX_NDIM = 4  # stored tensors have 2 (projected, hd) or 3 (clip) dimensions
@@ -96,7 +97,7 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         index: dict[str, int] = {}  # name -> row, while reading (dropped after sorting)
         line_off, out_id, key_id = array("q"), array("i"), array("i")
         failed: dict[str, int] = {}  # name -> line offset of its latest (error) record
-        files: dict[tuple[str, str | None], int] = {}  # (prefix, suffix) or (literal path, None) -> id
+        files: dict[_Template, int] = {}  # how outputs are found from names (_file_template) -> id
         keys: dict[str, int] = {}
         for offset, data in iter_manifest_lines(self.manifest):
             name = exact_field(data, "name")
@@ -199,7 +200,7 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         if self._loc_off[i] < 0:
             # a per-image file is read whole, header included, in one call (one trip to the disk, as the
             # raw read of its tensor would take); a pack's header once, then only the tensors asked for
-            if self._out_id[i] >= 0 and self._files[self._out_id[i]][1] is not None:
+            if self._out_id[i] >= 0 and self._files[self._out_id[i]][2] != _LITERAL:
                 whole = self._read_whole(i)
             self._locate(i, whole)
         shape = self._loc_shape[i, : self._loc_ndim[i]].tolist()
@@ -254,8 +255,11 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         out = int(self._out_id[i])
         if out < 0:
             raise Phi3EmbedError(f"the ok record of {self.name_at(i)} names no output", path=self.manifest)
-        prefix, suffix = self._files[out]
-        return os.path.join(self._root, prefix if suffix is None else prefix + self.name_at(i) + suffix)
+        prefix, suffix, how = self._files[out]
+        if how == _LITERAL:
+            return os.path.join(self._root, prefix)
+        name = self.name_at(i)
+        return os.path.join(self._root, prefix + (name + suffix if how == _PLAIN else output_path(name, suffix)))
 
     def key_at(self, i: int) -> str | None:
         """The safetensors key of the ``i``-th name's tensor (None for npy)."""
@@ -352,14 +356,24 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
             self.close()
 
 
-def _file_template(name: str, output: str) -> tuple[str, str | None]:
-    """``output`` as ``(prefix, suffix)`` around ``name`` when it contains it at its end (per-image files,
-    also under a combined manifest's ``../part-3/``), else ``(output, None)`` (a pack file)."""
+_PLAIN, _STORED, _LITERAL = 0, 1, 2  # output = prefix + name + suffix / prefix + output_path(name, suffix) / prefix
+_Template = tuple[str, str, int]
+
+
+def _file_template(name: str, output: str) -> _Template:
+    """How ``output`` follows from ``name`` (per-image files, also under a combined manifest's ``../part-3/``):
+    ``(prefix, suffix, _PLAIN)`` around the name, ``(prefix, suffix, _STORED)`` around the storable form of a
+    name that could not be stored as it is, else ``(output, "", _LITERAL)`` (a pack file)."""
     dot = output.rfind(".")
     stem = output[:dot] if dot >= 0 else output
     if stem.endswith(name):
-        return output[: len(stem) - len(name)], output[len(stem) :]
-    return output, None
+        return output[: len(stem) - len(name)], output[len(stem) :], _PLAIN
+    if "~" in output:  # every storable form has one (a pack file's name has none)
+        suffix = output[dot:] if dot >= 0 else ""
+        stored = output_path(name, suffix)
+        if output.endswith(stored) and stored != name + suffix:
+            return output[: len(output) - len(stored)], suffix, _STORED
+    return output, "", _LITERAL
 
 
 def _safetensors_header(

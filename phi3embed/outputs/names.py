@@ -13,7 +13,8 @@ Windows, a binary parquet key) are kept as lone surrogates (``os.fsdecode``, "su
   shortened, cleaned prefix, a hash of the component's exact bytes, and the image extension (``.png``) when
   there is a clean one. A path longer than :data:`PATH_BUDGET` bytes keeps its leading folders while they
   fit and folds the rest into one such component. A kept component never ends like a replaced one (a real
-  name that does is replaced too), so two names never share an output.
+  name that does is replaced too), so two names never share an output. (``..``, ``.`` and empty components are left as
+  they are, for :meth:`phi3embed.outputs.publish.Publisher.safe_path` to refuse: the listing never names one.)
 * :func:`pack_key`: a pack file's tensor key: the name itself when it is valid UTF-8, else its readable form
   plus ``~`` and the hash.
 * :func:`readable`: UTF-8 text for JSON, safetensors metadata and messages: undecodable bytes as ``\\xNN``.
@@ -59,6 +60,8 @@ def from_bytes(raw: bytes) -> str:
 
 def is_text(text: str) -> bool:
     """True when ``text`` is valid Unicode (no lone surrogate): it can be written as UTF-8 as it is."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -115,9 +118,10 @@ def _nbytes(text: str) -> int:
 
 def _kept(component: str, suffix: str) -> bool:
     """True when ``component`` (+ ``suffix``) is stored as it is."""
+    if component in ("", ".", ".."):
+        return True  # left for the publisher to refuse: a name that leads out of DIR is an error, never renamed
     return (
-        component not in ("", ".", "..")  # (the listing never gives these; a path must never hold them)
-        and is_text(component)
+        is_text(component)
         and not _CONTROL.search(component)
         and not _MARK.search(component)
         and len(component.encode()) + len(suffix) <= NAME_MAX

@@ -174,7 +174,8 @@ class Record:
         """A manifest line's object -> Record; None when it is not a record (no string ``name``)."""
         if not isinstance(data.get("name"), str):
             return None
-        values = {f: exact_field(data, f) for f in _FIELDS}
+        raw = data.get("raw")  # only lines with text that is not UTF-8 have it
+        values = {f: exact_field(data, f) for f in _FIELDS} if raw else {f: data.get(f) for f in _FIELDS}
         values["stage"] = data.get("stage") or DEFAULT_STAGE  # a line from before stages existed
         return cls(**values)
 
