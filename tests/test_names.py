@@ -37,7 +37,7 @@ from phi3embed.outputs.names import (
     pack_key,
     unstorable_reason,
 )
-from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, error_record
+from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, error_record, exact_field
 from phi3embed.outputs.store import OutputStore
 
 LATIN1 = os.fsdecode(b"caf\xe9.png")  # what os.listdir gives for a Latin-1 file name
@@ -336,3 +336,33 @@ def test_a_file_system_that_refuses_a_name_costs_one_image(tmp_path: Path, monke
             if not rec.ok:
                 assert rec.error == "refused.png.npy: the file system cannot hold this output name: File name too long"
     assert sorted(phi3embed.open(tmp_path / "out")) == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "pack"])
+def test_plan_names_each_output_and_notes_the_renamed(app: Any, runner: Any, tmp_path: Path, fmt: str) -> None:
+    names = [b"ok.png", b"caf\xe9.png", b"y" * 251 + b".png", b"tab\t.png"]
+    _tree(tmp_path / "imgs", names)
+    args = ["plan", str(tmp_path / "imgs"), "--num-crops", "4", "--format", fmt]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout_bytes.decode("utf-8"))  # strict UTF-8
+    rows = {exact_field(r, "name"): r for r in doc["images"]}  # exact bytes from raw, as in the manifest
+    suffix = None if fmt == "pack" else f".{fmt}"
+    for raw in names:
+        name, row = os.fsdecode(raw), rows[os.fsdecode(raw)]
+        assert row["renamed"] == unstorable_reason(name, suffix)
+        if suffix is None:
+            assert row["key"] == pack_key(name) and row["output"] is None
+        else:
+            assert row["output"] == output_path(name, suffix) and row["key"] is None
+    renamed = [n for n in names if unstorable_reason(os.fsdecode(n), suffix)]
+    assert doc["totals"]["renamed"] == len(renamed) == (1 if fmt == "pack" else 3)
+    table = runner.invoke(app, args)
+    assert table.exit_code == 0 and "caf\\xe9.png" in table.stdout and "tab\\x09.png" in table.stdout
+    note = table.stderr.splitlines()
+    assert note[0].startswith(f"note: {len(renamed)} image") and len(note) == 1 + len(renamed)
+    assert (
+        "caf\\xe9.png (not valid UTF-8) -> "
+        + ("pack key caf\\xe9.png~" if fmt == "pack" else output_path(LATIN1, str(suffix)))
+        in table.stderr
+    )

@@ -66,7 +66,7 @@ class PlanRow:
 
     def to_dict(self) -> dict[str, Any]:
         """The row as JSON (valid UTF-8: a name that is not has its exact bytes in ``raw``, as in the manifest)."""
-        return text_fields({
+        row = {
             "name": self.name,
             "path": self.path,
             "output": self.output,
@@ -84,7 +84,8 @@ class PlanRow:
             "bytes": self.bytes,
             "bytes_by_stage": self.stage_bytes,
             "gflop": None if self.flops is None else round(self.flops / 1e9, 3),
-        })  # fmt: skip
+        }
+        return text_fields(row)
 
 
 @dataclass(frozen=True)
