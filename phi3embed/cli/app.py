@@ -394,6 +394,7 @@ def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any,
     from phi3embed.errors import Phi3EmbedError
     from phi3embed.jobs.core import run_job
     from phi3embed.outputs.formats import dtype_name
+    from phi3embed.outputs.publish import OutputError
     from phi3embed.outputs.store import OutputStore
 
     info, fmt, pack_bytes, quiet = engine.info, opts.output_format, opts.pack_bytes, opts.quiet
@@ -409,13 +410,19 @@ def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any,
             ).open()
         except Phi3EmbedError as exc:
             raise _Usage(str(exc)) from None
+        closing: OutputError | None = None
         try:
             reporter = ProgressReporter(console, show_progress=not quiet)
             summary = run_job(sources, store, engine, reporter=reporter, dedup=not opts.no_dedup)
         finally:
-            store.close()
+            try:
+                store.close()  # the last pack is written here: a full disk may refuse it
+            except OutputError as exc:
+                closing = exc
     finally:
         engine.close()
+    if closing is not None and summary.fatal is None:
+        summary.fatal = str(closing)
     if summary.fatal:
         code = 2
     elif summary.interrupted:
@@ -449,7 +456,12 @@ def _check_writable(out: Path) -> None:
     if not probe.is_dir():
         raise _Usage(f"{out}: cannot be an output directory ({probe} is not a directory)")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise _Usage(f"{out}: cannot write there (permission denied on {probe})")
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "read-only file system" if read_only else "permission denied"
+        raise _Usage(f"{out}: cannot write there ({why} on {probe})")
 
 
 class _JsonlPrinter:

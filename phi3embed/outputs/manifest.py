@@ -83,6 +83,7 @@ class ManifestLog:
         self._attempts: dict[str, int] = {}
         self._fd: int | None = None
         self._last_sync = 0.0
+        self._torn = False  # the last append failed part way: the next one starts with a newline
 
     def count(self, record: Record) -> None:
         """Count an existing record's attempt (while the caller reads the manifest at open)."""
@@ -109,7 +110,17 @@ class ManifestLog:
         for record in records:
             self._attempts[record.name] = self._attempts.get(record.name, 0) + 1
             stamped.append(record.stamped(self._attempts[record.name], _now()))
-        os.write(self._fd, encode_lines(stamped))
+        data = encode_lines(stamped)
+        if self._torn:
+            data = b"\n" + data  # after a failed append: start on a fresh line
+        try:
+            view = memoryview(data)
+            while view:  # a full disk may take part of the bytes before it refuses the rest
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            self._torn = True
+            raise
+        self._torn = False
         if time.monotonic() - self._last_sync > self.fsync_interval:
             self.sync()
         return stamped
@@ -122,7 +133,10 @@ class ManifestLog:
         self._last_sync = time.monotonic()
 
     def close(self) -> None:
+        """Sync and close (closed even when the sync fails: OSError then)."""
         if self._fd is not None:
-            self.sync()
-            os.close(self._fd)
-            self._fd = None
+            try:
+                self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = None

@@ -35,6 +35,44 @@ class OutputError(Phi3EmbedError):
     """The output directory cannot be used (not writable, locked by another run, disk full...)."""
 
 
+#: How an output failure is named: the causes people act on, in words that say what to do about them.
+_CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error",
+    errno.EFBIG: "file too large for the file system",
+}
+
+
+def output_failure(exc: OSError, root: Path, doing: str) -> OutputError:
+    """The one line for an output directory that failed while ``doing`` something (``writing a.jpg.npy``):
+    ``DIR: <cause> (<doing>)``. The same words whatever wrote (a per-image file, a pack, the manifest), so
+    every output failure ends a job the same way; a folder removed under the job says so."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE) and not os.path.isdir(root):
+        cause = "the output folder was removed while the job ran"
+    elif exc.errno in _CAUSES:
+        cause = _CAUSES[exc.errno]
+    else:
+        text = exc.strerror or str(exc) or type(exc).__name__
+        cause = text[:1].lower() + text[1:]
+    return OutputError(f"{cause} ({doing})", path=root)
+
+
+class _WriteOnly:
+    """A file seen through ``write`` alone. numpy writes an array to a real file with C ``fwrite``, which loses
+    the reason of a short write ("72672 requested and 13280 written"); through this it writes with Python's
+    ``write``, whose OSError keeps it (no space left, quota, read-only)."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self._fh.write(data)
+
+
 class Publisher:
     """Temp area, lock, atomic writes and folder durability for one run on ``root``.
 
@@ -120,7 +158,7 @@ class Publisher:
 
         def fill(tmp: Path) -> int:
             with open(tmp, "wb") as fh:
-                write(fh)
+                write(_WriteOnly(fh))  # type: ignore[arg-type]  # write() is all a writer needs of the file
                 fh.flush()
                 os.fsync(fh.fileno())
                 return fh.tell()
@@ -160,12 +198,20 @@ class Publisher:
             size = fill(tmp)
             os.replace(tmp, final)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"cannot write {final}: {exc.strerror or exc}", path=self.root) from None
+            with contextlib.suppress(OSError):  # a read-only or removed folder refuses this too
+                tmp.unlink(missing_ok=True)
+            raise output_failure(exc, self.root, f"writing {self.relative(final)}") from None
         with self._lock:
             self._dirty_dirs.add(final.parent)
             self.bytes_written += size
             self.files_written += 1
+
+    def relative(self, path: Path) -> str:
+        """``path`` (inside DIR) as people name it in messages: relative to DIR."""
+        try:
+            return path.relative_to(self.real).as_posix()
+        except ValueError:
+            return str(path)
 
     def sync_folders(self) -> None:
         """Make the renames so far durable (kill -9 cannot undo a rename; a power cut can)."""
