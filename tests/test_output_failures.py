@@ -55,9 +55,8 @@ def test_a_removed_output_folder_is_named_as_such(tmp_path: Path) -> None:
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_numpy_through_write_keeps_the_reason_of_a_short_write() -> None:
     array = np.zeros((300, 300), np.float32)
-    with open("/dev/full", "wb") as fh, pytest.raises(OSError) as kept:
+    with open("/dev/full", "wb", buffering=0) as fh, pytest.raises(OSError) as kept:
         np.save(_WriteOnly(fh), array)  # type: ignore[arg-type]
-        fh.flush()
     assert kept.value.errno == errno.ENOSPC
 
 
