@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -302,14 +303,17 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
 
     from rich.console import Console
 
-    from phi3embed.cli.progress import say, skipped_special
+    from phi3embed.cli.progress import listing_notes, say, skipped_special
 
     console = Console(stderr=True)
+    notes = listing_notes(listing)
     if not sources:
         if not opts.quiet:
             extra = f" in shard {opts.shard} ({listed} images in all)" if opts.shard_spec else ""
             extra += f"; {skipped_special(listing.special)}" if listing.special else ""
             say(console, f"phi3embed encode: no images to encode{extra}")
+            for note in notes:
+                say(console, f"note: {note}")
         return 0
     _check_writable(opts.out)
 
@@ -324,7 +328,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
         engine = _ray_engine(opts, console) if opts.engine == "ray" else _local_engine(opts, checkpoint_dir, console)
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
-    return _run(engine, sources, opts, console=console, special=listing.special)
+    return _run(engine, sources, opts, console=console, special=listing.special, notes=notes)
 
 
 def _local_engine(opts: _EncodeOptions, checkpoint_dir: str, console: Any) -> Any:
@@ -387,10 +391,12 @@ def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
     return plan(options, announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"))
 
 
-def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any, special: int = 0) -> int:
-    """Open the store, run the job, render the summary (``special``: special files the listing skipped); the
-    exit code."""
-    from phi3embed.cli.progress import ProgressReporter, RunInfo, render_summary, say
+def _run(
+    engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any, special: int = 0, notes: Sequence[str] = ()
+) -> int:
+    """Open the store, run the job, render the summary (``special``: special files the listing skipped;
+    ``notes``: its other lines about the listing); the exit code."""
+    from phi3embed.cli.progress import ProgressReporter, RunInfo, manifest_note, render_summary, say
     from phi3embed.errors import Phi3EmbedError
     from phi3embed.jobs.core import run_job
     from phi3embed.outputs.formats import dtype_name
@@ -438,8 +444,16 @@ def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any,
             output = f"safetensors packs of up to {pack_bytes:,} bytes, {dtype_name(info.stored_dtype)}"
         else:
             output = f"{fmt} {dtype_name(info.stored_dtype)}"
+        if store.unreadable_lines:
+            notes = [*notes, manifest_note(store.unreadable_lines, str(store.manifest.path))]
         run = RunInfo(
-            out_dir=str(opts.out), output=output, model=opts.model, engine=info, exit_code=code, special=special
+            out_dir=str(opts.out),
+            output=output,
+            model=opts.model,
+            engine=info,
+            exit_code=code,
+            special=special,
+            notes=tuple(notes),
         )
         written = store.publisher
         render_summary(console, summary, run, bytes_written=written.bytes_written, files=written.files_written)

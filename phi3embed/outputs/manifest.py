@@ -22,9 +22,12 @@ from phi3embed.outputs.records import Record
 MANIFEST = "manifest.jsonl"
 
 
-def iter_manifest_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_manifest_lines(
+    path: str | os.PathLike[str], unreadable: list[int] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(byte offset, JSON object)`` of every complete record line, oldest first; the rest is skipped
-    (a torn last line of a killed writer, lines that are not JSON objects with a string ``name``)."""
+    (a torn last line of a killed writer, lines that are not JSON objects with a string ``name``: the offsets
+    of these complete lines are appended to ``unreadable``; blank lines are not counted)."""
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
@@ -38,25 +41,29 @@ def iter_manifest_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, dic
             try:
                 data = json.loads(line)
             except ValueError:
-                continue
+                data = None
             if isinstance(data, dict) and isinstance(data.get("name"), str):
                 yield start, data
+            elif unreadable is not None and line.strip():
+                unreadable.append(start)
 
 
-def iter_manifest(path: str | os.PathLike[str]) -> Iterator[Record]:
-    """Records of a manifest, oldest first. Lines that are not complete JSON records are skipped."""
-    for _, data in iter_manifest_lines(path):
+def iter_manifest(path: str | os.PathLike[str], unreadable: list[int] | None = None) -> Iterator[Record]:
+    """Records of a manifest, oldest first. Lines that are not complete JSON records are skipped (and counted
+    into ``unreadable``, as :func:`iter_manifest_lines` does)."""
+    for _, data in iter_manifest_lines(path, unreadable):
         record = Record.from_json(data)
         if record is not None:
             yield record
 
 
-def latest_records(out_dir: str | os.PathLike[str]) -> dict[str, Record]:
-    """Image name -> its latest manifest record (``ok`` or ``error``), names sorted."""
+def latest_records(out_dir: str | os.PathLike[str], unreadable: list[int] | None = None) -> dict[str, Record]:
+    """Image name -> its latest manifest record (``ok`` or ``error``), names sorted (lines that cannot be read
+    are counted into ``unreadable``)."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise Phi3EmbedError("no manifest.jsonl here: not a phi3embed output directory", path=Path(out_dir))
-    latest = {record.name: record for record in iter_manifest(path)}
+    latest = {record.name: record for record in iter_manifest(path, unreadable)}
     return {name: latest[name] for name in sorted(latest)}
 
 

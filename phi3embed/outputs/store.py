@@ -69,6 +69,7 @@ class OutputStore:
         self.on_record = on_record
         self.fsync_interval = fsync_interval
         self.recovered = 0  # records restored from pack metadata at open
+        self.unreadable_lines = 0  # manifest lines that are not JSON records, skipped at open
         self._build()
 
     def __enter__(self) -> OutputStore:
@@ -82,9 +83,11 @@ class OutputStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.publisher.open()
-            for record in iter_manifest(self.manifest.path):
+            unreadable: list[int] = []
+            for record in iter_manifest(self.manifest.path, unreadable):
                 self.manifest.count(record)
                 self.index.note(record)
+            self.unreadable_lines = len(unreadable)
             self.manifest.open()
             if isinstance(self.writer, PackWriter):
                 missing = self.writer.recover(iter_manifest(self.manifest.path))
