@@ -41,13 +41,15 @@ class FileWriter:
             return error_record(self.settings, source, str(exc), facts)
         if self.settings.format == "npy":
             array = tensor.numpy()
-            self.publisher.atomic_write(final, lambda fh: np.save(fh, array, allow_pickle=False))
+            size = self.publisher.atomic_write(final, lambda fh: np.save(fh, array, allow_pickle=False))
             key = None
         else:
             meta = self._metadata(source, facts)
-            self.publisher.atomic_write(final, lambda fh: write_safetensors(fh, [(EMBED_KEY, tensor)], meta))
+            size = self.publisher.atomic_write(final, lambda fh: write_safetensors(fh, [(EMBED_KEY, tensor)], meta))
             key = EMBED_KEY
-        return new_record(self.settings, source, facts, status="ok", output=rel, key=key, shape=tuple(tensor.shape))
+        return new_record(
+            self.settings, source, facts, status="ok", output=rel, key=key, shape=tuple(tensor.shape), output_size=size
+        )
 
     def write_duplicate(self, source: Source, facts: ImageFacts, first: Record) -> Record:
         """Give ``source`` (same bytes as ``first``, an ok record) ``first``'s file under its own name: a hard
@@ -61,6 +63,10 @@ class FileWriter:
         if not existing.is_file():
             return error_record(self.settings, source, f"{source.label}: the output of {first.name} is gone", facts)
         self.publisher.link_or_copy(existing, final)
+        try:
+            size: int | None = final.stat().st_size
+        except OSError:
+            size = None
         return new_record(
             self.settings,
             source,
@@ -70,6 +76,7 @@ class FileWriter:
             key=first.key,
             shape=tuple(first.shape or ()),
             duplicate_of=first.name,
+            output_size=size,
         )
 
     def pending(self, name: str) -> None:

@@ -153,8 +153,9 @@ class Publisher:
         elif not folder.is_dir():
             raise ImageError(f"output folder {sub} exists and is not a folder", path=rel)
 
-    def atomic_write(self, final: Path, write: Callable[[IO[bytes]], None]) -> None:
-        """``write`` into a temp file, fsync it, rename it to ``final``; OutputError when that fails."""
+    def atomic_write(self, final: Path, write: Callable[[IO[bytes]], None]) -> int:
+        """``write`` into a temp file, fsync it, rename it to ``final``; its size in bytes. OutputError when
+        that fails."""
 
         def fill(tmp: Path) -> int:
             with open(tmp, "wb") as fh:
@@ -163,7 +164,7 @@ class Publisher:
                 os.fsync(fh.fileno())
                 return fh.tell()
 
-        self._publish(final, fill)
+        return self._publish(final, fill)
 
     def link_or_copy(self, existing: Path, final: Path) -> bool:
         """Publish ``existing`` (a file already in place in DIR) under ``final`` too: a hard link (no new
@@ -189,8 +190,9 @@ class Publisher:
         self._publish(final, fill)
         return linked
 
-    def _publish(self, final: Path, fill: Callable[[Path], int]) -> None:
-        """``fill`` a fresh temp path (returns the bytes it wrote), rename it to ``final``, note the folder."""
+    def _publish(self, final: Path, fill: Callable[[Path], int]) -> int:
+        """``fill`` a fresh temp path (returns the bytes it wrote), rename it to ``final``, note the folder;
+        the bytes written."""
         with self._lock:
             self._tmp_count += 1
             tmp = self.tmp / f"{self._tmp_count:09d}.part"
@@ -205,6 +207,7 @@ class Publisher:
             self._dirty_dirs.add(final.parent)
             self.bytes_written += size
             self.files_written += 1
+        return size
 
     def relative(self, path: Path) -> str:
         """``path`` (inside DIR) as people name it in messages: relative to DIR."""
