@@ -302,3 +302,27 @@ def test_folders_count_the_archives_and_looping_links_they_skip(tmp_path: Path) 
     globbed = list_inputs(["d/**/*.png"], cwd=str(tmp_path))  # ** follows links to folders: not around a loop
     assert sorted(s.name for s in globbed.sources) == ["a.png", "self.png"]  # self.png: an error record when read
     assert globbed.looping_links == {str(tmp_path / "d" / "sub" / "up")}
+
+
+@pytest.mark.parametrize(
+    ("suffix", "tool"), [(".tar.gz", "gzip"), (".tgz", "gzip"), (".tar.bz2", "bzip2"), (".tar", "gzip")]
+)
+def test_a_compressed_tar_file_is_one_error_that_says_how_to_decompress_it(
+    tmp_path: Path, suffix: str, tool: str
+) -> None:
+    import bz2
+    import gzip
+
+    plain = make_tar(tmp_path / "plain.tar", [("a.png", TINY)]).read_bytes()
+    name = f"x{suffix}"
+    (tmp_path / name).write_bytes(bz2.compress(plain) if tool == "bzip2" else gzip.compress(plain))
+    (source,) = listed(tmp_path, name)
+    target = "x-plain.tar" if suffix == ".tar" else "x.tar"
+    assert source.name == name and source.member is not None
+    assert source.member.error == (
+        f"compressed tar file ({tool}): members are read in place, which compressed bytes do not allow; "
+        f"decompress it once and pass the .tar ({tool} -dc {name} > {target})"
+    )
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / name).write_bytes(b"")
+    assert list_inputs(["d"], cwd=str(tmp_path)).archive_paths == {str(tmp_path / "d" / name)}  # counted in folders

@@ -5,7 +5,8 @@ Listing reads only what names the images: a tar file's member headers (the data 
 parquet file's metadata and its key column. Each image becomes a :class:`~phi3embed.inputs.listing.Source` whose
 ``path`` is the archive and whose ``member`` (:class:`Member`) says where its bytes are:
 
-* tar: every regular member with an image extension; its name is ``<archive name>/<member path>``
+* tar: every regular member with an image extension (a compressed tar file, ``.tar.gz`` or gzip, bzip2, xz or
+  zstd bytes behind ``.tar``, is one error record that says how to decompress it: members are read in place); its name is ``<archive name>/<member path>``
   (``000.tar/sample0001.jpg``). Sibling members (``.txt``, ``.json``, ``.cls``...) and folders are not images.
 * parquet: one image per row of the image column (``image_column``; by default the first of ``image``,
   ``jpg``, ``png``, ``img``), a Hugging Face image struct ``{bytes, path}`` or plain bytes; its name is
@@ -58,10 +59,36 @@ class ParquetUnavailableError(Phi3EmbedError):
     """pyarrow is not installed (the ``parquet`` extra)."""
 
 
+#: Names of compressed tar files: listed as archives, so that they get one clear error record (COMPRESSIONS).
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+#: What compressed bytes start with, and the tool that decompresses them.
+COMPRESSIONS = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
 def archive_kind(path: str) -> str | None:
-    """``"tar"``, ``"parquet"`` or None, from the extension."""
+    """``"tar"``, ``"parquet"`` or None, from the extension (a compressed tar's name is a ``"tar"``)."""
     ext = os.path.splitext(path)[1].lower()
-    return "tar" if ext in TAR_EXTENSIONS else "parquet" if ext in PARQUET_EXTENSIONS else None
+    if ext in TAR_EXTENSIONS or path.lower().endswith(COMPRESSED_TAR_SUFFIXES):
+        return "tar"
+    return "parquet" if ext in PARQUET_EXTENSIONS else None
+
+
+def compressed_tar_error(head: bytes, name: str) -> str | None:
+    """The error of a tar file whose first bytes ``head`` are compressed (gzip, bzip2, xz, zstd), or None. Such
+    a file is refused, not streamed: members are read in place by one positioned read each (and by several
+    processes at once), which a compressed stream cannot give; decompressing once costs less than reading
+    the stream again per worker."""
+    tool = next((t for magic, t in COMPRESSIONS.items() if head.startswith(magic)), None)
+    if tool is None:
+        return None
+    base = os.path.basename(name)
+    lower = base.lower()
+    suffix = next((s for s in COMPRESSED_TAR_SUFFIXES if lower.endswith(s)), "")
+    stem = base[: len(base) - len(suffix)] if suffix else os.path.splitext(base)[0] + "-plain"
+    return (
+        f"compressed tar file ({tool}): members are read in place, which compressed bytes do not allow; "
+        f"decompress it once and pass the .tar ({tool} -dc {base} > {stem}.tar)"
+    )
 
 
 def member_label(path: str, member: Member) -> str:
@@ -139,6 +166,9 @@ def unique_names(found: list[tuple[str, Member]], repeated: list[str] | None = N
 def _list_tar(fh: Any, size: int, name: str, image_extensions: frozenset[str]) -> list[tuple[str, Member]]:
     if size == 0:
         return [(name, Member(name, 0, "", error="empty archive (0 bytes)"))]
+    compressed = compressed_tar_error(fh.read(8), name)
+    if compressed is not None:
+        return [(name, Member(name, 0, "", error=compressed))]
     found: list[tuple[str, Member]] = []
     index = 0
     for info in _tar_headers(fh, size):
