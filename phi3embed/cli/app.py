@@ -445,7 +445,7 @@ def _run(
         else:
             output = f"{fmt} {dtype_name(info.stored_dtype)}"
         if store.unreadable_lines:
-            notes = [*notes, manifest_note(store.unreadable_lines, str(store.manifest.path))]
+            notes = [*notes, manifest_note(store.unreadable_lines, str(opts.out / store.manifest.path.name))]
         run = RunInfo(
             out_dir=str(opts.out),
             output=output,

@@ -172,7 +172,7 @@ def listing_notes(listing: Listing) -> list[str]:
     if listing.looping_links:
         n = len(listing.looping_links)
         notes.append(
-            f"skipped {n} looping symbolic link{_s(n)} ({min(listing.looping_links)}{', ...' if n > 1 else ''})"
+            f"skipped {n} looping symbolic link{_s(n)} ({_shown(min(listing.looping_links))}{', ...' if n > 1 else ''})"
         )
     if listing.repeated:
         n = len(listing.repeated)
