@@ -5,7 +5,8 @@ transformers) are imported inside the commands, so ``--help`` and usage errors a
 
 Exit codes of ``encode``: 0 every image done; 1 some images failed (each has an error record and a line on
 stderr); 2 usage, input, model, checkpoint or output-directory errors (reported before any work starts),
-or the job stopped on out of memory / a failing output directory (finished outputs are kept);
+or the job stopped on out of memory / a failing output directory (one line naming DIR and the cause: no space
+left on device, disk quota exceeded, read-only file system, the folder removed; finished outputs are kept);
 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM (finished outputs are kept; rerun to resume).
 """
 
@@ -106,7 +107,7 @@ INPUT: image files, directories (recursed; images found by extension or content)
 
 Output: DIR/<path relative to its input root>.<format>, e.g. imgs/a/b.jpg -> DIR/a/b.jpg.npy, holding one num_tokens x hidden array (safetensors: key image_embeds). With --pack: numbered pack files DIR/emb-00000.safetensors, one tensor per image. DIR/manifest.jsonl gets one JSON record per image and attempt. Rerunning the same command skips finished images (--overwrite redoes them).
 
-Exit codes: 0 all images done; 1 some images failed (see the error records); 2 usage, model, checkpoint or output-directory problems, or out of memory; 130 Ctrl-C; 143 SIGTERM. Finished outputs are always kept.
+Exit codes: 0 all images done; 1 some images failed (see the error records); 2 usage, model, checkpoint or output-directory problems (disk full, quota, read-only, folder removed: one line naming DIR and the cause), or out of memory; 130 Ctrl-C; 143 SIGTERM. Finished outputs are always kept; rerun the same command to finish.
 """
 
 
