@@ -7,7 +7,8 @@ sibling member, as img2dataset writes them) in ``--work``. Times, each in a fres
   image is read);
 * ``rerun``: ``phi3embed encode <work>/*.tar`` over an output folder in which every image is finished (a
   manifest with one ok record per image, an output file each, written here from the record a real encode of one
-  member gives): listing, loading the manifest, the resume check of every image, "nothing to do".
+  member gives, sparse, of the recorded size): listing, loading the manifest, the resume check of every image
+  (one ``stat`` each, its size compared with the record), "nothing to do".
 
 ``reading``: ``--images`` distinct random JPEGs as loose files, one tar file and one parquet file (HF image
 struct). Times the reading + preparation of every image in this process (thread CPU time, best of
@@ -105,7 +106,8 @@ def finished_output(work: Path, out: Path) -> int:
                 record = dict(template, name=f"{tar.name}/{name}", source=str(tar), output=f"{tar.name}/{name}.npy")
                 record.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
                 lines.append(json.dumps(record) + "\n")
-                (folder / f"{name}.npy").touch()
+                with open(folder / f"{name}.npy", "wb") as out_file:  # noqa: PTH123
+                    out_file.truncate(template["output_size"])  # sparse, of the size resume checks
             fh.writelines(lines)
             count += len(names)
     return count

@@ -132,6 +132,7 @@ def test_parquet_rows_are_named_by_key_or_row_number(tmp_path: Path, monkeypatch
         "hf.parquet/k0",
         "hf.parquet/k1",
         "hf.parquet/../k2",
+        "hf.parquet/k0#2",  # a repeated key: a record of its own (issue 17)
         "plain.parquet/00000000",
         "plain.parquet/00000001",
     ]
@@ -144,7 +145,7 @@ def test_parquet_rows_are_named_by_key_or_row_number(tmp_path: Path, monkeypatch
     assert null is not None
     with pytest.raises(ImageError, match=r"hf.parquet/k1: null image in column 'image'"):
         read_member("hf.parquet", null, max_bytes=2**30)
-    assert read_member("plain.parquet", sources[4].member, max_bytes=2**30)[0] == TINY  # type: ignore[arg-type]
+    assert read_member("plain.parquet", sources[5].member, max_bytes=2**30)[0] == TINY  # type: ignore[arg-type]
     other = listed(tmp_path, "plain.parquet", image_column="caption")[0]
     with pytest.raises(ImageError, match="holds str, not image bytes"):
         read_member("plain.parquet", other.member, max_bytes=2**30)  # type: ignore[arg-type]
@@ -260,3 +261,68 @@ def test_plan_reads_members_as_loose_files_from_their_first_bytes(
     for row in inside.rows:
         same = by_name[row.name.removeprefix("p.tar/")]
         assert (row.width, row.height, row.num_tokens, row.ok) == (same.width, same.height, same.num_tokens, same.ok)
+
+
+def test_repeated_names_inside_an_archive_each_keep_an_image_under_a_suffix(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    make_tar(tmp_path / "a.tar", [("x.png", TINY), ("y.png", SQUARE), ("x.png", SQUARE), ("./x.png", PHOTO)])
+    make_parquet(tmp_path / "k.parquet", {"__key__": ["k", "k#2", "k", "k"], "png": [TINY, SQUARE, PHOTO, TINY]})
+    listing = list_inputs(["a.tar", "k.parquet"], cwd=str(tmp_path))
+    tar = [s for s in listing.sources if s.name.startswith("a.tar/")]
+    assert [s.name for s in tar] == ["a.tar/x.png", "a.tar/y.png", "a.tar/x.png#2", "a.tar/x.png#3"]  # archive order
+    members = [s.member for s in tar if s.member is not None]
+    assert [m.inner for m in members] == ["x.png", "y.png", "x.png", "x.png"]  # errors name the member as stored
+    assert [read_member(str(tmp_path / "a.tar"), m, max_bytes=2**30)[0] for m in members] == [
+        TINY,
+        SQUARE,
+        SQUARE,
+        PHOTO,
+    ]
+    parquet = [s.name for s in listing.sources if s.name.startswith("k.parquet/")]
+    assert parquet == ["k.parquet/k", "k.parquet/k#2", "k.parquet/k#3", "k.parquet/k#4"]  # "k#2" was a real key
+    assert listing.repeated == ["a.tar/x.png#2", "a.tar/x.png#3", "k.parquet/k#3", "k.parquet/k#4"]
+    again = list_inputs(["a.tar", "k.parquet"], cwd=str(tmp_path))
+    assert [(s.name, s.member) for s in again.sources] == [(s.name, s.member) for s in listing.sources]  # stable
+
+
+def test_folders_count_the_archives_and_looping_links_they_skip(tmp_path: Path) -> None:
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.png").write_bytes(TINY)
+    make_tar(tmp_path / "d" / "sub" / "000.tar", [("x.png", TINY)])
+    make_tar(tmp_path / "d" / "001.tar", [("y.png", TINY)])
+    os.symlink("self.png", tmp_path / "d" / "self.png")  # a link to itself
+    os.symlink("..", tmp_path / "d" / "sub" / "up")  # a link to a folder above it
+    folder = list_inputs(["d"], cwd=str(tmp_path))
+    assert [s.name for s in folder.sources] == ["a.png"]
+    assert folder.archive_paths == {str(tmp_path / "d" / "sub" / "000.tar"), str(tmp_path / "d" / "001.tar")}
+    assert folder.looping_links == {str(tmp_path / "d" / "self.png")}
+    named = list_inputs(["d", "d/001.tar"], cwd=str(tmp_path))  # an archive also named is read, not skipped
+    assert named.archive_paths == {str(tmp_path / "d" / "sub" / "000.tar")}
+    assert "d/001.tar/y.png" in [s.name for s in named.sources]
+    globbed = list_inputs(["d/**/*.png"], cwd=str(tmp_path))  # ** follows links to folders: not around a loop
+    assert sorted(s.name for s in globbed.sources) == ["a.png", "self.png"]  # self.png: an error record when read
+    assert globbed.looping_links == {str(tmp_path / "d" / "sub" / "up")}
+
+
+@pytest.mark.parametrize(
+    ("suffix", "tool"), [(".tar.gz", "gzip"), (".tgz", "gzip"), (".tar.bz2", "bzip2"), (".tar", "gzip")]
+)
+def test_a_compressed_tar_file_is_one_error_that_says_how_to_decompress_it(
+    tmp_path: Path, suffix: str, tool: str
+) -> None:
+    import bz2
+    import gzip
+
+    plain = make_tar(tmp_path / "plain.tar", [("a.png", TINY)]).read_bytes()
+    name = f"x{suffix}"
+    (tmp_path / name).write_bytes(bz2.compress(plain) if tool == "bzip2" else gzip.compress(plain))
+    (source,) = listed(tmp_path, name)
+    target = "x-plain.tar" if suffix == ".tar" else "x.tar"
+    assert source.name == name and source.member is not None
+    assert source.member.error == (
+        f"compressed tar file ({tool}): members are read in place, which compressed bytes do not allow; "
+        f"decompress it once and pass the .tar ({tool} -dc {name} > {target})"
+    )
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / name).write_bytes(b"")
+    assert list_inputs(["d"], cwd=str(tmp_path)).archive_paths == {str(tmp_path / "d" / name)}  # counted in folders

@@ -257,13 +257,17 @@ def test_records_keep_the_manifest_bytes_and_read_like_dicts(tmp_path: Path, ima
         written = store.write(images[1], facts_for(images[1], 6), emb(1))
     line = (tmp_path / "emb" / MANIFEST).read_text().splitlines()[0]
     data = json.loads(line)
-    # stage and duplicate_of came last, so lines of older versions keep their order (they read as "projected"
+    # stage, duplicate_of and output_size came last, so lines of older versions keep their order (they read as "projected"
     # and not a duplicate)
     assert list(data) == [
         "name", "source", "status", "output", "key", "error", "width", "height", "image_sizes", "crops",
         "num_tokens", "shape", "dtype", "num_crops", "model", "fingerprint", "compute_dtype", "format", "alpha",
-        "exif_transpose", "device", "sha256", "size", "mtime_ns", "stage", "duplicate_of", "attempt", "time",
+        "exif_transpose", "device", "sha256", "size", "mtime_ns", "stage", "duplicate_of", "output_size", "attempt",
+        "time",
     ]  # fmt: skip
+    assert data["output_size"] == (tmp_path / "emb" / "b.png.npy").stat().st_size
+    old = Record.from_json({k: v for k, v in data.items() if k not in ("duplicate_of", "output_size")})
+    assert old is not None and old.output_size is None
     old = Record.from_json({k: v for k, v in data.items() if k != "duplicate_of"})
     assert old is not None and old.duplicate_of is None and old == written
     assert line == json.dumps(written.to_json(), ensure_ascii=True)

@@ -5,7 +5,8 @@ transformers) are imported inside the commands, so ``--help`` and usage errors a
 
 Exit codes of ``encode``: 0 every image done; 1 some images failed (each has an error record and a line on
 stderr); 2 usage, input, model, checkpoint or output-directory errors (reported before any work starts),
-or the job stopped on out of memory / a failing output directory (finished outputs are kept);
+or the job stopped on out of memory / a failing output directory (one line naming DIR and the cause: no space
+left on device, disk quota exceeded, read-only file system, the folder removed; finished outputs are kept);
 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM (finished outputs are kept; rerun to resume).
 """
 
@@ -15,6 +16,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -105,7 +107,7 @@ INPUT: image files, directories (recursed; images found by extension or content)
 
 Output: DIR/<path relative to its input root>.<format>, e.g. imgs/a/b.jpg -> DIR/a/b.jpg.npy, holding one num_tokens x hidden array (safetensors: key image_embeds). With --pack: numbered pack files DIR/emb-00000.safetensors, one tensor per image. DIR/manifest.jsonl gets one JSON record per image and attempt. Rerunning the same command skips finished images (--overwrite redoes them).
 
-Exit codes: 0 all images done; 1 some images failed (see the error records); 2 usage, model, checkpoint or output-directory problems, or out of memory; 130 Ctrl-C; 143 SIGTERM. Finished outputs are always kept.
+Exit codes: 0 all images done; 1 some images failed (see the error records); 2 usage, model, checkpoint or output-directory problems (disk full, quota, read-only, folder removed: one line naming DIR and the cause), or out of memory; 130 Ctrl-C; 143 SIGTERM. Finished outputs are always kept; rerun the same command to finish.
 """
 
 
@@ -302,14 +304,17 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
 
     from rich.console import Console
 
-    from phi3embed.cli.progress import say, skipped_special
+    from phi3embed.cli.progress import listing_notes, say, skipped_special
 
     console = Console(stderr=True)
+    notes = listing_notes(listing)
     if not sources:
         if not opts.quiet:
             extra = f" in shard {opts.shard} ({listed} images in all)" if opts.shard_spec else ""
             extra += f"; {skipped_special(listing.special)}" if listing.special else ""
             say(console, f"phi3embed encode: no images to encode{extra}")
+            for note in notes:
+                say(console, f"note: {note}")
         return 0
     _check_writable(opts.out)
 
@@ -324,7 +329,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
         engine = _ray_engine(opts, console) if opts.engine == "ray" else _local_engine(opts, checkpoint_dir, console)
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
-    return _run(engine, sources, opts, console=console, special=listing.special)
+    return _run(engine, sources, opts, console=console, special=listing.special, notes=notes)
 
 
 def _local_engine(opts: _EncodeOptions, checkpoint_dir: str, console: Any) -> Any:
@@ -387,13 +392,16 @@ def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
     return plan(options, announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"))
 
 
-def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any, special: int = 0) -> int:
-    """Open the store, run the job, render the summary (``special``: special files the listing skipped); the
-    exit code."""
-    from phi3embed.cli.progress import ProgressReporter, RunInfo, render_summary, say
+def _run(
+    engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any, special: int = 0, notes: Sequence[str] = ()
+) -> int:
+    """Open the store, run the job, render the summary (``special``: special files the listing skipped;
+    ``notes``: its other lines about the listing); the exit code."""
+    from phi3embed.cli.progress import ProgressReporter, RunInfo, manifest_note, render_summary, say
     from phi3embed.errors import Phi3EmbedError
     from phi3embed.jobs.core import run_job
     from phi3embed.outputs.formats import dtype_name
+    from phi3embed.outputs.publish import OutputError
     from phi3embed.outputs.store import OutputStore
 
     info, fmt, pack_bytes, quiet = engine.info, opts.output_format, opts.pack_bytes, opts.quiet
@@ -409,13 +417,19 @@ def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any,
             ).open()
         except Phi3EmbedError as exc:
             raise _Usage(str(exc)) from None
+        closing: OutputError | None = None
         try:
             reporter = ProgressReporter(console, show_progress=not quiet)
             summary = run_job(sources, store, engine, reporter=reporter, dedup=not opts.no_dedup)
         finally:
-            store.close()
+            try:
+                store.close()  # the last pack is written here: a full disk may refuse it
+            except OutputError as exc:
+                closing = exc
     finally:
         engine.close()
+    if closing is not None and summary.fatal is None:
+        summary.fatal = str(closing)
     if summary.fatal:
         code = 2
     elif summary.interrupted:
@@ -431,8 +445,16 @@ def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any,
             output = f"safetensors packs of up to {pack_bytes:,} bytes, {dtype_name(info.stored_dtype)}"
         else:
             output = f"{fmt} {dtype_name(info.stored_dtype)}"
+        if store.unreadable_lines:
+            notes = [*notes, manifest_note(store.unreadable_lines, str(opts.out / store.manifest.path.name))]
         run = RunInfo(
-            out_dir=str(opts.out), output=output, model=opts.model, engine=info, exit_code=code, special=special
+            out_dir=str(opts.out),
+            output=output,
+            model=opts.model,
+            engine=info,
+            exit_code=code,
+            special=special,
+            notes=tuple(notes),
         )
         written = store.publisher
         render_summary(console, summary, run, bytes_written=written.bytes_written, files=written.files_written)
@@ -449,7 +471,12 @@ def _check_writable(out: Path) -> None:
     if not probe.is_dir():
         raise _Usage(f"{out}: cannot be an output directory ({probe} is not a directory)")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise _Usage(f"{out}: cannot write there (permission denied on {probe})")
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "read-only file system" if read_only else "permission denied"
+        raise _Usage(f"{out}: cannot write there ({why} on {probe})")
 
 
 class _JsonlPrinter:

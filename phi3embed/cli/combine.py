@@ -3,7 +3,7 @@
 ``register(app)`` adds it to the application that ``phi3embed.cli.app`` builds, with ``merge-manifests`` (its
 name before 0.2) as a hidden alias so that existing scripts keep working. People read stderr; ``--json``
 puts the report on stdout. Exit codes: 0 complete, 1 incomplete (missing, failed or lost images, or
-parts made with different settings), 2 usage errors (a DIR without manifest, an INPUT naming nothing).
+parts made with different settings; records of images that are no longer inputs are a note), 2 usage errors (a DIR without manifest, an INPUT naming nothing).
 """
 
 # No ``from __future__ import annotations``: Typer reads these annotations at runtime.
@@ -22,7 +22,7 @@ COMBINE_HELP = """Check that the outputs of a job split with --shard are complet
 
 DIR...: the output directories of the parts (or one directory all parts wrote into).
 
-With --inputs (the INPUT arguments of encode, without --shard), every listed image must have an ok record whose output file exists, in one of the DIRs; without it, only the recorded images are checked. All ok records must share the same model fingerprint and settings.
+With --inputs (the INPUT arguments of encode, without --shard), every listed image must have an ok record whose output is whole (its size matches the record), in one of the DIRs; records of images that are no longer inputs are reported as a note, not a failure. Without --inputs, every recorded image is checked. All ok records must share the same model fingerprint and settings.
 
 -o/--out FILE writes the best record of every image (names sorted), with output paths relative to FILE's folder: phi3embed.read() on that folder then reads the whole job.
 
@@ -78,6 +78,8 @@ def combine_command(
         "failed": [{"name": n, "error": e} for n, e in failures.items()],
         "missing": report.missing,
         "lost": report.lost,
+        "stale": report.stale,
+        "unreadable_lines": report.unreadable,
         "mixed_settings": report.mixed_settings,
         "combined_manifest": str(out) if out is not None else None,
     }
@@ -112,6 +114,17 @@ def _render(console: Any, data: dict[str, Any], written: int | None) -> None:
         table.add_row(f"failed ({len(lines)})", Text(names(lines), style="red"))
     if data["lost"]:
         table.add_row(f"output lost ({len(data['lost'])})", Text(names(data["lost"]), style="red"))
+    if data["stale"]:
+        stale = data["stale"]
+        table.add_row(
+            f"note ({len(stale)})",
+            f"recorded but no longer among the inputs (not judged): {names(stale)}",
+        )
+    if data["unreadable_lines"]:
+        n = data["unreadable_lines"]
+        table.add_row(
+            "note", f"skipped {n} manifest line{'s' if n != 1 else ''} that cannot be read (not JSON records)"
+        )
     if data["mixed_settings"]:
         table.add_row("settings", Text("ok records differ in model fingerprint or settings", style="bold red"))
     if written is not None:

@@ -31,11 +31,12 @@ from phi3embed.cli.options import (
     human_bytes,
     model_settings,
 )
-from phi3embed.cli.progress import skipped_special
+from phi3embed.cli.progress import listing_notes, skipped_special
 from phi3embed.inputs.listing import InputError, list_inputs, parse_shard, select_shard
 from phi3embed.outputs.names import printable, readable, readable_json
 
 if TYPE_CHECKING:  # the plan module imports torch: only the command that runs pays for it, not --help
+    from phi3embed.inputs.listing import Listing
     from phi3embed.jobs.plan import PlanResult
 
 
@@ -97,7 +98,7 @@ def plan_command(
     Exit code 0 when every image can be planned, 1 when some cannot, 2 on usage, input, model or config errors.
     """
 
-    def work() -> "tuple[PlanResult, str, int]":
+    def work() -> "tuple[PlanResult, str, Listing]":
         from phi3embed.jobs.plan import plan
 
         shard_spec = parse_shard(shard) if shard is not None else None
@@ -118,15 +119,21 @@ def plan_command(
             stage=stage.value,
             output_format=output_format.value,
         )
-        return result, label, listing.special
+        return result, label, listing
 
-    result, label, special = guard(work)
+    result, label, listing = guard(work)
+    special = listing.special
     if special:  # pipes, sockets, devices in the folders: encode skips them too
         typer.echo(f"note: {skipped_special(special)}", err=True)
+    for note in listing_notes(listing):  # the same lines as encode's summary
+        typer.echo(f"note: {note}", err=True)
     if as_json:
         doc = result.to_dict()
         doc["settings"] = {"model": label, **doc["settings"]}
         doc["totals"]["skipped_special"] = special
+        doc["totals"]["skipped_archives"] = len(listing.archive_paths)
+        doc["totals"]["skipped_looping_links"] = len(listing.looping_links)
+        doc["totals"]["repeated_names"] = len(listing.repeated)
         typer.echo(json.dumps(readable_json(doc), indent=2))
         for row in result.rows:
             if row.error:

@@ -7,6 +7,7 @@ seconds instead. stdout is never touched here.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # importing jobs pulls in torch: not needed to print a line
+    from phi3embed.inputs.listing import Listing
     from phi3embed.jobs.core import EngineInfo, JobSummary
     from phi3embed.outputs.records import Record
 
@@ -137,11 +139,53 @@ class RunInfo:
     engine: EngineInfo  # its workers: decode workers (local engine) or actors (Ray)
     exit_code: int
     special: int = 0  # special files (pipes, sockets, devices) the listing skipped
+    notes: tuple[str, ...] = ()  # what else was skipped or renamed (listing_notes, manifest_note): one row each
+
+
+def _s(count: int) -> str:
+    return "s" if count != 1 else ""
 
 
 def skipped_special(count: int) -> str:
     """The words for ``count`` special files skipped while listing folders and globs (encode and plan)."""
-    return f"skipped {count} special file{'s' if count != 1 else ''} (not regular files)"
+    return f"skipped {count} special file{_s(count)} (not regular files)"
+
+
+def _shown(path: str) -> str:
+    """An absolute path as people typed it: relative to the current directory when inside it."""
+    return os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
+
+
+def listing_notes(listing: Listing) -> list[str]:
+    """One line per kind of thing the listing left out or renamed (special files aside: see
+    :func:`skipped_special`), with its count and what to do about it; the same lines in encode and plan."""
+    notes = []
+    if listing.archive_paths:
+        n = len(listing.archive_paths)
+        first = min(listing.archive_paths)
+        shown = _shown(first)
+        pattern = os.path.join(os.path.dirname(shown), "**", "*" + os.path.splitext(first)[1])
+        notes.append(
+            f"skipped {n} archive{_s(n)} inside folder INPUTs ({shown}{', ...' if n > 1 else ''}): folders never "
+            f"open tar or parquet files; to encode their images name them as INPUT, e.g. '{pattern}'"
+        )
+    if listing.looping_links:
+        n = len(listing.looping_links)
+        notes.append(
+            f"skipped {n} looping symbolic link{_s(n)} ({_shown(min(listing.looping_links))}{', ...' if n > 1 else ''})"
+        )
+    if listing.repeated:
+        n = len(listing.repeated)
+        notes.append(
+            f"{n} image{_s(n)} inside archives repeat{'s' if n == 1 else ''} the name of an earlier image of the "
+            f"archive: kept under <name>#2, #3... (e.g. {listing.repeated[0]})"
+        )
+    return notes
+
+
+def manifest_note(count: int, path: str) -> str:
+    """The words for ``count`` lines of a manifest that cannot be read (not JSON records): skipped."""
+    return f"skipped {count} line{_s(count)} of {path} that cannot be read (not JSON records)"
 
 
 def _bytes(n: int) -> str:
@@ -185,6 +229,8 @@ def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, byte
         + (f", {not_done} not reached" if not_done else "")
         + (f"; {skipped_special(info.special)}" if info.special else ""),
     )
+    for note in info.notes:
+        table.add_row("note", note)
     if summary.reused_in_job or summary.reused_earlier:
         table.add_row("reused", reused_line(summary))
     table.add_row(

@@ -5,11 +5,15 @@ Listing reads only what names the images: a tar file's member headers (the data 
 parquet file's metadata and its key column. Each image becomes a :class:`~phi3embed.inputs.listing.Source` whose
 ``path`` is the archive and whose ``member`` (:class:`Member`) says where its bytes are:
 
-* tar: every regular member with an image extension; its name is ``<archive name>/<member path>``
+* tar: every regular member with an image extension (a compressed tar file, ``.tar.gz`` or gzip, bzip2, xz or
+  zstd bytes behind ``.tar``, is one error record that says how to decompress it: members are read in place); its name is ``<archive name>/<member path>``
   (``000.tar/sample0001.jpg``). Sibling members (``.txt``, ``.json``, ``.cls``...) and folders are not images.
 * parquet: one image per row of the image column (``image_column``; by default the first of ``image``,
   ``jpg``, ``png``, ``img``), a Hugging Face image struct ``{bytes, path}`` or plain bytes; its name is
   ``<file name>/<key>``, the key from a ``__key__``, ``key`` or ``id`` column, else the row number in 8 digits.
+
+Every image keeps a record of its own: a name an earlier image of the archive has (a member stored twice, a
+repeated key) is given a suffix, ``<name>#2`` for the second (:func:`unique_names`).
 
 Bad data costs one record each: a member whose name would lead outside the output directory (``..``, an
 absolute path), a link or device member, a null row, or an archive that breaks (truncated, an unreadable
@@ -55,10 +59,36 @@ class ParquetUnavailableError(Phi3EmbedError):
     """pyarrow is not installed (the ``parquet`` extra)."""
 
 
+#: Names of compressed tar files: listed as archives, so that they get one clear error record (COMPRESSIONS).
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+#: What compressed bytes start with, and the tool that decompresses them.
+COMPRESSIONS = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
 def archive_kind(path: str) -> str | None:
-    """``"tar"``, ``"parquet"`` or None, from the extension."""
+    """``"tar"``, ``"parquet"`` or None, from the extension (a compressed tar's name is a ``"tar"``)."""
     ext = os.path.splitext(path)[1].lower()
-    return "tar" if ext in TAR_EXTENSIONS else "parquet" if ext in PARQUET_EXTENSIONS else None
+    if ext in TAR_EXTENSIONS or path.lower().endswith(COMPRESSED_TAR_SUFFIXES):
+        return "tar"
+    return "parquet" if ext in PARQUET_EXTENSIONS else None
+
+
+def compressed_tar_error(head: bytes, name: str) -> str | None:
+    """The error of a tar file whose first bytes ``head`` are compressed (gzip, bzip2, xz, zstd), or None. Such
+    a file is refused, not streamed: members are read in place by one positioned read each (and by several
+    processes at once), which a compressed stream cannot give; decompressing once costs less than reading
+    the stream again per worker."""
+    tool = next((t for magic, t in COMPRESSIONS.items() if head.startswith(magic)), None)
+    if tool is None:
+        return None
+    base = os.path.basename(name)
+    lower = base.lower()
+    suffix = next((s for s in COMPRESSED_TAR_SUFFIXES if lower.endswith(s)), "")
+    stem = base[: len(base) - len(suffix)] if suffix else os.path.splitext(base)[0] + "-plain"
+    return (
+        f"compressed tar file ({tool}): members are read in place, which compressed bytes do not allow; "
+        f"decompress it once and pass the .tar ({tool} -dc {base} > {stem}.tar)"
+    )
 
 
 def member_label(path: str, member: Member) -> str:
@@ -80,27 +110,66 @@ def safe_inner(inner: str) -> str | None:
 
 
 def list_archive(
-    path: str, name: str, *, image_extensions: frozenset[str], image_column: str | None = None
+    path: str,
+    name: str,
+    *,
+    image_extensions: frozenset[str],
+    image_column: str | None = None,
+    repeated: list[str] | None = None,
 ) -> list[tuple[str, Member]]:
     """``(name, member)`` of every image in the archive at ``path`` (its name ``name``), in archive order;
-    errors as members with an ``error``. A file that cannot be opened is one error named ``name``."""
+    errors as members with an ``error``. A file that cannot be opened is one error named ``name``. Names are
+    unique (:func:`unique_names`); the names given to repeats are appended to ``repeated``."""
     try:
         with open(path, "rb") as fh:  # noqa: PTH123 - a plain file object for tarfile / pyarrow
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode):
                 return [(name, Member(name, 0, "", error="not a regular file"))]
             if archive_kind(path) == "parquet":
-                return _list_parquet(fh, name, image_column=image_column)
-            return _list_tar(fh, st.st_size, name, image_extensions)
+                found = _list_parquet(fh, name, image_column=image_column)
+            else:
+                found = _list_tar(fh, st.st_size, name, image_extensions)
     except OSError as exc:
         return [(name, Member(name, 0, "", error=f"cannot read the archive: {exc.strerror or exc}"))]
+    return unique_names(found, repeated)
+
+
+REPEAT_MARK = "#"  # <name>#2: the second image of an archive with that name
+
+
+def unique_names(found: list[tuple[str, Member]], repeated: list[str] | None = None) -> list[tuple[str, Member]]:
+    """Every image of one archive under a name of its own. An image whose name an earlier one of the archive
+    has (a member stored twice, ``tar --append``; a repeated ``__key__``) is kept under ``<name>#<n>``, ``n``
+    its occurrence (2 for the second), or the next free ``n`` when another image already has that name; the
+    first keeps the plain name. Deterministic: a rerun gives every image the same name. The new names are
+    appended to ``repeated``."""
+    taken = {n for n, _ in found}
+    if len(taken) == len(found):
+        return found
+    seen: dict[str, int] = {}
+    unique: list[tuple[str, Member]] = []
+    for member_name, member in found:
+        count = seen.get(member_name, 0) + 1
+        seen[member_name] = count
+        if count > 1:
+            while f"{member_name}{REPEAT_MARK}{count}" in taken:
+                count += 1
+            seen[member_name] = count
+            member_name = f"{member_name}{REPEAT_MARK}{count}"
+            taken.add(member_name)
+            if repeated is not None:
+                repeated.append(member_name)
+        unique.append((member_name, member))
+    return unique
 
 
 def _list_tar(fh: Any, size: int, name: str, image_extensions: frozenset[str]) -> list[tuple[str, Member]]:
     if size == 0:
         return [(name, Member(name, 0, "", error="empty archive (0 bytes)"))]
+    compressed = compressed_tar_error(fh.read(8), name)
+    if compressed is not None:
+        return [(name, Member(name, 0, "", error=compressed))]
     found: list[tuple[str, Member]] = []
-    seen: set[str] = set()
     index = 0
     for info in _tar_headers(fh, size):
         if isinstance(info, str):  # the archive broke here: one more record, named after the archive
@@ -112,10 +181,7 @@ def _list_tar(fh: Any, size: int, name: str, image_extensions: frozenset[str]) -
         if inner is None:
             error = f"unsafe member name {info.name!r}: it would be written outside the output directory"
             found.append((f"{name}/{info.name}", Member(name, index, info.name, error=error)))
-        elif inner in seen:
-            continue  # a member stored twice (tar --append): the first one is the image
         else:
-            seen.add(inner)
             error = "" if info.isreg() and not info.sparse else f"not a regular file ({_tar_kind(info)})"
             found.append((f"{name}/{inner}", Member(name, index, inner, info.offset_data, info.size, error=error)))
         index += 1
@@ -223,7 +289,6 @@ def _list_parquet(fh: Any, name: str, *, image_column: str | None) -> list[tuple
             return [(name, Member(name, 0, "", error=f"no image column ({wanted}) among {', '.join(names)}"))]
         key_column = next((c for c in KEY_COLUMNS if c in names), None)
         found: list[tuple[str, Member]] = []
-        seen: set[str] = set()
         row = 0
         for group in range(pf.metadata.num_row_groups):
             count = pf.metadata.row_group(group).num_rows
@@ -237,8 +302,7 @@ def _list_parquet(fh: Any, name: str, *, image_column: str | None) -> list[tuple
                 if inner is None:
                     error = f"unsafe key {key!r}: it would be written outside the output directory"
                     found.append((f"{name}/{key}", Member(name, row, str(key), group, i, column, error=error)))
-                elif inner not in seen:  # a repeated key: the first row is the image
-                    seen.add(inner)
+                else:
                     found.append((f"{name}/{inner}", Member(name, row, inner, group, i, column)))
                 row += 1
     except Exception as exc:  # pyarrow raises its own types for broken files

@@ -15,7 +15,8 @@ name ``a/b.jpg`` and the output ``a/b.jpg.npy``). The rules, one per kind of INP
   it keeps its absolute path without the leading ``/``.
 * a ``.tar`` or ``.parquet`` file given as a file, matched by a glob or listed on stdin is an *archive*: its
   images are listed from its headers (:mod:`phi3embed.inputs.archives`), named ``<archive name>/<member>``.
-  Folders never open archives: a directory INPUT yields only its loose images.
+  Folders never open archives: a directory INPUT yields only its loose images, and the archives in it are
+  counted (:attr:`Listing.archive_paths`) so that encode and plan can say how to include them.
 
 Brace patterns (``data/{000..099}.tar``, ``{a,b}``) are expanded first, as bash does, for every kind of INPUT
 (an argument that names an existing file is taken literally).
@@ -25,6 +26,9 @@ skipped and counted (:attr:`Listing.special`): opening a pipe blocks until someo
 device may never end. The type comes from the directory entry itself (``d_type``, no system call on most
 file systems), so this rule costs no extra pass over the files.
 
+Symbolic links that loop (a link to itself, or ``**`` through a link to a folder above it) are skipped and
+counted (:attr:`Listing.looping_links`).
+
 Names never contain ``..`` or start with ``/``, so an output can never escape the output directory.
 ``select_shard`` splits the list for job arrays by a stable hash of each name (of the archive's name for the
 images inside one, so that a part reads only its own archives).
@@ -32,6 +36,7 @@ images inside one, so that a part reads only its own archives).
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob
 import hashlib
@@ -128,11 +133,23 @@ def looks_like_image(path: str) -> bool:
 
 @dataclass
 class Listing:
-    """What the INPUTs name: the sources, and the special files (pipes, sockets, devices) skipped in folders
-    and globs, by absolute path (one count however many INPUTs reach them)."""
+    """What the INPUTs name: the sources, and what was left out on the way (by absolute path, so one count
+    however many INPUTs reach a file):
+
+    * ``special_paths``: special files (pipes, sockets, devices) in folders and globs;
+    * ``archive_paths``: tar and parquet files inside folder INPUTs (folders never open archives; an archive
+      is read when it is named, matched by a glob or listed on stdin);
+    * ``looping_links``: symbolic links that lead back to themselves or to a folder above them;
+
+    and ``repeated``: the names given to images whose name an earlier image of their archive has
+    (:func:`phi3embed.inputs.archives.unique_names`; they are listed, under these names)."""
 
     sources: list[Source]
     special_paths: set[str] = field(default_factory=set)
+    archive_paths: set[str] = field(default_factory=set)
+    looping_links: set[str] = field(default_factory=set)
+    repeated: list[str] = field(default_factory=list)
+    named_archives: set[str] = field(default_factory=set)  # archives read (named as INPUT): not skipped
 
     @property
     def special(self) -> int:
@@ -156,10 +173,11 @@ def _name_under(path: str, root: str) -> str:
     return PurePosixPath(*Path(rel).parts).as_posix()
 
 
-def _walk(root: str, excluded: set[str], special: set[str]) -> Iterator[str]:
+def _walk(root: str, excluded: set[str], skipped: Listing) -> Iterator[str]:
     """Image files under ``root`` (hidden entries and ``excluded`` directories skipped, links to directories not
-    followed); special files found are added to ``special``. One ``scandir`` per directory: the entry's type
-    says what it is without a ``stat`` (only links, and file systems without ``d_type``, cost one)."""
+    followed); special files, archives and looping links found are noted in ``skipped``. One ``scandir`` per
+    directory: the entry's type says what it is without a ``stat`` (only links, and file systems without
+    ``d_type``, cost one)."""
     folders = [root]
     while folders:
         try:
@@ -172,15 +190,19 @@ def _walk(root: str, excluded: set[str], special: set[str]) -> Iterator[str]:
                     continue
                 try:
                     kind = _entry_kind(entry)
-                except OSError:
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        skipped.looping_links.add(os.path.abspath(entry.path))
                     continue
                 if kind == "dir":
                     if os.path.abspath(entry.path) not in excluded:
                         folders.append(entry.path)
                 elif kind == "special":
-                    special.add(os.path.abspath(entry.path))
+                    skipped.special_paths.add(os.path.abspath(entry.path))
                 elif kind == "broken" and _has_image_extension(entry.name):
                     yield entry.path  # listed, so that it gets an error record
+                elif kind == "file" and archive_kind(entry.name) is not None:
+                    skipped.archive_paths.add(os.path.abspath(entry.path))
                 elif kind == "file" and looks_like_image(entry.path):
                     yield entry.path
 
@@ -216,37 +238,69 @@ def _glob_root(pattern: str) -> str:
     return os.path.join(*literal) if literal else "."
 
 
-def _file(path: str, name: str, root: str, cwd: str, image_column: str | None) -> list[Source]:
+def _file(path: str, name: str, root: str, cwd: str, image_column: str | None, skipped: Listing) -> list[Source]:
     """A listed file: one source, or the images of an archive (the archive's name is ``name``)."""
     if archive_kind(path) is None:
         return [Source(name, path, root)]
-    members = list_archive(os.path.join(cwd, path), name, image_extensions=IMAGE_EXTENSIONS, image_column=image_column)
+    skipped.named_archives.add(os.path.abspath(os.path.join(cwd, path)))
+    members = list_archive(
+        os.path.join(cwd, path),
+        name,
+        image_extensions=IMAGE_EXTENSIONS,
+        image_column=image_column,
+        repeated=skipped.repeated,
+    )
     return [Source(member_name, path, root, member) for member_name, member in members]
 
 
-def _expand_one(arg: str, cwd: str, excluded: set[str], special: set[str], image_column: str | None) -> list[Source]:
+def _looping_link(folder: str, cache: dict[str, str | None]) -> str | None:
+    """The first symbolic link on the way to ``folder`` (absolute, links not resolved) that leads back to a
+    folder at or above it, or None. ``**`` follows links to folders: through such a link the same files
+    come again under ever longer names."""
+    if folder in cache:
+        return cache[folder]
+    parent = os.path.dirname(folder)
+    found = None
+    if parent != folder:
+        found = _looping_link(parent, cache)
+        if found is None and os.path.islink(folder):
+            target, above = os.path.realpath(folder), os.path.realpath(parent)
+            if above == target or above.startswith(target.rstrip(os.sep) + os.sep):
+                found = folder
+    cache[folder] = found
+    return found
+
+
+def _expand_one(arg: str, cwd: str, excluded: set[str], skipped: Listing, image_column: str | None) -> list[Source]:
     path = os.path.join(cwd, arg) if not os.path.isabs(arg) else arg
     if os.path.isdir(path):
-        return [Source(_name_under(p, path), _display(p, cwd), arg) for p in _walk(path, excluded, special)]
+        return [Source(_name_under(p, path), _display(p, cwd), arg) for p in _walk(path, excluded, skipped)]
     if os.path.lexists(path):  # a file, a broken link, a fifo...: taken as given
-        return _file(arg, _name_of_file(arg, cwd), "", cwd, image_column)
+        return _file(arg, _name_of_file(arg, cwd), "", cwd, image_column, skipped)
     if _GLOB_MAGIC.search(arg):
         root_arg = _glob_root(arg)
         root = os.path.join(cwd, root_arg)
         found: list[Source] = []
+        loops: dict[str, str | None] = {}
         for match in sorted(glob.glob(os.path.join(cwd, arg) if not os.path.isabs(arg) else arg, recursive=True)):
+            looping = _looping_link(os.path.dirname(os.path.abspath(match)), loops)
+            if looping is not None:
+                skipped.looping_links.add(looping)
+                continue
             try:
                 mode = os.stat(match).st_mode
             except OSError:  # a broken link: listed by its extension, to get an error record
                 mode = None
             if mode is not None and stat.S_ISDIR(mode):
                 found.extend(
-                    Source(_name_under(p, root), _display(p, cwd), root_arg) for p in _walk(match, excluded, special)
+                    Source(_name_under(p, root), _display(p, cwd), root_arg) for p in _walk(match, excluded, skipped)
                 )
             elif mode is not None and not stat.S_ISREG(mode):
-                special.add(os.path.abspath(match))
+                skipped.special_paths.add(os.path.abspath(match))
             elif mode is not None and archive_kind(match) is not None:
-                found.extend(_file(_display(match, cwd), _name_under(match, root), root_arg, cwd, image_column))
+                found.extend(
+                    _file(_display(match, cwd), _name_under(match, root), root_arg, cwd, image_column, skipped)
+                )
             elif _has_image_extension(match) if mode is None else looks_like_image(match):
                 found.append(Source(_name_under(match, root), _display(match, cwd), root_arg))
         if not found:
@@ -329,24 +383,24 @@ def list_inputs(
     exclude: Sequence[str] = (),
     image_column: str | None = None,
 ) -> Listing:
-    """INPUT arguments -> sorted, de-duplicated sources, and the special files skipped on the way. ``-`` reads a
-    path list from ``stdin``.
+    """INPUT arguments -> sorted, de-duplicated sources, and what was skipped on the way (:class:`Listing`).
+    ``-`` reads a path list from ``stdin``.
 
     Raises InputError for an argument that names nothing, and when two different files would get the same
     name (and so the same output).
     """
     base = os.path.abspath(cwd or os.getcwd())
     excluded = {os.path.abspath(e) for e in exclude}
-    special: set[str] = set()
+    listing = Listing([])
     found: list[Source] = []
     for arg in inputs:
         if arg == "-":
             for line in read_path_list(stdin if stdin is not None else sys.stdin.buffer):
-                found.extend(_file(line, _name_of_file(line, base), "", base, image_column))
+                found.extend(_file(line, _name_of_file(line, base), "", base, image_column, listing))
         else:
             literal = os.path.lexists(os.path.join(base, arg))  # a file really named "{a,b}.jpg" is that file
             for one in [arg] if literal else expand_braces(arg):
-                found.extend(_expand_one(one, base, excluded, special, image_column))
+                found.extend(_expand_one(one, base, excluded, listing, image_column))
     by_name: dict[str, Source] = {}
     for src in found:
         seen = by_name.get(src.name)
@@ -359,7 +413,9 @@ def list_inputs(
                 "encode them in separate runs or list them relative to a common directory",
                 path=src.name,
             )
-    return Listing(sorted(by_name.values()), special)
+    listing.sources = sorted(by_name.values())
+    listing.archive_paths -= listing.named_archives  # in a folder INPUT, but also named: read
+    return listing
 
 
 def expand_inputs(

@@ -3,8 +3,10 @@
 A job split with ``--shard I/N`` (a slurm array, one process per GPU) leaves its results in one output
 directory per part, or in one shared directory (each part appends its own records). :func:`check_outputs`
 reads every manifest, takes each image's latest record per directory and its best across directories
-(an ``ok`` record whose output file exists wins over failures), and compares that with the full input
-list: every listed image must be ``ok``, made with the same settings as the others. :func:`write_combined`
+(an ``ok`` record whose output is whole wins over failures: :class:`phi3embed.outputs.resume.OutputCheck`), and
+compares that with the full input list: every listed image must be ``ok``, made with the same settings as the
+others. Completeness is judged over the images listed now: records of images that are no longer inputs (a
+failed file removed, then the job rerun) are reported as ``stale``, not as failures. :func:`write_combined`
 writes the chosen records as one manifest whose ``output`` paths are relative to its own folder, so
 ``phi3embed.read`` reads the whole job through it.
 """
@@ -20,6 +22,7 @@ from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.manifest import MANIFEST, encode_lines, latest_records
 from phi3embed.outputs.records import Record, Signature
+from phi3embed.outputs.resume import OutputCheck
 
 
 @dataclass
@@ -38,7 +41,9 @@ class CombineReport:
     chosen: dict[str, Found] = field(default_factory=dict)  # name -> best record across dirs
     missing: list[str] = field(default_factory=list)  # listed, never attempted in any dir
     failed: list[str] = field(default_factory=list)  # latest attempts all errors
-    lost: list[str] = field(default_factory=list)  # ok record, but the output file is gone
+    lost: list[str] = field(default_factory=list)  # ok record, but the output is gone or not whole
+    stale: list[str] = field(default_factory=list)  # recorded, but no longer among the inputs (a note)
+    unreadable: int = 0  # manifest lines that cannot be read (not JSON records), skipped
     signatures: dict[Signature, int] = field(default_factory=dict)  # settings of ok records -> count
 
     @property
@@ -54,20 +59,25 @@ class CombineReport:
         return not (self.missing or self.failed or self.lost or self.mixed_settings)
 
 
-def _output_exists(root: Path, record: Record) -> bool:
-    return bool(record.output) and (root / str(record.output)).is_file()
-
-
 def check_outputs(dirs: Sequence[str | os.PathLike[str]], sources: Sequence[Source] | None = None) -> CombineReport:
-    """Check that the outputs in ``dirs`` cover ``sources`` (the full, unsharded input list)."""
+    """Check that the outputs in ``dirs`` cover ``sources`` (the full, unsharded input list); without
+    ``sources``, every recorded image is judged."""
     roots = [Path(d) for d in dirs]
     report = CombineReport(dirs=roots, listed=None if sources is None else len(sources))
+    listed = None if sources is None else {s.name for s in sources}
     for root in roots:
-        for name, record in latest_records(root).items():
-            found = Found(record, root, record.ok and _output_exists(root, record))
+        outputs = OutputCheck(root)
+        unreadable: list[int] = []
+        for name, record in latest_records(root, unreadable).items():
+            if listed is not None and name not in listed:
+                report.stale.append(name)
+                continue
+            found = Found(record, root, record.ok and outputs.whole(record))
             best = report.chosen.get(name)
             if best is None or _better(found, best):
                 report.chosen[name] = found
+        report.unreadable += len(unreadable)
+    report.stale = sorted(set(report.stale))
     for name, found in sorted(report.chosen.items()):
         if found.output_ok:
             sig = found.record.signature()

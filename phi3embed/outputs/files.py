@@ -42,15 +42,17 @@ class FileWriter:
             final = self.publisher.safe_path(rel)
             if self.settings.format == "npy":
                 array = tensor.numpy()
-                self.publisher.atomic_write(final, lambda fh: np.save(fh, array, allow_pickle=False))
+                size = self.publisher.atomic_write(final, lambda fh: np.save(fh, array, allow_pickle=False))
                 key = None
             else:
                 meta = self._metadata(source, facts)
-                self.publisher.atomic_write(final, lambda fh: write_safetensors(fh, [(EMBED_KEY, tensor)], meta))
+                size = self.publisher.atomic_write(final, lambda fh: write_safetensors(fh, [(EMBED_KEY, tensor)], meta))
                 key = EMBED_KEY
         except ImageError as exc:  # this one output (the file system refuses its name): an error record
             return error_record(self.settings, source, str(exc), facts)
-        return new_record(self.settings, source, facts, status="ok", output=rel, key=key, shape=tuple(tensor.shape))
+        return new_record(
+            self.settings, source, facts, status="ok", output=rel, key=key, shape=tuple(tensor.shape), output_size=size
+        )
 
     def write_duplicate(self, source: Source, facts: ImageFacts, first: Record) -> Record:
         """Give ``source`` (same bytes as ``first``, an ok record) ``first``'s file under its own name: a hard
@@ -64,6 +66,10 @@ class FileWriter:
             self.publisher.link_or_copy(existing, final)
         except ImageError as exc:
             return error_record(self.settings, source, str(exc), facts)
+        try:
+            size: int | None = final.stat().st_size
+        except OSError:
+            size = None
         return new_record(
             self.settings,
             source,
@@ -73,6 +79,7 @@ class FileWriter:
             key=first.key,
             shape=tuple(first.shape or ()),
             duplicate_of=first.name,
+            output_size=size,
         )
 
     def pending(self, name: str) -> None:

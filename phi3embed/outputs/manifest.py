@@ -22,9 +22,12 @@ from phi3embed.outputs.records import Record
 MANIFEST = "manifest.jsonl"
 
 
-def iter_manifest_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_manifest_lines(
+    path: str | os.PathLike[str], unreadable: list[int] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(byte offset, JSON object)`` of every complete record line, oldest first; the rest is skipped
-    (a torn last line of a killed writer, lines that are not JSON objects with a string ``name``)."""
+    (a torn last line of a killed writer, lines that are not JSON objects with a string ``name``: the offsets
+    of these complete lines are appended to ``unreadable``; blank lines are not counted)."""
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
@@ -38,25 +41,29 @@ def iter_manifest_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, dic
             try:
                 data = json.loads(line)
             except ValueError:
-                continue
+                data = None
             if isinstance(data, dict) and isinstance(data.get("name"), str):
                 yield start, data
+            elif unreadable is not None and line.strip():
+                unreadable.append(start)
 
 
-def iter_manifest(path: str | os.PathLike[str]) -> Iterator[Record]:
-    """Records of a manifest, oldest first. Lines that are not complete JSON records are skipped."""
-    for _, data in iter_manifest_lines(path):
+def iter_manifest(path: str | os.PathLike[str], unreadable: list[int] | None = None) -> Iterator[Record]:
+    """Records of a manifest, oldest first. Lines that are not complete JSON records are skipped (and counted
+    into ``unreadable``, as :func:`iter_manifest_lines` does)."""
+    for _, data in iter_manifest_lines(path, unreadable):
         record = Record.from_json(data)
         if record is not None:
             yield record
 
 
-def latest_records(out_dir: str | os.PathLike[str]) -> dict[str, Record]:
-    """Image name -> its latest manifest record (``ok`` or ``error``), names sorted."""
+def latest_records(out_dir: str | os.PathLike[str], unreadable: list[int] | None = None) -> dict[str, Record]:
+    """Image name -> its latest manifest record (``ok`` or ``error``), names sorted (lines that cannot be read
+    are counted into ``unreadable``)."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise Phi3EmbedError("no manifest.jsonl here: not a phi3embed output directory", path=Path(out_dir))
-    latest = {record.name: record for record in iter_manifest(path)}
+    latest = {record.name: record for record in iter_manifest(path, unreadable)}
     return {name: latest[name] for name in sorted(latest)}
 
 
@@ -83,6 +90,7 @@ class ManifestLog:
         self._attempts: dict[str, int] = {}
         self._fd: int | None = None
         self._last_sync = 0.0
+        self._torn = False  # the last append failed part way: the next one starts with a newline
 
     def count(self, record: Record) -> None:
         """Count an existing record's attempt (while the caller reads the manifest at open)."""
@@ -109,7 +117,17 @@ class ManifestLog:
         for record in records:
             self._attempts[record.name] = self._attempts.get(record.name, 0) + 1
             stamped.append(record.stamped(self._attempts[record.name], _now()))
-        os.write(self._fd, encode_lines(stamped))
+        data = encode_lines(stamped)
+        if self._torn:
+            data = b"\n" + data  # after a failed append: start on a fresh line
+        try:
+            view = memoryview(data)
+            while view:  # a full disk may take part of the bytes before it refuses the rest
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            self._torn = True
+            raise
+        self._torn = False
         if time.monotonic() - self._last_sync > self.fsync_interval:
             self.sync()
         return stamped
@@ -122,7 +140,10 @@ class ManifestLog:
         self._last_sync = time.monotonic()
 
     def close(self) -> None:
+        """Sync and close (closed even when the sync fails: OSError then)."""
         if self._fd is not None:
-            self.sync()
-            os.close(self._fd)
-            self._fd = None
+            try:
+                self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = None

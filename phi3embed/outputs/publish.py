@@ -43,6 +43,44 @@ class OutputError(Phi3EmbedError):
     """The output directory cannot be used (not writable, locked by another run, disk full...)."""
 
 
+#: How an output failure is named: the causes people act on, in words that say what to do about them.
+_CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error",
+    errno.EFBIG: "file too large for the file system",
+}
+
+
+def output_failure(exc: OSError, root: Path, doing: str) -> OutputError:
+    """The one line for an output directory that failed while ``doing`` something (``writing a.jpg.npy``):
+    ``DIR: <cause> (<doing>)``. The same words whatever wrote (a per-image file, a pack, the manifest), so
+    every output failure ends a job the same way; a folder removed under the job says so."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE) and not os.path.isdir(root):
+        cause = "the output folder was removed while the job ran"
+    elif exc.errno in _CAUSES:
+        cause = _CAUSES[exc.errno]
+    else:
+        text = exc.strerror or str(exc) or type(exc).__name__
+        cause = text[:1].lower() + text[1:]
+    return OutputError(f"{cause} ({doing})", path=root)
+
+
+class _WriteOnly:
+    """A file seen through ``write`` alone. numpy writes an array to a real file with C ``fwrite``, which loses
+    the reason of a short write ("72672 requested and 13280 written"); through this it writes with Python's
+    ``write``, whose OSError keeps it (no space left, quota, read-only)."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self._fh.write(data)
+
+
 class Publisher:
     """Temp area, lock, atomic writes and folder durability for one run on ``root``.
 
@@ -128,17 +166,18 @@ class Publisher:
         elif not folder.is_dir():
             raise ImageError(f"output folder {sub} exists and is not a folder", path=rel)
 
-    def atomic_write(self, final: Path, write: Callable[[IO[bytes]], None]) -> None:
-        """``write`` into a temp file, fsync it, rename it to ``final``; OutputError when that fails."""
+    def atomic_write(self, final: Path, write: Callable[[IO[bytes]], None]) -> int:
+        """``write`` into a temp file, fsync it, rename it to ``final``; its size in bytes. OutputError when
+        that fails."""
 
         def fill(tmp: Path) -> int:
             with open(tmp, "wb") as fh:
-                write(fh)
+                write(_WriteOnly(fh))  # type: ignore[arg-type]  # write() is all a writer needs of the file
                 fh.flush()
                 os.fsync(fh.fileno())
                 return fh.tell()
 
-        self._publish(final, fill)
+        return self._publish(final, fill)
 
     def link_or_copy(self, existing: Path, final: Path) -> bool:
         """Publish ``existing`` (a file already in place in DIR) under ``final`` too: a hard link (no new
@@ -164,8 +203,9 @@ class Publisher:
         self._publish(final, fill)
         return linked
 
-    def _publish(self, final: Path, fill: Callable[[Path], int]) -> None:
-        """``fill`` a fresh temp path (returns the bytes it wrote), rename it to ``final``, note the folder."""
+    def _publish(self, final: Path, fill: Callable[[Path], int]) -> int:
+        """``fill`` a fresh temp path (returns the bytes it wrote), rename it to ``final``, note the folder;
+        the bytes written."""
         with self._lock:
             self._tmp_count += 1
             tmp = self.tmp / f"{self._tmp_count:09d}.part"
@@ -173,14 +213,23 @@ class Publisher:
             size = fill(tmp)
             os.replace(tmp, final)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only or removed folder refuses this too
+                tmp.unlink(missing_ok=True)
             if exc.errno in NAME_REFUSED and exc.filename2 is not None:  # the rename: this name, not DIR
                 raise _name_refused(exc, os.path.relpath(final, self.real)) from None
-            raise OutputError(f"cannot write {final}: {exc.strerror or exc}", path=self.root) from None
+            raise output_failure(exc, self.root, f"writing {self.relative(final)}") from None
         with self._lock:
             self._dirty_dirs.add(final.parent)
             self.bytes_written += size
             self.files_written += 1
+        return size
+
+    def relative(self, path: Path) -> str:
+        """``path`` (inside DIR) as people name it in messages: relative to DIR."""
+        try:
+            return path.relative_to(self.real).as_posix()
+        except ValueError:
+            return str(path)
 
     def sync_folders(self) -> None:
         """Make the renames so far durable (kill -9 cannot undo a rename; a power cut can)."""

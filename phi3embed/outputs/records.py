@@ -140,6 +140,7 @@ class Record:
     mtime_ns: int | None
     stage: str = DEFAULT_STAGE  # lines written before stages existed hold projected tokens
     duplicate_of: str | None = None  # the image with the same bytes whose output this one shares (not encoded)
+    output_size: int | None = None  # bytes of a per-image output file: resume and combine compare its size
     attempt: int | None = None
     time: str | None = None
 
@@ -207,6 +208,7 @@ def new_record(
     shape: tuple[int, ...] | None = None,
     error: str | None = None,
     duplicate_of: str | None = None,
+    output_size: int | None = None,
 ) -> Record:
     """The record of one attempt at ``source`` made with ``settings`` (not yet stamped)."""
     return Record(
@@ -218,6 +220,7 @@ def new_record(
         error=error,
         shape=list(shape) if shape is not None else None,
         duplicate_of=duplicate_of,
+        output_size=output_size,
         **(facts or ImageFacts()).record_fields(),
         **settings.record_fields(),
     )

@@ -1,18 +1,100 @@
 """Which images are done: the index of every image's latest record, and the resume rule.
 
 An image is done when its latest record is ``ok``, was made with the same model fingerprint and settings
-(:meth:`phi3embed.outputs.records.OutputSettings.signature`), names an output that exists (the expected
-file for per-image formats, any pack file for ``--pack``), and the source file still has the recorded
-size and modification time.
+(:meth:`phi3embed.outputs.records.OutputSettings.signature`), names an output that is whole
+(:class:`OutputCheck`: the expected file for per-image formats, any pack file for ``--pack``), and the source
+file still has the recorded size and modification time.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import math
 import os
+import stat
+import struct
+from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.records import Record, Signature
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@lru_cache(maxsize=1024)
+def npy_size(shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of the ``.npy`` file ``numpy.save`` writes for a C-order array of ``shape`` and ``dtype``."""
+    header = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    return len(header.getvalue()) + math.prod(shape) * np.dtype(dtype).itemsize
+
+
+class OutputCheck:
+    """Whether an ok record's output is whole, from one ``stat`` (no read) for a per-image file: its size is the
+    record's ``output_size`` (records written before that field: for ``.npy`` the size shape and dtype give;
+    for safetensors at least the tensor's bytes and a header). A pack member's byte range must lie inside its
+    pack file, whose header is read once per file and size. A truncated or replaced output is not whole: the
+    image is encoded again."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._packs: dict[tuple[str, int, int], dict[str, int] | None] = {}  # (file, size, mtime) -> key: end
+
+    def whole(self, record: Record) -> bool:
+        if not record.output:
+            return False
+        try:
+            st = os.stat(self.root / record.output)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if record.format == "pack":
+            ends = self._pack_ends(record.output, st)
+            return ends is not None and record.key in ends and ends[str(record.key)] <= st.st_size
+        if record.output_size is not None:
+            return st.st_size == record.output_size
+        shape = tuple(record.shape or ())
+        if record.dtype not in _ITEMSIZE or not shape:
+            return True  # nothing to compare with
+        if record.output.endswith(".npy"):
+            return st.st_size == npy_size(shape, record.dtype)
+        return st.st_size >= math.prod(shape) * _ITEMSIZE[record.dtype] + 16  # safetensors: 8-byte length, header
+
+    def _pack_ends(self, output: str, st: os.stat_result) -> dict[str, int] | None:
+        """Where each tensor of a pack file ends (from its header), or None when it is not a readable one."""
+        key = (output, st.st_size, st.st_mtime_ns)
+        if key not in self._packs:
+            self._packs[key] = _safetensors_ends(self.root / output)
+        return self._packs[key]
+
+
+def _safetensors_ends(path: Path) -> dict[str, int] | None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            (length,) = struct.unpack("<Q", head)
+            if length > 1 << 31:
+                return None
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    start = 8 + length
+    ends = {}
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if name != "__metadata__" and isinstance(offsets, list) and len(offsets) == 2:
+            ends[name] = start + int(offsets[1])
+    return ends
 
 
 class ResumeIndex:
@@ -21,6 +103,7 @@ class ResumeIndex:
     def __init__(self, root: Path, signature: Signature, *, overwrite: bool = False) -> None:
         self.root, self.signature, self.overwrite = root, signature, overwrite
         self._latest: dict[str, Record] = {}
+        self.outputs = OutputCheck(root)
         self._by_sha256: dict[str, str] | None = None  # sha256 -> a name with an ok record; built on first use
 
     def note(self, record: Record) -> None:
@@ -44,7 +127,7 @@ class ResumeIndex:
         seen = self._latest.get(name) if name is not None else None
         if seen is None or not self._usable(seen) or seen.sha256 != sha256:
             return None  # that name has a newer record since (failed, or other bytes)
-        return seen if (self.root / str(seen.output)).is_file() else None
+        return seen if self.outputs.whole(seen) else None
 
     def index_sha256(self) -> dict[str, str]:
         """Index every ok record by sha256, once (one dict entry per image, about 30 bytes: the strings are
@@ -74,7 +157,7 @@ class ResumeIndex:
             return False
         if expected_output is not None and seen.output != expected_output:
             return False
-        if not (self.root / seen.output).is_file():
+        if not self.outputs.whole(seen):
             return False
         try:
             st = os.stat(source.path)

@@ -26,7 +26,7 @@ from phi3embed.inputs.listing import Source
 from phi3embed.outputs.files import FileWriter
 from phi3embed.outputs.manifest import ManifestLog, iter_manifest
 from phi3embed.outputs.packs import PackWriter
-from phi3embed.outputs.publish import OutputError, Publisher
+from phi3embed.outputs.publish import OutputError, Publisher, output_failure
 from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, error_record
 from phi3embed.outputs.resume import ResumeIndex
 
@@ -69,6 +69,7 @@ class OutputStore:
         self.on_record = on_record
         self.fsync_interval = fsync_interval
         self.recovered = 0  # records restored from pack metadata at open
+        self.unreadable_lines = 0  # manifest lines that are not JSON records, skipped at open
         self._build()
 
     def __enter__(self) -> OutputStore:
@@ -82,9 +83,11 @@ class OutputStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.publisher.open()
-            for record in iter_manifest(self.manifest.path):
+            unreadable: list[int] = []
+            for record in iter_manifest(self.manifest.path, unreadable):
                 self.manifest.count(record)
                 self.index.note(record)
+            self.unreadable_lines = len(unreadable)
             self.manifest.open()
             if isinstance(self.writer, PackWriter):
                 missing = self.writer.recover(iter_manifest(self.manifest.path))
@@ -92,7 +95,7 @@ class OutputStore:
                     self._append(missing)
                     self.recovered = len(missing)
         except OSError as exc:
-            raise OutputError(f"cannot use the output directory: {exc.strerror or exc}", path=self.root) from None
+            raise output_failure(exc, self.root, "opening the output directory") from None
         return self
 
     def _build(self) -> None:
@@ -109,13 +112,24 @@ class OutputStore:
             self.writer = FileWriter(s, self.publisher)
 
     def close(self) -> None:
-        """Publish the last pack, sync the manifest, remove the temp area, release the lock."""
+        """Publish the last pack, sync the manifest, remove the temp area, release the lock. Every step is
+        taken even when one fails (a full disk refuses the last pack); then that failure is raised
+        (OutputError)."""
+        failure: OutputError | None = None
         try:
             if self.manifest.is_open:
-                self.writer.flush()
-                self.manifest.close()
+                try:
+                    self.writer.flush()
+                except OutputError as exc:
+                    failure = exc
+                try:
+                    self.manifest.close()
+                except OSError as exc:
+                    failure = failure or output_failure(exc, self.root, "syncing manifest.jsonl")
         finally:
             self.publisher.close()
+        if failure is not None:
+            raise failure
 
     def flush(self) -> None:
         self.writer.flush()
@@ -180,9 +194,7 @@ class OutputStore:
         try:
             stamped = self.manifest.append(records)
         except OSError as exc:
-            raise OutputError(
-                f"cannot append to the manifest: {exc.strerror or exc}", path=self.manifest.path
-            ) from None
+            raise output_failure(exc, self.root, "appending to manifest.jsonl") from None
         for record in stamped:
             self.index.note(record)
             if self.on_record is not None:
@@ -193,7 +205,7 @@ class OutputStore:
         try:
             self.manifest.sync()
         except OSError as exc:
-            raise OutputError(f"cannot sync the manifest: {exc.strerror or exc}", path=self.manifest.path) from None
+            raise output_failure(exc, self.root, "syncing manifest.jsonl") from None
 
     def _host_tensor(self, embeddings: torch.Tensor) -> torch.Tensor:
         return embeddings.detach().to(self.settings.dtype).to("cpu").contiguous()
