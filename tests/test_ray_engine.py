@@ -264,9 +264,10 @@ def test_driver_knows_the_actors_fingerprint_without_loading(name: str) -> None:
 
 def test_the_revision_reaches_every_actor_spec() -> None:
     """``encode --engine ray --revision R``: the driver plans with R and each actor resolves the same R."""
-    from phi3embed.jobs.ray_engine import RayOptions, plan
+    from phi3embed.jobs.ray_engine import plan
+    from phi3embed.jobs.runtime import EngineOptions
 
-    engine = plan(RayOptions(model=ckpt(TINY_128K), revision="v1.0", device="cpu", actors=1))
+    engine = plan(EngineOptions(model=ckpt(TINY_128K), revision="v1.0", device="cpu", actors=1, engine="ray"))
     try:
         assert engine.spec.revision == "v1.0"
     finally:

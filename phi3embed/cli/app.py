@@ -26,9 +26,10 @@ from phi3embed.cli.combine import register as register_combine_commands
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
 from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, ImageColumn, Revision
 from phi3embed.cli.plan import STAGE_HELP, Stage
-from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers
+from phi3embed.jobs.runtime import DEFAULT_IMAGE_TIMEOUT
 
 if TYPE_CHECKING:
+    from phi3embed.jobs.runtime import EngineOptions
     from phi3embed.outputs.records import Record
 
 app = typer.Typer(
@@ -70,10 +71,6 @@ class Engine(str, Enum):
 class _Usage(Exception):
     """A problem found before any work starts: one line on stderr, exit code 2."""
 
-
-#: Seconds reading and decoding one image may take by default: far above any real image (a 100 MP PNG decodes in
-#: a few seconds), short enough that a stuck network mount costs minutes, not the night.
-DEFAULT_IMAGE_TIMEOUT = 120.0
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -225,7 +222,7 @@ def encode_command(
 
 @dataclass(frozen=True)
 class _EncodeOptions:
-    """The options of one ``encode`` job, parsed and checked: what the engine builders and :func:`_run` read."""
+    """The options of one ``encode`` job, parsed and checked: what :meth:`engine_options` and :func:`_run` read."""
 
     out: Path
     model: str
@@ -257,6 +254,16 @@ class _EncodeOptions:
     def output_format(self) -> str:
         """What the store writes: ``pack`` (pack files), else one ``npy`` / ``safetensors`` file per image."""
         return "pack" if self.pack_bytes is not None else (self.fmt or "npy")
+
+    def engine_options(self) -> "EngineOptions":
+        """What the engine is asked for (phi3embed.jobs.runtime assembles it)."""
+        from phi3embed.jobs.runtime import EngineOptions
+
+        same_names = (
+            "model", "revision", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha",
+            "exif_transpose", "stage", "batch_size", "workers", "image_timeout", "engine", "actors",
+        )  # fmt: skip
+        return EngineOptions(**{name: getattr(self, name) for name in same_names}, address=self.ray_address)
 
 
 def _options(*, shard: str | None, pack: str | None, format: "Format | None", **options: Any) -> _EncodeOptions:
@@ -313,78 +320,20 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
         return 0
     _check_writable(opts.out)
 
-    from phi3embed.core.checkpoint import resolve
+    from phi3embed.jobs.runtime import build_engine
 
-    try:  # find the checkpoint first: a wrong --model is reported before transformers is even imported
-        checkpoint_dir = str(resolve(opts.model, revision=opts.revision).root)
-    except Phi3EmbedError as exc:
-        raise _Usage(str(exc)) from None
-
+    if opts.engine == "ray" and opts.image_timeout and not opts.quiet:
+        say(console, "note: --image-timeout is not enforced by --engine ray (file rules still apply)")
+    loading = None if opts.quiet or not console.is_terminal else lambda: console.status(f"loading {opts.model}")
     try:
-        engine = _ray_engine(opts, console) if opts.engine == "ray" else _local_engine(opts, checkpoint_dir, console)
+        engine = build_engine(
+            opts.engine_options(),
+            announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"),
+            loading=loading,
+        )
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
     return _run(engine, sources, opts, console=console, special=listing.special)
-
-
-def _local_engine(opts: _EncodeOptions, checkpoint_dir: str, console: Any) -> Any:
-    """Load the embedder here: the local engine. On CPU the allocator keeps freed memory for reuse
-    (phi3embed/core/allocator.py): the command owns its process, a library user decides for theirs."""
-    from phi3embed.core.allocator import keep_freed_memory
-    from phi3embed.core.embedder import Phi3VisionEmbedder, resolve_device
-    from phi3embed.jobs.core import stored_dtypes
-    from phi3embed.jobs.local import LocalEngine
-
-    dev = resolve_device(opts.device)
-    compute, stored = stored_dtypes(
-        dev.type, dtype=opts.dtype, out_dtype=opts.out_dtype, output_format=opts.output_format
-    )
-    batch = opts.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, 8)
-    # On CPU decoding is ~0.3% of an image's time, so workers gain nothing; on CUDA they keep the GPU fed.
-    workers = opts.workers if opts.workers is not None else default_workers(dev.type)
-    if dev.type == "cpu":
-        keep_freed_memory()
-    status = console.status(f"loading {opts.model}") if not opts.quiet and console.is_terminal else None
-    if status is not None:
-        status.start()
-    try:
-        embedder = Phi3VisionEmbedder.from_pretrained(
-            checkpoint_dir,
-            device=dev,
-            dtype=compute,
-            num_crops=opts.num_crops,
-            alpha=opts.alpha,  # type: ignore[arg-type]
-            exif_transpose=opts.exif_transpose,
-            batch_size=batch,
-            stage=opts.stage,  # type: ignore[arg-type]
-        )
-    finally:
-        if status is not None:
-            status.stop()
-    timeout = DEFAULT_IMAGE_TIMEOUT if opts.image_timeout is None else opts.image_timeout
-    return LocalEngine(embedder, stored_dtype=stored, workers=workers, image_timeout=timeout or None)
-
-
-def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
-    """``--engine ray``: the same job on a Ray actor pool (planned by phi3embed.jobs.ray_engine.plan)."""
-    from phi3embed.cli.progress import say
-
-    if opts.image_timeout and not opts.quiet:
-        say(console, "note: --image-timeout is not enforced by --engine ray (file rules still apply)")
-    try:
-        from phi3embed.jobs.ray_engine import RayOptions, plan
-    except ImportError:
-        raise _Usage("--engine ray needs Ray: pip install 'phi3embed[ray]'") from None
-    same_names = (
-        "model", "revision", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha", "exif_transpose",
-        "stage",
-    )  # fmt: skip
-    options = RayOptions(
-        **{name: getattr(opts, name) for name in (*same_names, "batch_size", "actors")},
-        decode_threads=opts.workers,
-        address=opts.ray_address,
-    )
-    return plan(options, announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"))
 
 
 def _run(engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any, special: int = 0) -> int:

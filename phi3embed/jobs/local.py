@@ -17,19 +17,22 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, cast
 
 import torch
 
 from phi3embed.core.batching import HostCopier, is_out_of_memory
+from phi3embed.core.checkpoint import resolve
 from phi3embed.core.config import usable_cpus
-from phi3embed.core.embedder import Phi3VisionEmbedder
+from phi3embed.core.embedder import Phi3VisionEmbedder, resolve_device
 from phi3embed.core.preprocess import Preprocessed
 from phi3embed.inputs.listing import Source
-from phi3embed.jobs.core import EngineInfo, JobSummary, Result
+from phi3embed.jobs.core import JobSummary, Result
 from phi3embed.jobs.dedup import Duplicates, Held
 from phi3embed.jobs.pool import OrderedPool
 from phi3embed.jobs.prepare import Prepared, Preparer
+from phi3embed.jobs.runtime import DEFAULT_IMAGE_TIMEOUT, EngineOptions, Runtime, decide, engine_info, load_embedder
 from phi3embed.outputs.records import ImageFacts
 
 #: How much nicer than the encoding process the decode workers run. When a worker and the encoder want the same
@@ -73,17 +76,20 @@ class LocalEngine:
         self.embedder, self.workers = embedder, workers
         processes = workers if workers > 0 or not image_timeout else 1
         options = embedder.image_options
-        self.info = EngineInfo(
-            fingerprint=embedder.fingerprint,
-            num_crops=embedder.num_crops,
+        runtime = Runtime(
+            device=str(embedder.device),
             compute_dtype=embedder.dtype,
             stored_dtype=stored_dtype or embedder.dtype,
-            device=str(embedder.device),
             batch_size=embedder.batch_size,
             workers=workers,
-            alpha=options.alpha,
-            exif_transpose=options.exif_transpose,
+        )
+        self.info = engine_info(
+            runtime,
+            fingerprint=embedder.fingerprint,
+            num_crops=embedder.num_crops,
+            image=options,
             stage=embedder.stage,
+            workers=workers,
         )
         preparer = Preparer(embedder.preprocess_config, alpha=options.alpha, exif_transpose=options.exif_transpose)
         self.pool: OrderedPool[Source, Prepared] = OrderedPool(
@@ -159,6 +165,28 @@ class LocalEngine:
             self._summary.encoder_cpu_s = cpu_end - cpu_start
             self._summary.encoder_preempted = switches_end - switches_start
             self._summary.worker_restarts = self.pool.restarts
+
+
+def plan(options: EngineOptions, *, loading: Callable[[], AbstractContextManager[Any]] | None = None) -> LocalEngine:
+    """``encode`` in this process: the device ``options`` name (auto: CUDA when there is one), the rest by the
+    runtime policy (:func:`phi3embed.jobs.runtime.decide`), the weights loaded here (inside ``loading``, once
+    the checkpoint is found: a wrong model is reported before transformers is even imported), the image
+    timeout :data:`~phi3embed.jobs.runtime.DEFAULT_IMAGE_TIMEOUT` unless given (0: none)."""
+    checkpoint_dir = str(resolve(options.model, revision=options.revision).root)
+    runtime = decide(str(resolve_device(options.device)), options)
+    with loading() if loading is not None else nullcontext():
+        embedder = load_embedder(
+            checkpoint_dir,
+            runtime,
+            num_crops=options.num_crops,
+            alpha=options.alpha,
+            exif_transpose=options.exif_transpose,
+            stage=options.stage,
+        )
+    timeout = DEFAULT_IMAGE_TIMEOUT if options.image_timeout is None else options.image_timeout
+    return LocalEngine(
+        embedder, stored_dtype=runtime.stored_dtype, workers=runtime.workers, image_timeout=timeout or None
+    )
 
 
 def encoder_threads(device_type: str, threads: int, workers: int, cpus: int) -> int:

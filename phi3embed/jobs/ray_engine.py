@@ -39,19 +39,19 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from phi3embed.core.allocator import keep_freed_memory
 from phi3embed.core.batching import HostResult
 from phi3embed.core.checkpoint import resolve
-from phi3embed.core.config import DEFAULT_BATCH_SIZE, preprocess_config_from_dict, usable_cpus, vision_config_from_dict
-from phi3embed.core.embedder import Phi3VisionEmbedder, parse_dtype, resolve_device
+from phi3embed.core.config import preprocess_config_from_dict, usable_cpus, vision_config_from_dict
+from phi3embed.core.embedder import ImageOptions, Phi3VisionEmbedder, parse_dtype, resolve_device
 from phi3embed.core.model import Phi3VisionModel
 from phi3embed.core.preprocess import AlphaMode, Preprocessed
 from phi3embed.core.stages import DEFAULT_STAGE, Stage, stage_shape
 from phi3embed.errors import CheckpointError, Phi3EmbedError
 from phi3embed.inputs.archives import Member
 from phi3embed.inputs.listing import Source
-from phi3embed.jobs.core import EngineInfo, JobSummary, Result, stored_dtypes
+from phi3embed.jobs.core import EngineInfo, JobSummary, Result
 from phi3embed.jobs.prepare import Prepared, Preparer
+from phi3embed.jobs.runtime import EngineOptions, Runtime, decide, engine_info, load_embedder
 from phi3embed.outputs.formats import dtype_name
 from phi3embed.outputs.records import ImageFacts
 
@@ -102,14 +102,23 @@ class EncoderSpec:
     decode_threads: int = 0  # threads decoding the next images while the encoder runs (0 = inline)
     expect_fingerprint: str | None = None  # refuse to run on weights other than the driver's
 
-    def load(self) -> Phi3VisionEmbedder:
-        device = resolve_device(self.device)
-        if device.type == "cpu":  # the actor owns its process, as the CLI does (phi3embed/core/allocator.py)
-            keep_freed_memory()
-        same_names = ("dtype", "num_crops", "revision", "alpha", "exif_transpose", "batch_size", "stage")
-        return Phi3VisionEmbedder.from_pretrained(
-            self.model, device=device, **{name: getattr(self, name) for name in same_names}
+    def runtime(self, device: str | None = None) -> Runtime:
+        """The actors' :class:`~phi3embed.jobs.runtime.Runtime` (on ``device``: default this spec's)."""
+        compute = parse_dtype(self.dtype)
+        stored = parse_dtype(self.out_dtype) if self.out_dtype else compute
+        return Runtime(
+            device=device or self.device,
+            compute_dtype=compute,
+            stored_dtype=stored,
+            batch_size=self.batch_size,
+            workers=self.decode_threads,
         )
+
+    def load(self) -> Phi3VisionEmbedder:
+        """The actor's encoder; the actor owns its process, as the command does (jobs.runtime.load_embedder)."""
+        same_names = ("revision", "num_crops", "alpha", "exif_transpose", "stage")
+        runtime = self.runtime(str(resolve_device(self.device)))
+        return load_embedder(self.model, runtime, **{name: getattr(self, name) for name in same_names})
 
 
 def checkpoint_facts(spec: EncoderSpec) -> tuple[str, int]:
@@ -216,7 +225,7 @@ class RayEncoder:
                 f"{spec.expect_fingerprint}: every node must see the same checkpoint",
                 path=spec.model,
             )
-        self.out_dtype = parse_dtype(spec.out_dtype) if spec.out_dtype else self.embedder.dtype
+        self.out_dtype = spec.runtime().stored_dtype
         self.out_dtype_name = dtype_name(self.out_dtype)
         options = self.embedder.image_options
         self.preparer = Preparer(
@@ -469,27 +478,7 @@ def default_images_per_batch(todo: int, actors: int) -> int:
     return max(1, min(16, -(-todo // (4 * actors))))
 
 
-@dataclass(frozen=True)
-class RayOptions:
-    """What ``encode --engine ray`` was asked for (``"auto"`` / None: decided by :func:`plan`)."""
-
-    model: str
-    revision: str | None = None  # of a hub id: every actor resolves the same (the fingerprint check tells)
-    device: str = "auto"  # auto, cpu or cuda: Ray gives each actor its GPU
-    dtype: str = "auto"
-    out_dtype: str = "auto"
-    output_format: str = "npy"
-    num_crops: int | None = None
-    alpha: AlphaMode = "drop"
-    exif_transpose: bool = False
-    stage: Stage = DEFAULT_STAGE
-    batch_size: int | None = None
-    decode_threads: int | None = None  # per actor (default 4 on GPUs, inline on CPU)
-    actors: int | None = None  # default: one per GPU of the cluster; without GPUs one per CPU
-    address: str | None = None  # a running cluster; None: a private local instance, started when needed
-
-
-def plan(options: RayOptions, *, announce: Callable[[str], None] = lambda line: None) -> RayEngine:
+def plan(options: EngineOptions, *, announce: Callable[[str], None] = lambda line: None) -> RayEngine:
     """Size the job from the options and the cluster: device, dtypes, actors; the vision weights are hashed
     here on the driver (every actor must find the same). Connects to ``options.address`` now (its resources
     decide the device); a local instance is started only when there is work (:meth:`RayEngine.open`).
@@ -520,41 +509,26 @@ def plan(options: RayOptions, *, announce: Callable[[str], None] = lambda line: 
         if device == "cuda" and gpus == 0:
             where = "the Ray cluster" if options.address else "this machine"
             raise Phi3EmbedError(f"--device cuda: {where} has no GPU")
-        compute, stored = stored_dtypes(
-            device, dtype=options.dtype, out_dtype=options.out_dtype, output_format=options.output_format
-        )
+        runtime = decide(device, options)
     except BaseException:
         session.close()
         raise
     actors = options.actors or max(1, int(gpus if device == "cuda" else cpus))
-    batch = options.batch_size or DEFAULT_BATCH_SIZE[device]
-    threads = options.decode_threads if options.decode_threads is not None else (4 if device == "cuda" else 0)
     spec = EncoderSpec(
         model=model,
         revision=options.revision,
         device=device,
-        dtype=dtype_name(compute),
-        out_dtype=dtype_name(stored),
+        dtype=dtype_name(runtime.compute_dtype),
+        out_dtype=dtype_name(runtime.stored_dtype),
         num_crops=options.num_crops,
         alpha=options.alpha,
         exif_transpose=options.exif_transpose,
         stage=options.stage,
-        batch_size=batch,
-        decode_threads=threads,
+        batch_size=runtime.batch_size,
+        decode_threads=runtime.workers,
         expect_fingerprint=fingerprint,
     )
-    info = EngineInfo(
-        fingerprint=fingerprint,
-        num_crops=num_crops,
-        compute_dtype=compute,
-        stored_dtype=stored,
-        device="cuda:0" if device == "cuda" else "cpu",  # what each actor sees (Ray gives it one GPU)
-        batch_size=batch,
-        workers=actors,
-        alpha=options.alpha,
-        exif_transpose=options.exif_transpose,
-        stage=options.stage,
-    )
+    info = spec_info(spec, actors=actors, facts=(fingerprint, num_crops))
     line = f"{actors} Ray actor{'s' if actors != 1 else ''} on {device}, {{where}} ({int(cpus)} CPUs, {int(gpus)} GPUs)"
     if options.address:
         announce(line.format(where=f"Ray cluster {options.address}"))
@@ -584,22 +558,18 @@ def _enter_ray(stack: ExitStack, address: str | None) -> None:
         raise Phi3EmbedError(f"cannot {what}: {' '.join(str(exc).split())}") from None
 
 
-def spec_info(spec: EncoderSpec, *, actors: int) -> EngineInfo:
-    """The :class:`EngineInfo` of actors built from ``spec`` (device, dtypes and batch as given), with the
-    checkpoint's facts read on the driver: for a :class:`RayEngine` made without :func:`plan`."""
-    fingerprint, num_crops = checkpoint_facts(spec)
-    compute = parse_dtype(spec.dtype)
-    return EngineInfo(
+def spec_info(spec: EncoderSpec, *, actors: int, facts: tuple[str, int] | None = None) -> EngineInfo:
+    """The :class:`EngineInfo` of ``actors`` actors built from ``spec`` (device, dtypes and batch as given), with
+    the checkpoint's ``(fingerprint, num_crops)`` (``facts``, else read on the driver by :func:`checkpoint_facts`)."""
+    fingerprint, num_crops = facts or checkpoint_facts(spec)
+    device = "cuda:0" if spec.device == "cuda" else spec.device  # what each actor sees (Ray gives it one GPU)
+    return engine_info(
+        spec.runtime(device),
         fingerprint=fingerprint,
         num_crops=num_crops,
-        compute_dtype=compute,
-        stored_dtype=parse_dtype(spec.out_dtype) if spec.out_dtype else compute,
-        device=spec.device,
-        batch_size=spec.batch_size,
-        workers=actors,
-        alpha=spec.alpha,
-        exif_transpose=spec.exif_transpose,
+        image=ImageOptions(alpha=spec.alpha, exif_transpose=spec.exif_transpose),
         stage=spec.stage,
+        workers=actors,
     )
 
 
