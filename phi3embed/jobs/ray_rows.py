@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from phi3embed.core.embedder import parse_dtype
-from phi3embed.inputs.archives import Member
+from phi3embed.inputs.archives import Member, ParquetRow, TarMember
 from phi3embed.inputs.listing import Source
 from phi3embed.jobs.prepare import Prepared
 from phi3embed.outputs.records import ImageFacts
@@ -131,13 +131,20 @@ def _blob(value: Any) -> bytes | None:
     return None
 
 
+_MEMBER_TYPES = {kind.__name__: kind for kind in (Member, TarMember, ParquetRow)}
+
+
 def member_cell(member: Member | None) -> str:
-    """A member as one string cell (Arrow stores no dataclasses): JSON of its fields, "" for a loose file."""
-    return "" if member is None else json.dumps(dataclasses.astuple(member))
+    """A member as one string cell (Arrow stores no dataclasses): JSON of its type and fields, "" for a loose
+    file."""
+    return "" if member is None else json.dumps([type(member).__name__, dataclasses.asdict(member)])
 
 
 def member_from_cell(cell: Any) -> Member | None:
-    return Member(*json.loads(cell)) if isinstance(cell, str) and cell else None
+    if not isinstance(cell, str) or not cell:
+        return None
+    kind, values = json.loads(cell)
+    return _MEMBER_TYPES[kind](**values)
 
 
 Task = tuple[str, str, bytes | None, Member | None]  # path, label, bytes (None: read the path), member
