@@ -24,9 +24,10 @@ import typer
 
 from phi3embed.cli.combine import register as register_combine_commands
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
-from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, ImageColumn, Revision
+from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, ImageColumn, OutDType, Revision
 from phi3embed.cli.plan import STAGE_HELP, Stage
-from phi3embed.jobs.runtime import DEFAULT_IMAGE_TIMEOUT
+from phi3embed.core.stages import DEFAULT_STAGE
+from phi3embed.jobs.runtime import DEFAULT_IMAGE_TIMEOUT, ENGINES
 
 if TYPE_CHECKING:
     from phi3embed.jobs.runtime import EngineOptions
@@ -51,11 +52,8 @@ def _root() -> None:
     """Images -> the exact image-token embeddings Phi-3-vision / Phi-3.5-vision feed their language model."""
 
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
+#: ``--dtype`` / ``--out-dtype`` of encode: auto, or one of the dtypes ``plan --out-dtype`` takes.
+DType = Enum("DType", [("auto", "auto"), *((d.value, d.value) for d in OutDType)], type=str)  # type: ignore[misc]
 
 
 class Format(str, Enum):
@@ -63,9 +61,8 @@ class Format(str, Enum):
     safetensors = "safetensors"
 
 
-class Engine(str, Enum):
-    local = "local"
-    ray = "ray"
+#: ``--engine``: the engines phi3embed.jobs.runtime builds, as a Typer choice.
+Engine = Enum("Engine", [(name, name) for name in ENGINES], type=str)  # type: ignore[misc]
 
 
 class _Usage(Exception):
@@ -119,14 +116,16 @@ def encode_command(
         int | None, typer.Option(min=1, help="Max 336 px crops per image (default: the checkpoint's).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[DType, typer.Option(help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = DType.auto,
+    dtype: Annotated[DType, typer.Option(help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = DType[
+        "auto"
+    ],
     out_dtype: Annotated[
         DType,
         typer.Option(
             help="Stored dtype (auto: float32 on CPU, the compute dtype on CUDA; npy cannot hold bfloat16, "
             "so auto stores float32 there)."
         ),
-    ] = DType.auto,
+    ] = DType["auto"],
     format: Annotated[
         Format | None, typer.Option("--format", help="One file per image: npy (default) or safetensors.")
     ] = None,
@@ -146,7 +145,7 @@ def encode_command(
     alpha: Annotated[
         Alpha, typer.Option(help="Transparency: drop (reference, transformers 4) or white (composite on white).")
     ] = Alpha.drop,
-    stage: Annotated[Stage, typer.Option(help=STAGE_HELP)] = Stage.projected,
+    stage: Annotated[Stage, typer.Option(help=STAGE_HELP)] = Stage[DEFAULT_STAGE],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Encode again images already done.")] = False,
     no_dedup: Annotated[
         bool,
@@ -191,7 +190,7 @@ def encode_command(
             help="local: this process encodes; ray: a Ray Data actor pool (pip install 'phi3embed[ray]'), "
             "on a private local Ray instance or the cluster at --ray-address. Same outputs either way."
         ),
-    ] = Engine.local,
+    ] = Engine["local"],
     ray_address: Annotated[
         str | None,
         typer.Option(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers
 from phi3embed.core.stages import DEFAULT_STAGE, Stage
@@ -27,10 +27,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from phi3embed.core.embedder import ImageOptions, Phi3VisionEmbedder
     from phi3embed.core.preprocess import AlphaMode
     from phi3embed.jobs.core import Engine, EngineInfo
+    from phi3embed.outputs.records import Format
 
 #: Seconds reading and decoding one image may take by default: far above any real image (a 100 MP PNG decodes in
 #: a few seconds), short enough that a stuck network mount costs minutes, not the night.
 DEFAULT_IMAGE_TIMEOUT = 120.0
+
+EngineName = Literal["local", "ray"]  # the engines build_engine assembles
+ENGINES: tuple[EngineName, ...] = get_args(EngineName)
 
 #: Decode threads per Ray actor on a GPU when ``workers`` is not given (on CPU the actor decodes inline).
 RAY_DECODE_THREADS = 4
@@ -45,7 +49,7 @@ class EngineOptions:
     device: str = "auto"  # auto, cpu, cuda or cuda:N (Ray: auto, cpu or cuda; it gives each actor its GPU)
     dtype: str = "auto"  # compute dtype
     out_dtype: str = "auto"  # stored dtype
-    output_format: str = "npy"  # npy, safetensors or pack: whether bfloat16 can be stored
+    output_format: Format = "npy"  # whether bfloat16 can be stored
     num_crops: int | None = None
     alpha: AlphaMode = "drop"
     exif_transpose: bool = False
@@ -53,7 +57,7 @@ class EngineOptions:
     batch_size: int | None = None  # crops per forward pass
     workers: int | None = None  # local: decode processes; Ray: decode threads per actor
     image_timeout: float | None = None  # seconds per image (None or 0: no limit); local engine only
-    engine: str = "local"  # "local" or "ray"
+    engine: EngineName = "local"
     address: str | None = None  # Ray: a running cluster; None: a private local instance, started when needed
     actors: int | None = None  # Ray: default one per GPU of the cluster; without GPUs one per CPU
 
