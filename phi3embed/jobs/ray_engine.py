@@ -31,7 +31,7 @@ import torch
 
 from phi3embed.core.batching import HostResult
 from phi3embed.core.checkpoint import resolve
-from phi3embed.core.config import preprocess_config_from_dict, usable_cpus, vision_config_from_dict
+from phi3embed.core.config import parse_configs, usable_cpus
 from phi3embed.core.embedder import ImageOptions
 from phi3embed.core.model import Phi3VisionModel
 from phi3embed.errors import Phi3EmbedError
@@ -83,8 +83,7 @@ def checkpoint_facts(spec: EncoderSpec) -> tuple[str, int]:
     """``(fingerprint, num_crops)`` the actors will have, computed on the driver without building the model
     (the vision tensors are read and hashed one at a time, then dropped: no GPU, little memory)."""
     ckpt = resolve(spec.model, revision=spec.revision)
-    vcfg = vision_config_from_dict(ckpt.config, where=str(ckpt.root / "config.json"))
-    pcfg = preprocess_config_from_dict(ckpt.preprocessor_config, clip=vcfg.clip)
+    vcfg, pcfg = parse_configs(ckpt.config, ckpt.preprocessor_config, where=str(ckpt.root / "config.json"))
     _, fingerprint = Phi3VisionModel.from_checkpoint(ckpt, vcfg, device="meta")
     return fingerprint, spec.num_crops or pcfg.num_crops
 
