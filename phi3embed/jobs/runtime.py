@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers
+from phi3embed.core.config import default_batch_size, default_workers
 from phi3embed.core.stages import DEFAULT_STAGE, Stage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,7 +99,7 @@ def stored_dtypes(
 def decide(device: str, options: EngineOptions) -> Runtime:
     """The runtime policy: ``options`` on ``device`` (already chosen by the engine) with every default filled in.
 
-    Batch size: :data:`phi3embed.core.config.DEFAULT_BATCH_SIZE` for the device. Decode workers: the local
+    Batch size: :func:`phi3embed.core.config.default_batch_size`, as the embedder's own. Decode workers: the local
     engine's processes by :func:`phi3embed.core.config.default_workers` (none on CPU, where decoding is ~0.3% of
     an image's time; on CUDA enough to keep the GPU fed); a Ray actor's threads :data:`RAY_DECODE_THREADS` on a
     GPU, inline on CPU.
@@ -114,7 +114,7 @@ def decide(device: str, options: EngineOptions) -> Runtime:
         workers = RAY_DECODE_THREADS if device_type == "cuda" else 0
     else:
         workers = default_workers(device_type)
-    batch = options.batch_size or DEFAULT_BATCH_SIZE.get(device_type, 8)
+    batch = options.batch_size or default_batch_size(device_type)
     return Runtime(device=device, compute_dtype=compute, stored_dtype=stored, batch_size=batch, workers=workers)
 
 
