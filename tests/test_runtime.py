@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,22 @@ def test_the_local_engine_is_planned_with_the_timeout_the_command_promises(
     assert engine.pool.timeout == DEFAULT_IMAGE_TIMEOUT and engine.pool.workers == 1  # one reader process
     engine = local.plan(EngineOptions(model=model, device="cpu", image_timeout=0))
     assert engine.pool.timeout is None and engine.pool.workers == 0
+
+
+def test_ray_missing_is_a_usage_error_before_any_work(
+    golden: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from phi3embed.cli.app import app
+    from phi3embed.errors import Phi3EmbedError
+    from phi3embed.jobs import runtime
+
+    monkeypatch.setattr(runtime, "find_spec", lambda name: None if name == "ray" else find_spec(name))
+    model = str(golden / "checkpoints" / TINY_128K)
+    with pytest.raises(Phi3EmbedError, match=r"--engine ray needs Ray: pip install 'phi3embed\[ray\]'"):
+        build_engine(EngineOptions(model=model, engine="ray"))
+    image = str(golden / "images" / "tiny_7x9.png")
+    run = CliRunner().invoke(app, ["encode", image, "-o", str(tmp_path / "out"), "--model", model, "--engine", "ray"])
+    assert run.exit_code == 2 and "--engine ray needs Ray" in run.output
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from phi3embed.core.config import default_batch_size, default_workers
@@ -177,12 +178,12 @@ def build_engine(
     job runs; ``loading`` (a context) is entered while the local engine loads its weights. Raises
     Phi3EmbedError for options that cannot work (Ray not installed included)."""
     if options.engine == "ray":
-        try:
-            from phi3embed.jobs.ray_engine import plan as ray_plan
-        except ImportError:
+        if find_spec("ray") is None:  # found before the weights are hashed, not when the first actor starts
             from phi3embed.errors import Phi3EmbedError
 
-            raise Phi3EmbedError("--engine ray needs Ray: pip install 'phi3embed[ray]'") from None
+            raise Phi3EmbedError("--engine ray needs Ray: pip install 'phi3embed[ray]'")
+        from phi3embed.jobs.ray_engine import plan as ray_plan
+
         return ray_plan(options, announce=announce)
     from phi3embed.jobs.local import plan as local_plan
 
