@@ -57,7 +57,7 @@ class EngineOptions:
     stage: Stage = DEFAULT_STAGE
     batch_size: int | None = None  # crops per forward pass
     workers: int | None = None  # local: decode processes; Ray: decode threads per actor
-    image_timeout: float | None = None  # seconds per image (None or 0: no limit); local engine only
+    image_timeout: float | None = None  # seconds per image (None: DEFAULT_IMAGE_TIMEOUT, 0: none); local only
     engine: EngineName = "local"
     address: str | None = None  # Ray: a running cluster; None: a private local instance, started when needed
     actors: int | None = None  # Ray: default one per GPU of the cluster; without GPUs one per CPU
@@ -72,10 +72,6 @@ class Runtime:
     stored_dtype: torch.dtype
     batch_size: int  # crops per forward pass
     workers: int  # local: decode processes; Ray: decode threads per actor (0: inline)
-
-    @property
-    def device_type(self) -> str:
-        return self.device.split(":", 1)[0]
 
 
 def stored_dtypes(
