@@ -37,13 +37,13 @@ def download_command(
 ) -> None:
     """Fetch only the vision tensors of a hub model into the phi3embed cache (for offline runs)."""
     from phi3embed.core import hub
-    from phi3embed.core.checkpoint import _locate
+    from phi3embed.core.checkpoint import locate
 
     def fetch() -> hub.HubModel:
-        found = _locate(model)
-        if not isinstance(found, str):
+        found = locate(model, revision=revision, vision=True, text=text_embeddings)
+        if not isinstance(found, hub.HubModel):
             raise CheckpointError("a local checkpoint folder needs no download; pass it as --model", path=found)
-        return hub.locate(found, revision=revision, vision=True, text=text_embeddings)
+        return found
 
     got = guard(fetch)
     plan = got.plan
