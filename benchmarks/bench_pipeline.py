@@ -10,7 +10,7 @@ crops from the workers:
 * ``uint8`` (phi3embed now): workers send uint8 tiles plus the float32 global view; the encoder's process
   assembles a batch (pipeline._Assembler: one copy of each kind, lookup-table normalisation on the device).
 
-Both run the same images through the same worker pool (``phi3embed.jobs.local.OrderedPool`` + ``phi3embed.jobs.prepare.Preparer``).
+Both run the same images through the same worker pool (``phi3embed.jobs.pool.OrderedPool`` + ``phi3embed.jobs.prepare.Preparer``).
 Reported per image: bytes handed over by the workers, CPU seconds of the encoder's process (all its
 threads; the workers' own decode time is not counted, except with ``--workers 0``, where decoding is inline),
 and wall time. On CUDA the batches are copied to the
@@ -42,7 +42,8 @@ from report import save_json  # noqa: E402
 from phi3embed.core.batching import _Assembler, _concat, _to_device  # noqa: E402
 from phi3embed.core.config import PreprocessConfig  # noqa: E402
 from phi3embed.inputs.listing import Source, expand_inputs  # noqa: E402
-from phi3embed.jobs.local import OrderedPool, crashed  # noqa: E402
+from phi3embed.jobs.local import crashed  # noqa: E402
+from phi3embed.jobs.pool import OrderedPool  # noqa: E402
 from phi3embed.jobs.prepare import Prepared, Preparer  # noqa: E402
 
 

@@ -158,7 +158,7 @@ def test_compiled_fast_path_matches_golden() -> None:
 
 
 def test_default_batch_size_follows_the_device_and_is_validated() -> None:
-    from phi3embed.core.embedder import DEFAULT_BATCH_SIZE
+    from phi3embed.core.config import DEFAULT_BATCH_SIZE
     from phi3embed.errors import ConfigError
 
     root = GOLDEN / "checkpoints" / "tiny-phi3v-128k-f32"

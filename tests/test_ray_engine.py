@@ -264,9 +264,10 @@ def test_driver_knows_the_actors_fingerprint_without_loading(name: str) -> None:
 
 def test_the_revision_reaches_every_actor_spec() -> None:
     """``encode --engine ray --revision R``: the driver plans with R and each actor resolves the same R."""
-    from phi3embed.jobs.ray_engine import RayOptions, plan
+    from phi3embed.jobs.ray_engine import plan
+    from phi3embed.jobs.runtime import EngineOptions
 
-    engine = plan(RayOptions(model=ckpt(TINY_128K), revision="v1.0", device="cpu", actors=1))
+    engine = plan(EngineOptions(model=ckpt(TINY_128K), revision="v1.0", device="cpu", actors=1, engine="ray"))
     try:
         assert engine.spec.revision == "v1.0"
     finally:
@@ -550,3 +551,35 @@ def test_actors_return_the_stage_they_are_asked_for(golden: Path) -> None:
     assert tuple(row.embedding.shape) == (1 + rows * cols, 576, 64)
     (want,) = clip.embedder.encode([IMAGES[0]])
     assert torch.equal(row.embedding, want)
+
+
+def test_archive_members_travel_as_their_own_type_and_are_read_on_the_actor(
+    encoder: RayEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tar members, parquet rows and unreadable members cross to the actor as cells and come back as the type
+    they were listed as; each image is read where the actor runs and encodes as the loose file does."""
+    pytest.importorskip("pyarrow")
+    from archivefiles import make_parquet, make_tar
+
+    from phi3embed.inputs.archives import Member, ParquetRow, TarMember
+    from phi3embed.inputs.listing import list_inputs
+    from phi3embed.jobs.ray_rows import LABEL, MEMBER, member_cell, member_from_cell, source_rows
+
+    square, photo = GOLDEN / "images" / "rgb_336x336.png", GOLDEN / "images" / "photo_1000x750.jpg"
+    make_tar(tmp_path / "a.tar", [("x.png", square.read_bytes()), ("../up.png", square.read_bytes())])
+    make_parquet(tmp_path / "b.parquet", {"key": ["p"], "image": [photo.read_bytes()]})
+    monkeypatch.chdir(tmp_path)
+    sources = list_inputs(["a.tar", "b.parquet"]).sources
+    kinds = {s.name: type(s.member) for s in sources}
+    assert kinds == {"a.tar/x.png": TarMember, "a.tar/../up.png": Member, "b.parquet/p": ParquetRow}
+    for s in sources:
+        assert member_from_cell(member_cell(s.member)) == s.member
+    rows = source_rows(sources)
+    out = encoder(
+        batch_of([r[PATH] for r in rows], **{LABEL: [r[LABEL] for r in rows], MEMBER: [r[MEMBER] for r in rows]})
+    )
+    results = {s.name: r for s, r in zip(sources, decode_rows(out), strict=True)}
+    assert results["a.tar/../up.png"].error is not None and "unsafe member name" in results["a.tar/../up.png"].error
+    for name, loose in (("a.tar/x.png", square), ("b.parquet/p", photo)):
+        embedding = results[name].embedding
+        assert results[name].ok and embedding is not None and torch.equal(embedding, expected(loose))

@@ -26,11 +26,13 @@ import typer
 
 from phi3embed.cli.combine import register as register_combine_commands
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
-from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, ImageColumn, Revision
+from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, ImageColumn, OutDType, Revision
 from phi3embed.cli.plan import STAGE_HELP, Stage
-from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers
+from phi3embed.core.stages import DEFAULT_STAGE
+from phi3embed.jobs.runtime import DEFAULT_IMAGE_TIMEOUT, ENGINES
 
 if TYPE_CHECKING:
+    from phi3embed.jobs.runtime import EngineOptions
     from phi3embed.outputs.records import Record
 
 app = typer.Typer(
@@ -52,11 +54,8 @@ def _root() -> None:
     """Images -> the exact image-token embeddings Phi-3-vision / Phi-3.5-vision feed their language model."""
 
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
+#: ``--dtype`` / ``--out-dtype`` of encode: auto, or one of the dtypes ``plan --out-dtype`` takes.
+DType = Enum("DType", [("auto", "auto"), *((d.value, d.value) for d in OutDType)], type=str)  # type: ignore[misc]
 
 
 class Format(str, Enum):
@@ -64,18 +63,13 @@ class Format(str, Enum):
     safetensors = "safetensors"
 
 
-class Engine(str, Enum):
-    local = "local"
-    ray = "ray"
+#: ``--engine``: the engines phi3embed.jobs.runtime builds, as a Typer choice.
+Engine = Enum("Engine", [(name, name) for name in ENGINES], type=str)  # type: ignore[misc]
 
 
 class _Usage(Exception):
     """A problem found before any work starts: one line on stderr, exit code 2."""
 
-
-#: Seconds reading and decoding one image may take by default: far above any real image (a 100 MP PNG decodes in
-#: a few seconds), short enough that a stuck network mount costs minutes, not the night.
-DEFAULT_IMAGE_TIMEOUT = 120.0
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -124,14 +118,16 @@ def encode_command(
         int | None, typer.Option(min=1, help="Max 336 px crops per image (default: the checkpoint's).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[DType, typer.Option(help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = DType.auto,
+    dtype: Annotated[DType, typer.Option(help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = DType[
+        "auto"
+    ],
     out_dtype: Annotated[
         DType,
         typer.Option(
             help="Stored dtype (auto: float32 on CPU, the compute dtype on CUDA; npy cannot hold bfloat16, "
             "so auto stores float32 there)."
         ),
-    ] = DType.auto,
+    ] = DType["auto"],
     format: Annotated[
         Format | None, typer.Option("--format", help="One file per image: npy (default) or safetensors.")
     ] = None,
@@ -151,7 +147,7 @@ def encode_command(
     alpha: Annotated[
         Alpha, typer.Option(help="Transparency: drop (reference, transformers 4) or white (composite on white).")
     ] = Alpha.drop,
-    stage: Annotated[Stage, typer.Option(help=STAGE_HELP)] = Stage.projected,
+    stage: Annotated[Stage, typer.Option(help=STAGE_HELP)] = Stage[DEFAULT_STAGE],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Encode again images already done.")] = False,
     no_dedup: Annotated[
         bool,
@@ -196,7 +192,7 @@ def encode_command(
             help="local: this process encodes; ray: a Ray Data actor pool (pip install 'phi3embed[ray]'), "
             "on a private local Ray instance or the cluster at --ray-address. Same outputs either way."
         ),
-    ] = Engine.local,
+    ] = Engine["local"],
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -227,7 +223,7 @@ def encode_command(
 
 @dataclass(frozen=True)
 class _EncodeOptions:
-    """The options of one ``encode`` job, parsed and checked: what the engine builders and :func:`_run` read."""
+    """The options of one ``encode`` job, parsed and checked: what :meth:`engine_options` and :func:`_run` read."""
 
     out: Path
     model: str
@@ -259,6 +255,16 @@ class _EncodeOptions:
     def output_format(self) -> str:
         """What the store writes: ``pack`` (pack files), else one ``npy`` / ``safetensors`` file per image."""
         return "pack" if self.pack_bytes is not None else (self.fmt or "npy")
+
+    def engine_options(self) -> "EngineOptions":
+        """What the engine is asked for (phi3embed.jobs.runtime assembles it)."""
+        from phi3embed.jobs.runtime import EngineOptions
+
+        same_names = (
+            "model", "revision", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha",
+            "exif_transpose", "stage", "batch_size", "workers", "image_timeout", "engine", "actors",
+        )  # fmt: skip
+        return EngineOptions(**{name: getattr(self, name) for name in same_names}, address=self.ray_address)
 
 
 def _options(*, shard: str | None, pack: str | None, format: "Format | None", **options: Any) -> _EncodeOptions:
@@ -318,78 +324,20 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
         return 0
     _check_writable(opts.out)
 
-    from phi3embed.core.checkpoint import resolve
+    from phi3embed.jobs.runtime import build_engine
 
-    try:  # find the checkpoint first: a wrong --model is reported before transformers is even imported
-        checkpoint_dir = str(resolve(opts.model, revision=opts.revision).root)
-    except Phi3EmbedError as exc:
-        raise _Usage(str(exc)) from None
-
+    if opts.engine == "ray" and opts.image_timeout and not opts.quiet:
+        say(console, "note: --image-timeout is not enforced by --engine ray (file rules still apply)")
+    loading = None if opts.quiet or not console.is_terminal else lambda: console.status(f"loading {opts.model}")
     try:
-        engine = _ray_engine(opts, console) if opts.engine == "ray" else _local_engine(opts, checkpoint_dir, console)
+        engine = build_engine(
+            opts.engine_options(),
+            announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"),
+            loading=loading,
+        )
     except Phi3EmbedError as exc:
         raise _Usage(str(exc)) from None
     return _run(engine, sources, opts, console=console, special=listing.special, notes=notes)
-
-
-def _local_engine(opts: _EncodeOptions, checkpoint_dir: str, console: Any) -> Any:
-    """Load the embedder here: the local engine. On CPU the allocator keeps freed memory for reuse
-    (phi3embed/core/allocator.py): the command owns its process, a library user decides for theirs."""
-    from phi3embed.core.allocator import keep_freed_memory
-    from phi3embed.core.embedder import Phi3VisionEmbedder, resolve_device
-    from phi3embed.jobs.core import stored_dtypes
-    from phi3embed.jobs.local import LocalEngine
-
-    dev = resolve_device(opts.device)
-    compute, stored = stored_dtypes(
-        dev.type, dtype=opts.dtype, out_dtype=opts.out_dtype, output_format=opts.output_format
-    )
-    batch = opts.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, 8)
-    # On CPU decoding is ~0.3% of an image's time, so workers gain nothing; on CUDA they keep the GPU fed.
-    workers = opts.workers if opts.workers is not None else default_workers(dev.type)
-    if dev.type == "cpu":
-        keep_freed_memory()
-    status = console.status(f"loading {opts.model}") if not opts.quiet and console.is_terminal else None
-    if status is not None:
-        status.start()
-    try:
-        embedder = Phi3VisionEmbedder.from_pretrained(
-            checkpoint_dir,
-            device=dev,
-            dtype=compute,
-            num_crops=opts.num_crops,
-            alpha=opts.alpha,  # type: ignore[arg-type]
-            exif_transpose=opts.exif_transpose,
-            batch_size=batch,
-            stage=opts.stage,  # type: ignore[arg-type]
-        )
-    finally:
-        if status is not None:
-            status.stop()
-    timeout = DEFAULT_IMAGE_TIMEOUT if opts.image_timeout is None else opts.image_timeout
-    return LocalEngine(embedder, stored_dtype=stored, workers=workers, image_timeout=timeout or None)
-
-
-def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:
-    """``--engine ray``: the same job on a Ray actor pool (planned by phi3embed.jobs.ray_engine.plan)."""
-    from phi3embed.cli.progress import say
-
-    if opts.image_timeout and not opts.quiet:
-        say(console, "note: --image-timeout is not enforced by --engine ray (file rules still apply)")
-    try:
-        from phi3embed.jobs.ray_engine import RayOptions, plan
-    except ImportError:
-        raise _Usage("--engine ray needs Ray: pip install 'phi3embed[ray]'") from None
-    same_names = (
-        "model", "revision", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha", "exif_transpose",
-        "stage",
-    )  # fmt: skip
-    options = RayOptions(
-        **{name: getattr(opts, name) for name in (*same_names, "batch_size", "actors")},
-        decode_threads=opts.workers,
-        address=opts.ray_address,
-    )
-    return plan(options, announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"))
 
 
 def _run(

@@ -32,6 +32,7 @@ from phi3embed.cli.options import (
     model_settings,
 )
 from phi3embed.cli.progress import listing_notes, skipped_special
+from phi3embed.core.stages import DEFAULT_STAGE, STAGES
 from phi3embed.inputs.listing import InputError, list_inputs, parse_shard, select_shard
 from phi3embed.outputs.names import printable, readable, readable_json
 
@@ -40,12 +41,8 @@ if TYPE_CHECKING:  # the plan module imports torch: only the command that runs p
     from phi3embed.jobs.plan import PlanResult
 
 
-class Stage(str, Enum):
-    """``--stage`` of encode and plan (phi3embed.core.stages)."""
-
-    projected = "projected"
-    hd = "hd"
-    clip = "clip"
+#: ``--stage`` of encode and plan: the stages of phi3embed.core.stages, as a Typer choice.
+Stage = Enum("Stage", [(name, name) for name in STAGES], type=str)  # type: ignore[misc]
 
 
 class PlanFormat(str, Enum):
@@ -73,7 +70,9 @@ def plan_command(
         OutDType, typer.Option("--out-dtype", help="Stored dtype the output sizes are computed for.")
     ] = OutDType.float32,
     exif_transpose: ExifTranspose = False,
-    stage: Annotated[Stage, typer.Option(help=STAGE_HELP + " Output sizes are computed for it.")] = Stage.projected,
+    stage: Annotated[Stage, typer.Option(help=STAGE_HELP + " Output sizes are computed for it.")] = Stage[
+        DEFAULT_STAGE
+    ],
     shard: Annotated[
         str | None,
         typer.Option(

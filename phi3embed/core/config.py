@@ -31,6 +31,11 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def default_batch_size(device_type: str) -> int:
+    """Crops per forward pass when the caller does not say: :data:`DEFAULT_BATCH_SIZE` (8 on other devices)."""
+    return DEFAULT_BATCH_SIZE.get(device_type, 8)
+
+
 def default_workers(device_type: str) -> int:
     """Decode worker processes when ``--workers`` is not given.
 

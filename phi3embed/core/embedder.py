@@ -12,9 +12,9 @@ from phi3embed.core.allocator import keep_freed_memory
 from phi3embed.core.batching import StageTimes, encode_plain, encode_stream
 from phi3embed.core.checkpoint import Checkpoint, resolve
 from phi3embed.core.config import (
-    DEFAULT_BATCH_SIZE,
     PreprocessConfig,
     VisionConfig,
+    default_batch_size,
     parse_configs,
 )
 from phi3embed.core.model import Phi3VisionModel
@@ -154,7 +154,7 @@ class Phi3VisionEmbedder:
             checkpoint=ckpt,
             fingerprint=fingerprint,
             image_options=ImageOptions(alpha=alpha, exif_transpose=exif_transpose),
-            batch_size=batch_size if batch_size is not None else DEFAULT_BATCH_SIZE.get(dev.type, 8),
+            batch_size=batch_size if batch_size is not None else default_batch_size(dev.type),
             plain=plain,
             stage=parse_stage(stage),
         )

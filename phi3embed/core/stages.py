@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Literal, cast
 
 from phi3embed.core.config import VisionConfig
-from phi3embed.core.hd import num_image_tokens
 from phi3embed.errors import ConfigError
 
 Stage = Literal["projected", "hd", "clip"]
@@ -31,6 +30,8 @@ def parse_stage(value: str) -> Stage:
 
 def stage_shape(stage: Stage, *, rows: int, cols: int, cfg: VisionConfig) -> tuple[int, ...]:
     """The shape of one image's output at ``stage``, for a ``rows x cols`` crop grid."""
+    from phi3embed.core.hd import num_image_tokens  # torch: the stage names above stay light for --help
+
     if stage == "clip":
         return (1 + rows * cols, cfg.clip.grid**2, cfg.clip.hidden_size)
     tokens = num_image_tokens(rows=rows, cols=cols, tokens_per_side=cfg.tokens_per_side)

@@ -3,7 +3,7 @@ in place, never extracted.
 
 Listing reads only what names the images: a tar file's member headers (the data is skipped by seeking), a
 parquet file's metadata and its key column. Each image becomes a :class:`~phi3embed.inputs.listing.Source` whose
-``path`` is the archive and whose ``member`` (:class:`Member`) says where its bytes are:
+``path`` is the archive and whose ``member`` says where its bytes are (:class:`TarMember`, :class:`ParquetRow`):
 
 * tar: every regular member with an image extension (a compressed tar file, ``.tar.gz`` or gzip, bzip2, xz or
   zstd bytes behind ``.tar``, is one error record that says how to decompress it: members are read in place); its name is ``<archive name>/<member path>``
@@ -31,7 +31,7 @@ import stat
 import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from phi3embed.errors import ImageError, Phi3EmbedError
@@ -44,15 +44,31 @@ KEY_COLUMNS = ("__key__", "key", "id")  # the row key: the first present, else t
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """Where an image lies inside an archive (``Source.path``): a tar member's data, or a parquet row."""
+    """An image inside an archive (``Source.path``). A :class:`TarMember` or a :class:`ParquetRow` says where its
+    bytes are; a plain Member is one that cannot be read at all (an unsafe name, the archive broke or cannot
+    be opened): its ``error`` is its error record."""
 
     archive: str  # the archive's name: the prefix of its images' names, and what --shard hashes
     index: int  # order inside the archive (tar: member number, parquet: row number): the read order
-    inner: str  # tar: the member's path; parquet: the row's key
-    offset: int = 0  # tar: the first byte of the data; parquet: the row group
-    size: int = 0  # tar: bytes of data; parquet: the row inside its row group
-    column: str = ""  # parquet: the image column ("" for tar)
-    error: str = ""  # why this cannot be read (unsafe name, the archive broke here): its error record
+    inner: str  # tar: the member's path; parquet: the row's key ("" for the archive itself)
+    error: str = field(default="", kw_only=True)  # why this cannot be read: its error record
+
+
+@dataclass(frozen=True, slots=True)
+class TarMember(Member):
+    """A tar member's data: ``size`` bytes from byte ``offset`` of the archive."""
+
+    offset: int  # the first byte of the data
+    size: int  # bytes of data
+
+
+@dataclass(frozen=True, slots=True)
+class ParquetRow(Member):
+    """A parquet row: row ``row`` of row group ``row_group``, its image in ``column``."""
+
+    row_group: int
+    row: int  # inside its row group
+    column: str  # the image column
 
 
 class ParquetUnavailableError(Phi3EmbedError):
@@ -183,7 +199,7 @@ def _list_tar(fh: Any, size: int, name: str, image_extensions: frozenset[str]) -
             found.append((f"{name}/{info.name}", Member(name, index, info.name, error=error)))
         else:
             error = "" if info.isreg() and not info.sparse else f"not a regular file ({_tar_kind(info)})"
-            found.append((f"{name}/{inner}", Member(name, index, inner, info.offset_data, info.size, error=error)))
+            found.append((f"{name}/{inner}", TarMember(name, index, inner, info.offset_data, info.size, error=error)))
         index += 1
     return found
 
@@ -301,9 +317,9 @@ def _list_parquet(fh: Any, name: str, *, image_column: str | None) -> list[tuple
                 inner = f"{row:08d}" if key is None else safe_inner(key)
                 if inner is None:
                     error = f"unsafe key {key!r}: it would be written outside the output directory"
-                    found.append((f"{name}/{key}", Member(name, row, str(key), group, i, column, error=error)))
+                    found.append((f"{name}/{key}", Member(name, row, str(key), error=error)))
                 else:
-                    found.append((f"{name}/{inner}", Member(name, row, inner, group, i, column)))
+                    found.append((f"{name}/{inner}", ParquetRow(name, row, inner, group, i, column)))
                 row += 1
     except Exception as exc:  # pyarrow raises its own types for broken files
         if isinstance(exc, ParquetUnavailableError):
@@ -373,9 +389,10 @@ def read_member(
         raise ImageError(f"cannot read the archive: {exc.strerror or exc}", path=label) from None
     if not stat.S_ISREG(st.st_mode):
         raise ImageError("the archive is not a regular file", path=label)
-    if member.column:
+    if isinstance(member, ParquetRow):
         data = _parquet_cell(path, member, st, label)
     else:
+        assert isinstance(member, TarMember), member  # a member with no place to read has an error
         if member.size > max_bytes:
             raise ImageError(
                 f"member too large for an image ({member.size:,} bytes; the limit is {max_bytes:,})", path=label
@@ -391,9 +408,9 @@ def read_member(
     return data, st
 
 
-def _parquet_cell(path: str, member: Member, st: os.stat_result, label: str) -> bytes:
+def _parquet_cell(path: str, member: ParquetRow, st: os.stat_result, label: str) -> bytes:
     try:
-        cell = _OPEN.row_group(path, member.offset, member.column, st.st_mtime_ns)[member.size].as_py()
+        cell = _OPEN.row_group(path, member.row_group, member.column, st.st_mtime_ns)[member.row].as_py()
     except ParquetUnavailableError:
         raise
     except Exception as exc:

@@ -30,7 +30,6 @@ from typing import Protocol, TypeVar, runtime_checkable
 import torch
 
 from phi3embed.core.batching import HostResult, StageTimes
-from phi3embed.core.embedder import parse_dtype
 from phi3embed.core.stages import DEFAULT_STAGE, Stage
 from phi3embed.inputs.listing import Source
 from phi3embed.jobs.dedup import Duplicate, Duplicates
@@ -125,21 +124,6 @@ class Reporter(Protocol):
     def advance(self, record: Record) -> None: ...  # from the writer thread
 
     def stop(self) -> None: ...
-
-
-def stored_dtypes(
-    device_type: str, *, dtype: str, out_dtype: str, output_format: str
-) -> tuple[torch.dtype, torch.dtype]:
-    """(compute, stored) dtypes from option values (``"auto"`` or a name): auto computes in float32 on CPU,
-    bfloat16 on CUDA; stores float32 on CPU, the compute dtype on CUDA (float32 when npy cannot hold it)."""
-    compute = parse_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if device_type == "cuda" else torch.float32)
-    if out_dtype != "auto":
-        stored = parse_dtype(out_dtype)
-    elif device_type == "cuda" and not (output_format == "npy" and compute == torch.bfloat16):
-        stored = compute
-    else:
-        stored = torch.float32
-    return compute, stored
 
 
 # --------------------------------------------------------------------------- the summary

@@ -23,7 +23,7 @@ from phi3embed.core.cost import crop_flops, image_flops, token_flops
 from phi3embed.core.preprocess import MAX_FILE_BYTES, image_geometry, image_size_of, read_image_size
 from phi3embed.core.stages import DEFAULT_STAGE, STAGES, Stage, stage_shape
 from phi3embed.errors import ConfigError, ImageError
-from phi3embed.inputs.archives import read_member
+from phi3embed.inputs.archives import TarMember, read_member
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.names import output_path, pack_key, text_fields, unstorable_reason
 
@@ -149,7 +149,7 @@ def _image_size(source: Source, *, exif_transpose: bool) -> tuple[int, int]:
     member = source.member
     if member is None:
         return read_image_size(source.path, exif_transpose=exif_transpose)
-    if not member.column and not member.error and HEAD_BYTES < member.size <= MAX_FILE_BYTES:
+    if isinstance(member, TarMember) and not member.error and HEAD_BYTES < member.size <= MAX_FILE_BYTES:
         head, _ = read_member(source.path, replace(member, size=HEAD_BYTES), max_bytes=MAX_FILE_BYTES)
         with contextlib.suppress(ImageError):
             return image_size_of(io.BytesIO(head), label=source.label, exif_transpose=exif_transpose)

@@ -1,354 +1,91 @@
-"""Ray Data engine: the encoder as a stateful callable class for ``ray.data.Dataset.map_batches``.
+"""Ray Data engine, the driver's side: the actor pool pipeline, the Ray session, and the job as
+``phi3embed encode --engine ray`` runs it.
 
-Each actor loads the checkpoint once (:class:`RayEncoder`), then turns batches of paths (or image bytes)
-into rows of embeddings plus the facts a manifest record needs, preparing each image with the same
-:class:`phi3embed.jobs.prepare.Preparer` as the local engine. Bad images become ``status="error"``
-rows; they never raise. Embeddings travel as raw bytes + dtype + shape, because numpy (and so Arrow)
-has no bfloat16: :func:`decode_rows` on the driver rebuilds the exact tensor the actor computed, so the
-files the driver writes are byte-identical to the local engine's.
+:func:`build_pipeline` maps a dataset of input rows (:mod:`phi3embed.jobs.ray_rows`) over a fixed pool of
+:class:`~phi3embed.jobs.ray_actor.RayEncoder` actors; :func:`ray_session` connects to a cluster or starts a
+private local instance. :class:`RayEngine` is the :class:`phi3embed.jobs.core.Engine` that
+``phi3embed encode --engine ray`` runs through :func:`phi3embed.jobs.core.run_job`; :func:`plan` sizes it
+(device, actors, the checkpoint's fingerprint hashed on the driver) from the job's
+:class:`~phi3embed.jobs.runtime.EngineOptions`, under the one runtime policy.
 
-The Preparer brings the file rules with it (only regular files of sane size are opened, a non-image costs a
-header read). ``--image-timeout`` is not enforced here: an actor reads in threads (``decode_threads``), and a
-thread stuck in a read or a decoder can be neither interrupted nor killed; forking a reader process inside a
-Ray worker is not safe. A stalled image holds its actor's batch; a decoder that crashes takes the actor down,
-which fails the job (``max_restarts=0``, see :func:`build_pipeline`): rerun to resume.
+The actor (:class:`EncoderSpec`, :class:`RayEncoder`) and the row format (:func:`decode_rows`, the column
+names...) live in their own modules and are importable from here too, as README's example does.
 
-:class:`RayEngine` is the :class:`phi3embed.jobs.core.Engine` that ``phi3embed encode --engine ray`` runs through
-:func:`phi3embed.jobs.core.run_job`; :func:`plan` sizes it (device, actors, the checkpoint's fingerprint hashed
-on the driver) from the command's options.
-
-Nothing here imports ``ray`` at module import time: the actor class is plain Python that Ray ships to
-workers, and :func:`build_pipeline` / :func:`ray_session` import it when called.
+Nothing here imports ``ray`` at module import time: :func:`build_pipeline` / :func:`ray_session` import it
+when called.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import json
 import logging
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from phi3embed.core.allocator import keep_freed_memory
 from phi3embed.core.batching import HostResult
 from phi3embed.core.checkpoint import resolve
-from phi3embed.core.config import DEFAULT_BATCH_SIZE, preprocess_config_from_dict, usable_cpus, vision_config_from_dict
-from phi3embed.core.embedder import Phi3VisionEmbedder, parse_dtype, resolve_device
+from phi3embed.core.config import parse_configs, usable_cpus
+from phi3embed.core.embedder import ImageOptions
 from phi3embed.core.model import Phi3VisionModel
-from phi3embed.core.preprocess import AlphaMode, Preprocessed
-from phi3embed.core.stages import DEFAULT_STAGE, Stage, stage_shape
-from phi3embed.errors import CheckpointError, Phi3EmbedError
-from phi3embed.inputs.archives import Member
+from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
-from phi3embed.jobs.core import EngineInfo, JobSummary, Result, stored_dtypes
-from phi3embed.jobs.prepare import Prepared, Preparer
+from phi3embed.jobs.core import EngineInfo, JobSummary, Result
+from phi3embed.jobs.ray_actor import EncoderSpec, RayEncoder
+from phi3embed.jobs.ray_rows import (
+    BYTES,
+    LABEL,
+    MEMBER,
+    PATH,
+    RESULT_COLUMNS,
+    UNKNOWN,
+    EncodedImage,
+    decode_rows,
+    embedding_bytes,
+    embedding_from_bytes,
+    source_rows,
+)
+from phi3embed.jobs.runtime import EngineOptions, decide, engine_info
 from phi3embed.outputs.formats import dtype_name
-from phi3embed.outputs.records import ImageFacts
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
-PATH = "path"  # input column: the file to read, or the name of the bytes in BYTES
-BYTES = "bytes"  # optional input column: the file's content (then PATH is only its name); None = read PATH
-LABEL = "label"  # optional input column: the file's name in error messages (default: PATH)
-MEMBER = "member"  # optional input column: where the image lies inside the archive PATH, as JSON ("" for a file)
-UNKNOWN = -1  # integer columns of facts an error row does not have
-
-#: Output columns added to every row, in this order (input columns other than BYTES pass through).
-RESULT_COLUMNS = (
-    "status",  # "ok" or "error"
-    "error",  # one line "file: reason" ("" when ok)
-    "width",  # source image size in pixels (UNKNOWN when it could not be decoded)
-    "height",
-    "image_h",  # image_sizes [H', W'] of the HD image
-    "image_w",
-    "rows",  # crop grid [rows, cols]
-    "cols",
-    "num_tokens",
-    "sha256",  # of the source file's bytes ("" when they could not be read)
-    "size",  # bytes of the source file (UNKNOWN when it could not be read)
-    "mtime_ns",  # its modification time (UNKNOWN for bytes input or an unreadable file)
-    "dtype",  # stored dtype name of the embedding ("" for error rows)
-    "shape",  # the stored tensor's shape as "d0,d1[,d2]" (its --stage: [T, D], [T, 4C] or [crops, g*g, C])
-    "embedding",  # raw bytes of the contiguous tensor (b"" for error rows)
-    "seconds",  # CPU time spent reading, decoding and tiling this image
-)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Everything an actor needs to build its embedder. Plain data: pickled once per actor."""
-
-    model: str
-    device: str = "auto"  # resolved inside the actor (Ray sets CUDA_VISIBLE_DEVICES per GPU actor)
-    dtype: str = "float32"  # compute dtype
-    out_dtype: str | None = None  # stored dtype; None = the compute dtype
-    num_crops: int | None = None
-    revision: str | None = None
-    alpha: AlphaMode = "drop"
-    exif_transpose: bool = False
-    stage: Stage = DEFAULT_STAGE  # what the actors return (phi3embed.core.stages)
-    batch_size: int = 8  # crops per forward pass
-    decode_threads: int = 0  # threads decoding the next images while the encoder runs (0 = inline)
-    expect_fingerprint: str | None = None  # refuse to run on weights other than the driver's
-
-    def load(self) -> Phi3VisionEmbedder:
-        device = resolve_device(self.device)
-        if device.type == "cpu":  # the actor owns its process, as the CLI does (phi3embed/core/allocator.py)
-            keep_freed_memory()
-        same_names = ("dtype", "num_crops", "revision", "alpha", "exif_transpose", "batch_size", "stage")
-        return Phi3VisionEmbedder.from_pretrained(
-            self.model, device=device, **{name: getattr(self, name) for name in same_names}
-        )
+__all__ = [  # the actor and the row format are used from here (README), beside the driver's own names
+    "BYTES",
+    "LABEL",
+    "MEMBER",
+    "PATH",
+    "RESULT_COLUMNS",
+    "UNKNOWN",
+    "EncodedImage",
+    "EncoderSpec",
+    "RayEncoder",
+    "RayEngine",
+    "build_pipeline",
+    "checkpoint_facts",
+    "decode_rows",
+    "embedding_bytes",
+    "embedding_from_bytes",
+    "plan",
+    "ray_session",
+    "spec_info",
+]
 
 
 def checkpoint_facts(spec: EncoderSpec) -> tuple[str, int]:
     """``(fingerprint, num_crops)`` the actors will have, computed on the driver without building the model
     (the vision tensors are read and hashed one at a time, then dropped: no GPU, little memory)."""
     ckpt = resolve(spec.model, revision=spec.revision)
-    vcfg = vision_config_from_dict(ckpt.config, where=str(ckpt.root / "config.json"))
-    pcfg = preprocess_config_from_dict(ckpt.preprocessor_config, clip=vcfg.clip)
+    vcfg, pcfg = parse_configs(ckpt.config, ckpt.preprocessor_config, where=str(ckpt.root / "config.json"))
     _, fingerprint = Phi3VisionModel.from_checkpoint(ckpt, vcfg, device="meta")
     return fingerprint, spec.num_crops or pcfg.num_crops
-
-
-def embedding_bytes(emb: torch.Tensor) -> bytes:
-    """A CPU tensor's exact bytes (any dtype, bfloat16 included), row-major."""
-    return emb.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def embedding_from_bytes(data: bytes, *, dtype: str, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`embedding_bytes`: a CPU tensor of ``dtype`` and ``shape``."""
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return raw.view(parse_dtype(dtype)).reshape(tuple(shape))
-
-
-@dataclass
-class _Row:
-    status: str = "error"
-    error: str = ""
-    width: int = UNKNOWN
-    height: int = UNKNOWN
-    image_h: int = UNKNOWN
-    image_w: int = UNKNOWN
-    rows: int = UNKNOWN
-    cols: int = UNKNOWN
-    num_tokens: int = UNKNOWN
-    sha256: str = ""
-    size: int = UNKNOWN
-    mtime_ns: int = UNKNOWN
-    dtype: str = ""
-    shape: str = ""
-    embedding: bytes = b""
-    seconds: float = 0.0
-
-    @classmethod
-    def of(cls, prepared: Prepared) -> _Row:
-        """The row's facts (UNKNOWN / "" where a fact is None)."""
-        f = prepared.facts
-
-        def known(v: int | None) -> int:
-            return UNKNOWN if v is None else v
-
-        image_h, image_w = f.image_sizes or (None, None)
-        rows, cols = f.crops or (None, None)
-        return cls(
-            error=prepared.error or "",
-            width=known(f.width),
-            height=known(f.height),
-            image_h=known(image_h),
-            image_w=known(image_w),
-            rows=known(rows),
-            cols=known(cols),
-            num_tokens=known(f.num_tokens),
-            sha256=f.sha256 or "",
-            size=known(f.size),
-            mtime_ns=known(f.mtime_ns),
-            seconds=prepared.seconds,
-        )
-
-
-_INT_COLUMNS = frozenset(k for k, v in _Row.__dataclass_fields__.items() if v.type == "int")
-
-
-def _blob(value: Any) -> bytes | None:
-    """One BYTES cell as Ray hands it over. Ray turns a block whose cells are all null into a float NaN
-    array, so anything that is not bytes-like means "no bytes: read the path"."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
-        return value.tobytes()
-    return None
-
-
-def member_cell(member: Member | None) -> str:
-    """A member as one string cell (Arrow stores no dataclasses): JSON of its fields, "" for a loose file."""
-    return "" if member is None else json.dumps(dataclasses.astuple(member))
-
-
-def member_from_cell(cell: Any) -> Member | None:
-    return Member(*json.loads(cell)) if isinstance(cell, str) and cell else None
-
-
-class RayEncoder:
-    """Callable class for ``Dataset.map_batches``: batch of ``path`` (+ optional ``bytes``) -> result rows.
-
-    ``batch_format="numpy"``: the batch is a dict of equal-length numpy arrays; the result keeps every
-    input column except ``bytes`` (so a driver-side key column comes back) and adds RESULT_COLUMNS.
-    """
-
-    def __init__(self, spec: EncoderSpec) -> None:
-        self.spec = spec
-        self.embedder = spec.load()
-        if spec.expect_fingerprint is not None and self.embedder.fingerprint != spec.expect_fingerprint:
-            raise CheckpointError(
-                f"vision weights here have fingerprint {self.embedder.fingerprint}, the driver's have "
-                f"{spec.expect_fingerprint}: every node must see the same checkpoint",
-                path=spec.model,
-            )
-        self.out_dtype = parse_dtype(spec.out_dtype) if spec.out_dtype else self.embedder.dtype
-        self.out_dtype_name = dtype_name(self.out_dtype)
-        options = self.embedder.image_options
-        self.preparer = Preparer(
-            self.embedder.preprocess_config, alpha=options.alpha, exif_transpose=options.exif_transpose
-        )
-        self._pool = ThreadPoolExecutor(spec.decode_threads) if spec.decode_threads > 0 else None
-
-    def _prepare(
-        self, path: str, label: str, data: bytes | None, member: Member | None
-    ) -> tuple[_Row, Preprocessed | None]:
-        if member is not None:  # read here, on the worker, as the local engine's decode workers do
-            prepared = self.preparer.prepare_member(path, member, archive_label=label)
-        else:
-            prepared = self.preparer.prepare(path, label=label, data=data)
-        return _Row.of(prepared), prepared.item
-
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = [str(p) for p in batch[PATH]]
-        labels = [str(p) for p in batch[LABEL]] if LABEL in batch else paths
-        blobs = [_blob(b) for b in batch[BYTES]] if BYTES in batch else [None] * len(paths)
-        members = [member_from_cell(m) for m in batch[MEMBER]] if MEMBER in batch else [None] * len(paths)
-        jobs = list(zip(paths, labels, blobs, members, strict=True))
-        prepared = (
-            self._pool.map(lambda a: self._prepare(*a), jobs) if self._pool else (self._prepare(*a) for a in jobs)
-        )
-        rows: list[_Row] = []
-
-        def ready() -> Iterator[tuple[int, Preprocessed]]:
-            for i, (row, item) in enumerate(prepared):
-                rows.append(row)
-                if item is not None:
-                    yield i, item
-
-        for i, _item, emb in self.embedder.embed_stream(ready()):
-            row = rows[cast(int, i)]
-            stored = emb.to(self.out_dtype)
-            row.status = "ok"
-            row.dtype = self.out_dtype_name
-            row.shape = ",".join(str(n) for n in stored.shape)
-            expected = stage_shape(self.embedder.stage, rows=row.rows, cols=row.cols, cfg=self.embedder.vision_config)
-            assert tuple(stored.shape) == expected, (stored.shape, expected)
-            row.embedding = embedding_bytes(stored)
-        assert len(rows) == len(paths)
-        out: dict[str, np.ndarray] = {k: v for k, v in batch.items() if k != BYTES}
-        for name in RESULT_COLUMNS:
-            values = [getattr(r, name) for r in rows]
-            if name in _INT_COLUMNS:
-                out[name] = np.asarray(values, dtype=np.int64)
-            elif name == "seconds":
-                out[name] = np.asarray(values, dtype=np.float64)
-            else:  # strings and bytes: object arrays (Ray stores them as Arrow string / binary)
-                col = np.empty(len(values), dtype=object)
-                col[:] = values
-                out[name] = col
-        return out
-
-
-# --------------------------------------------------------------------------- driver side
-
-
-@dataclass
-class EncodedImage:
-    """One result row, rebuilt on the driver: manifest facts + the exact embedding (None on error)."""
-
-    path: str
-    status: str
-    error: str | None
-    width: int | None
-    height: int | None
-    image_sizes: tuple[int, int] | None
-    crops: tuple[int, int] | None
-    num_tokens: int | None
-    sha256: str | None
-    size: int | None
-    mtime_ns: int | None
-    embedding: torch.Tensor | None
-    extra: dict[str, Any] = field(default_factory=dict)  # pass-through input columns (e.g. a job index)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def image_facts(self) -> ImageFacts:
-        """The row's facts as a manifest record takes them."""
-        return ImageFacts(**{f.name: getattr(self, f.name) for f in fields(ImageFacts)})
-
-    def facts(self) -> dict[str, Any]:
-        """The manifest fields this row determines (not the embedding, not the extras)."""
-        d = asdict(self)
-        for k in ("embedding", "extra", "path"):
-            d.pop(k)
-        return d
-
-
-def _known(v: Any) -> int | None:
-    v = int(v)
-    return None if v == UNKNOWN else v
-
-
-def decode_rows(batch: Mapping[str, Any]) -> Iterator[EncodedImage]:
-    """A numpy batch of RayEncoder output (e.g. from ``iter_batches(batch_format="numpy")``) -> results."""
-    n = len(batch["status"])
-    extras = [k for k in batch if k not in RESULT_COLUMNS and k not in (PATH, BYTES, LABEL, MEMBER)]
-    for i in range(n):
-        ok = batch["status"][i] == "ok"
-        emb = None
-        if ok:
-            emb = embedding_from_bytes(
-                batch["embedding"][i],
-                dtype=str(batch["dtype"][i]),
-                shape=[int(n) for n in str(batch["shape"][i]).split(",")],
-            )
-        h, w, r, c = (_known(batch[k][i]) for k in ("image_h", "image_w", "rows", "cols"))
-        yield EncodedImage(
-            path=str(batch[PATH][i]),
-            status="ok" if ok else "error",
-            error=None if ok else str(batch["error"][i]),
-            width=_known(batch["width"][i]),
-            height=_known(batch["height"][i]),
-            image_sizes=None if h is None or w is None else (h, w),
-            crops=None if r is None or c is None else (r, c),
-            num_tokens=_known(batch["num_tokens"][i]),
-            sha256=str(batch["sha256"][i]) or None,
-            size=_known(batch["size"][i]),
-            mtime_ns=_known(batch["mtime_ns"][i]),
-            embedding=emb,
-            extra={k: _plain(batch[k][i]) for k in extras},
-        )
-
-
-def _plain(v: Any) -> Any:
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def actor_resources(device: str, *, cpus_per_actor: float = 1.0) -> tuple[float, float]:
@@ -469,27 +206,7 @@ def default_images_per_batch(todo: int, actors: int) -> int:
     return max(1, min(16, -(-todo // (4 * actors))))
 
 
-@dataclass(frozen=True)
-class RayOptions:
-    """What ``encode --engine ray`` was asked for (``"auto"`` / None: decided by :func:`plan`)."""
-
-    model: str
-    revision: str | None = None  # of a hub id: every actor resolves the same (the fingerprint check tells)
-    device: str = "auto"  # auto, cpu or cuda: Ray gives each actor its GPU
-    dtype: str = "auto"
-    out_dtype: str = "auto"
-    output_format: str = "npy"
-    num_crops: int | None = None
-    alpha: AlphaMode = "drop"
-    exif_transpose: bool = False
-    stage: Stage = DEFAULT_STAGE
-    batch_size: int | None = None
-    decode_threads: int | None = None  # per actor (default 4 on GPUs, inline on CPU)
-    actors: int | None = None  # default: one per GPU of the cluster; without GPUs one per CPU
-    address: str | None = None  # a running cluster; None: a private local instance, started when needed
-
-
-def plan(options: RayOptions, *, announce: Callable[[str], None] = lambda line: None) -> RayEngine:
+def plan(options: EngineOptions, *, announce: Callable[[str], None] = lambda line: None) -> RayEngine:
     """Size the job from the options and the cluster: device, dtypes, actors; the vision weights are hashed
     here on the driver (every actor must find the same). Connects to ``options.address`` now (its resources
     decide the device); a local instance is started only when there is work (:meth:`RayEngine.open`).
@@ -520,41 +237,26 @@ def plan(options: RayOptions, *, announce: Callable[[str], None] = lambda line: 
         if device == "cuda" and gpus == 0:
             where = "the Ray cluster" if options.address else "this machine"
             raise Phi3EmbedError(f"--device cuda: {where} has no GPU")
-        compute, stored = stored_dtypes(
-            device, dtype=options.dtype, out_dtype=options.out_dtype, output_format=options.output_format
-        )
+        runtime = decide(device, options)
     except BaseException:
         session.close()
         raise
     actors = options.actors or max(1, int(gpus if device == "cuda" else cpus))
-    batch = options.batch_size or DEFAULT_BATCH_SIZE[device]
-    threads = options.decode_threads if options.decode_threads is not None else (4 if device == "cuda" else 0)
     spec = EncoderSpec(
         model=model,
         revision=options.revision,
         device=device,
-        dtype=dtype_name(compute),
-        out_dtype=dtype_name(stored),
+        dtype=dtype_name(runtime.compute_dtype),
+        out_dtype=dtype_name(runtime.stored_dtype),
         num_crops=options.num_crops,
         alpha=options.alpha,
         exif_transpose=options.exif_transpose,
         stage=options.stage,
-        batch_size=batch,
-        decode_threads=threads,
+        batch_size=runtime.batch_size,
+        decode_threads=runtime.workers,
         expect_fingerprint=fingerprint,
     )
-    info = EngineInfo(
-        fingerprint=fingerprint,
-        num_crops=num_crops,
-        compute_dtype=compute,
-        stored_dtype=stored,
-        device="cuda:0" if device == "cuda" else "cpu",  # what each actor sees (Ray gives it one GPU)
-        batch_size=batch,
-        workers=actors,
-        alpha=options.alpha,
-        exif_transpose=options.exif_transpose,
-        stage=options.stage,
-    )
+    info = spec_info(spec, actors=actors, facts=(fingerprint, num_crops))
     line = f"{actors} Ray actor{'s' if actors != 1 else ''} on {device}, {{where}} ({int(cpus)} CPUs, {int(gpus)} GPUs)"
     if options.address:
         announce(line.format(where=f"Ray cluster {options.address}"))
@@ -584,22 +286,18 @@ def _enter_ray(stack: ExitStack, address: str | None) -> None:
         raise Phi3EmbedError(f"cannot {what}: {' '.join(str(exc).split())}") from None
 
 
-def spec_info(spec: EncoderSpec, *, actors: int) -> EngineInfo:
-    """The :class:`EngineInfo` of actors built from ``spec`` (device, dtypes and batch as given), with the
-    checkpoint's facts read on the driver: for a :class:`RayEngine` made without :func:`plan`."""
-    fingerprint, num_crops = checkpoint_facts(spec)
-    compute = parse_dtype(spec.dtype)
-    return EngineInfo(
+def spec_info(spec: EncoderSpec, *, actors: int, facts: tuple[str, int] | None = None) -> EngineInfo:
+    """The :class:`EngineInfo` of ``actors`` actors built from ``spec`` (device, dtypes and batch as given), with
+    the checkpoint's ``(fingerprint, num_crops)`` (``facts``, else read on the driver by :func:`checkpoint_facts`)."""
+    fingerprint, num_crops = facts or checkpoint_facts(spec)
+    device = "cuda:0" if spec.device == "cuda" else spec.device  # what each actor sees (Ray gives it one GPU)
+    return engine_info(
+        spec.runtime(device),
         fingerprint=fingerprint,
         num_crops=num_crops,
-        compute_dtype=compute,
-        stored_dtype=parse_dtype(spec.out_dtype) if spec.out_dtype else compute,
-        device=spec.device,
-        batch_size=spec.batch_size,
-        workers=actors,
-        alpha=spec.alpha,
-        exif_transpose=spec.exif_transpose,
+        image=ImageOptions(alpha=spec.alpha, exif_transpose=spec.exif_transpose),
         stage=spec.stage,
+        workers=actors,
     )
 
 
@@ -651,10 +349,7 @@ class RayEngine:
             return
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # input order: packs as the local engine's
-        rows = [
-            {PATH: os.path.abspath(s.path), LABEL: s.path, MEMBER: member_cell(s.member), "index": i}
-            for i, s in enumerate(todo)
-        ]
+        rows = source_rows(todo)
         per_batch = self.images_per_batch or default_images_per_batch(len(todo), self.actors)
         actors = min(self.actors, -(-len(todo) // per_batch))  # no actor without a batch to encode
         dataset = build_pipeline(
