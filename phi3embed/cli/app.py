@@ -25,11 +25,29 @@ import typer
 from phi3embed.cli.combine import register as register_combine_commands
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
 from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, ImageColumn, Revision
-from phi3embed.cli.plan import STAGE_HELP, Stage
+from phi3embed.cli.plan import STAGE_HELP
 from phi3embed.core.config import DEFAULT_BATCH_SIZE, default_workers
 
 if TYPE_CHECKING:
     from phi3embed.outputs.records import Record
+
+
+class EncodeStage(str, Enum):
+    """``--stage`` of encode: the stages of phi3embed.core.stages, or none (vectors only)."""
+
+    projected = "projected"
+    hd = "hd"
+    clip = "clip"
+    none = "none"
+
+
+ENCODE_STAGE_HELP = STAGE_HELP + " none: no token matrices, only the --vectors (and the manifest)."
+VECTORS_HELP = (
+    "Also write one vector per image, comma list of: cls (CLIP's pooled feature of the global view), mean (mean "
+    "of the global view's patch features at layer_idx), tokens (mean of the projected tokens, separators "
+    "excluded); as DIR/vectors/<kind>/img_emb/NNNNN.npy shards with aligned metadata/NNNNN.parquet "
+    "(embedding-reader's parquet_npy layout; needs pyarrow: pip install 'phi3embed[parquet]')."
+)
 
 app = typer.Typer(
     name="phi3embed",
@@ -149,7 +167,8 @@ def encode_command(
     alpha: Annotated[
         Alpha, typer.Option(help="Transparency: drop (reference, transformers 4) or white (composite on white).")
     ] = Alpha.drop,
-    stage: Annotated[Stage, typer.Option(help=STAGE_HELP)] = Stage.projected,
+    stage: Annotated[EncodeStage, typer.Option(help=ENCODE_STAGE_HELP)] = EncodeStage.projected,
+    vectors: Annotated[str | None, typer.Option(metavar="KINDS", help=VECTORS_HELP)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Encode again images already done.")] = False,
     no_dedup: Annotated[
         bool,
@@ -252,6 +271,13 @@ class _EncodeOptions:
     revision: str | None = None  # of a hub id
     image_column: str | None = None  # of parquet INPUTs (None: the first of the usual names)
     no_dedup: bool = False  # encode copies of identical bytes too
+    vectors: str | None = None  # --vectors as given (a comma list of kinds)
+
+    @property
+    def vector_kinds(self) -> tuple[str, ...]:
+        from phi3embed.core.vectors import parse_vectors
+
+        return parse_vectors(self.vectors) if self.vectors is not None else ()
 
     @property
     def output_format(self) -> str:
@@ -282,7 +308,25 @@ def _options(*, shard: str | None, pack: str | None, format: "Format | None", **
         raise _Usage("--pack writes safetensors pack files: leave out --format npy")
     if opts.fmt == "npy" and opts.out_dtype == "bfloat16":
         raise _Usage("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
+    _check_vectors(opts)
     return opts
+
+
+def _check_vectors(opts: _EncodeOptions) -> None:
+    """``--vectors`` names known kinds and pyarrow is there; ``--stage none`` comes with ``--vectors``."""
+    from phi3embed.errors import Phi3EmbedError
+
+    if opts.vectors is None:
+        if opts.stage == "none":
+            raise _Usage("--stage none stores no token matrices: give --vectors KINDS (e.g. --vectors cls,mean)")
+        return
+    try:
+        opts.vector_kinds  # noqa: B018 - parses the list
+        from phi3embed.outputs.vectors import require_pyarrow
+
+        require_pyarrow()
+    except Phi3EmbedError as exc:
+        raise _Usage(str(exc)) from None
 
 
 def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
@@ -356,13 +400,20 @@ def _local_engine(opts: _EncodeOptions, checkpoint_dir: str, console: Any) -> An
             alpha=opts.alpha,  # type: ignore[arg-type]
             exif_transpose=opts.exif_transpose,
             batch_size=batch,
-            stage=opts.stage,  # type: ignore[arg-type]
+            stage=opts.stage if opts.stage != "none" else "projected",  # type: ignore[arg-type]
         )
     finally:
         if status is not None:
             status.stop()
     timeout = DEFAULT_IMAGE_TIMEOUT if opts.image_timeout is None else opts.image_timeout
-    return LocalEngine(embedder, stored_dtype=stored, workers=workers, image_timeout=timeout or None)
+    return LocalEngine(
+        embedder,
+        stored_dtype=stored,
+        workers=workers,
+        image_timeout=timeout or None,
+        vectors=opts.vector_kinds,
+        store_tokens=opts.stage != "none",
+    )
 
 
 def _ray_engine(opts: _EncodeOptions, console: Any) -> Any:

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 import torch
@@ -33,11 +33,12 @@ from phi3embed.core.batching import HostCopier, is_out_of_memory
 from phi3embed.core.config import usable_cpus
 from phi3embed.core.embedder import Phi3VisionEmbedder
 from phi3embed.core.preprocess import Preprocessed
+from phi3embed.core.vectors import parse_vectors
 from phi3embed.inputs.listing import Source
 from phi3embed.jobs.core import EngineInfo, JobSummary, Result
 from phi3embed.jobs.dedup import Duplicates, Held
 from phi3embed.jobs.prepare import Prepared, Preparer
-from phi3embed.outputs.records import ImageFacts
+from phi3embed.outputs.records import NO_STAGE, ImageFacts
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -288,8 +289,11 @@ class LocalEngine:
         workers: int = 1,
         prefetch: int | None = None,
         image_timeout: float | None = None,
+        vectors: Sequence[str] = (),
+        store_tokens: bool = True,
     ) -> None:
         self.embedder, self.workers = embedder, workers
+        self.vectors = parse_vectors(vectors) if vectors else ()  # and store_tokens False: --stage none
         processes = workers if workers > 0 or not image_timeout else 1
         options = embedder.image_options
         self.info = EngineInfo(
@@ -302,7 +306,8 @@ class LocalEngine:
             workers=workers,
             alpha=options.alpha,
             exif_transpose=options.exif_transpose,
-            stage=embedder.stage,
+            stage=embedder.stage if store_tokens or not self.vectors else NO_STAGE,
+            vectors=self.vectors,
         )
         preparer = Preparer(embedder.preprocess_config, alpha=options.alpha, exif_transpose=options.exif_transpose)
         self.pool: OrderedPool[Source, Prepared] = OrderedPool(
@@ -350,14 +355,30 @@ class LocalEngine:
                 held.fed()
                 yield (source, p.facts), p.item
 
-        for key, _item, embeddings in self.embedder.embed_stream(feed(), times=summary.stages):
+        for key, embeddings, vectors in self._encoded(feed()):
             source, facts = cast(tuple[Source, ImageFacts], key)
             t0 = time.perf_counter()
-            host = copier.start(embeddings, self.info.stored_dtype)
+            host = copier.start(embeddings, self.info.stored_dtype) if embeddings is not None else None
+            on_host = {k: copier.start(v, torch.float32) for k, v in vectors.items()} if self.vectors else None
             summary.to_host_s += time.perf_counter() - t0
-            yield Result(source, facts, embeddings=host)
+            yield Result(source, facts, embeddings=host, vectors=on_host)
             yield from held.release()
         yield from held.release(end=True)
+
+    def _encoded(
+        self, items: Iterator[tuple[tuple[Source, ImageFacts], Preprocessed]]
+    ) -> Iterator[tuple[object, torch.Tensor | None, Mapping[str, torch.Tensor]]]:
+        """``(key, embeddings, vectors)`` per image: the embedder's stream, with vectors when asked for."""
+        times = self._summary.stages
+        if not self.vectors:
+            for key, _, tokens in self.embedder.embed_stream(items, times=times):
+                yield key, tokens, {}
+            return
+        stage = None if self.info.stage == NO_STAGE else "default"
+        for key, _, embeddings, vectors in self.embedder.embed_vectors_stream(
+            items, kinds=self.vectors, stage=stage, times=times
+        ):
+            yield key, embeddings, cast(Mapping[str, torch.Tensor], vectors)
 
     def failure(self, exc: Exception) -> str | None:
         if not out_of_memory(exc):

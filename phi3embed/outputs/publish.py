@@ -167,6 +167,12 @@ class Publisher:
             self.bytes_written += size
             self.files_written += 1
 
+    def remove(self, path: Path) -> None:
+        """Delete a published file (if there), its folder noted for the next :meth:`sync_folders`."""
+        path.unlink(missing_ok=True)
+        with self._lock:
+            self._dirty_dirs.add(path.parent)
+
     def sync_folders(self) -> None:
         """Make the renames so far durable (kill -9 cannot undo a rename; a power cut can)."""
         with self._lock:
