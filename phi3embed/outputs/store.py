@@ -64,6 +64,7 @@ class OutputStore:
         shard: tuple[int, int] | None = None,
         on_record: Callable[[Record], None] | None = None,
         fsync_interval: float = 2.0,
+        vector_rows: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.settings = settings
@@ -71,6 +72,7 @@ class OutputStore:
         self.shard = shard
         self.on_record = on_record
         self.fsync_interval = fsync_interval
+        self.vector_rows = vector_rows  # rows per vector shard (None: outputs.vectors.DEFAULT_SHARD_ROWS)
         self.recovered = 0  # records restored from pack metadata at open
         self.vectors_moved = 0  # vector rows rewritten to agree with the manifest (outputs/vectors.py)
         self._waiting_vectors: dict[str, dict[str, np.ndarray]] = {}  # name -> vectors, until its record commits
@@ -129,7 +131,8 @@ class OutputStore:
                 require_pyarrow()
             except Phi3EmbedError:
                 return None
-        return VectorShards(self.settings, self.publisher, self._commit_pack, shard=self.shard)
+        rows = {"rows": self.vector_rows} if self.vector_rows else {}
+        return VectorShards(self.settings, self.publisher, self._commit_pack, shard=self.shard, **rows)
 
     def close(self) -> None:
         """Publish the last pack and vector shard, sync the manifest, remove the temp area, release the lock."""

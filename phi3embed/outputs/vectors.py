@@ -348,3 +348,65 @@ class VectorOnlyWriter:
 
     def flush(self) -> None:
         """Nothing waits here."""
+
+
+# --------------------------------------------------------------------------- combining --shard parts
+
+COMBINED_PREFIX = "combined-"
+
+
+def combine_vectors(
+    records: Sequence[tuple[Record, Path]], folder: Path, *, rows: int = DEFAULT_SHARD_ROWS
+) -> list[Record]:
+    """Rows of ``records`` (each with the folder its ``vectors`` stem lives in) that live outside ``folder``,
+    copied into new ``combined-NNNNN`` shards there (earlier ones replaced); returns the records, those moved
+    naming their new place. Files are written to a temporary name and renamed."""
+    pq = require_pyarrow()
+    base = folder / VECTORS_DIR
+    if base.is_dir():  # what an earlier combine wrote here
+        for path in sorted(base.glob(f"*/*/{COMBINED_PREFIX}*")):
+            path.unlink()
+    real = os.path.realpath(folder)
+    out = [rec for rec, _ in records]
+    moving = [
+        i
+        for i, (rec, root) in enumerate(records)
+        if rec.ok and rec.vectors is not None and rec.vector_row is not None and os.path.realpath(root) != real
+    ]
+    for n, start in enumerate(range(0, len(moving), rows)):
+        chunk = moving[start : start + rows]
+        stem = f"{COMBINED_PREFIX}{n:05d}"
+        kinds = list(records[chunk[0]][0].vector_kinds or ())
+        chosen = [records[i][0] for i in chunk]
+        for kind in kinds:
+            array = np.stack([_row(records[i][1], kind, records[i][0]) for i in chunk])  # (n, d)
+            _atomic(npy_path(folder, kind, stem), functools.partial(_write_npy, array))
+        table = metadata_table(chosen)
+        for kind in kinds:
+            _atomic(parquet_path(folder, kind, stem), functools.partial(_write_parquet, pq, table))
+        for j, i in enumerate(chunk):
+            out[i] = replace(out[i], vectors=stem, vector_row=j)
+    return out
+
+
+def _row(root: Path, kind: str, record: Record) -> np.ndarray:
+    assert record.vectors is not None and record.vector_row is not None
+    path = npy_path(root, kind, record.vectors)
+    try:
+        return np.array(np.load(path, mmap_mode="r", allow_pickle=False)[record.vector_row])
+    except (OSError, ValueError, IndexError) as exc:
+        raise Phi3EmbedError(f"cannot read the {kind} vector of {record.name}: {exc}", path=path) from None
+
+
+def _atomic(final: Path, write: Callable[[IO[bytes]], None]) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise Phi3EmbedError(f"cannot write {final}: {exc.strerror or exc}", path=final) from None
