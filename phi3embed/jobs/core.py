@@ -313,11 +313,13 @@ class Writer(threading.Thread):
         elif host is None:  # --stage none: vectors only
             self._count(self.store.write(src, facts, None, vectors=host_vectors(result)))
         elif self.files is not None:
+            with_vectors = {"vectors": host_vectors(result)} if result.vectors is not None else {}
             self._in_flight.append(
-                self.files.submit(lambda: self.store.write_file(src, facts, host.wait(), host_vectors(result)))
+                self.files.submit(lambda: self.store.write_file(src, facts, host.wait(), **with_vectors))
             )
         else:  # one file at a time, or packs (their records are appended with the pack)
-            self._count(self.store.write(src, facts, host.wait(), vectors=host_vectors(result)))
+            with_vectors = {"vectors": host_vectors(result)} if result.vectors is not None else {}
+            self._count(self.store.write(src, facts, host.wait(), **with_vectors))
 
     def _commit(self, *, keep: int) -> None:
         """Commit finished records in input order; wait for the oldest while more than ``keep`` are pending."""
