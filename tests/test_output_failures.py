@@ -17,7 +17,7 @@ import torch
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs import manifest as manifest_module
 from phi3embed.outputs.manifest import MANIFEST, iter_manifest
-from phi3embed.outputs.publish import TMP_DIR, OutputError, Publisher, _WriteOnly, output_failure
+from phi3embed.outputs.publish import TMP_DIR, OutputError, Publisher, WriteOnly, output_failure
 from phi3embed.outputs.records import ImageFacts, OutputSettings
 from phi3embed.outputs.store import OutputStore
 
@@ -56,7 +56,7 @@ def test_a_removed_output_folder_is_named_as_such(tmp_path: Path) -> None:
 def test_numpy_through_write_keeps_the_reason_of_a_short_write() -> None:
     array = np.zeros((300, 300), np.float32)
     with open("/dev/full", "wb", buffering=0) as fh, pytest.raises(OSError) as kept:
-        np.save(_WriteOnly(fh), array)  # type: ignore[arg-type]
+        np.save(WriteOnly(fh), array)  # type: ignore[arg-type]
     assert kept.value.errno == errno.ENOSPC
 
 

@@ -27,13 +27,26 @@ import typer
 from phi3embed.cli.combine import register as register_combine_commands
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
 from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, ImageColumn, OutDType, Revision
-from phi3embed.cli.plan import STAGE_HELP, Stage
-from phi3embed.core.stages import DEFAULT_STAGE
+from phi3embed.cli.plan import STAGE_HELP
+from phi3embed.core.stages import DEFAULT_STAGE, STAGES
 from phi3embed.jobs.runtime import DEFAULT_IMAGE_TIMEOUT, ENGINES
 
 if TYPE_CHECKING:
     from phi3embed.jobs.runtime import EngineOptions
     from phi3embed.outputs.records import Record
+
+
+#: ``--stage`` of encode: the stages of phi3embed.core.stages, or none (vectors only)
+EncodeStage = Enum("EncodeStage", [(name, name) for name in (*STAGES, "none")], type=str)  # type: ignore[misc]
+
+
+ENCODE_STAGE_HELP = STAGE_HELP + " none: no token matrices, only the --vectors (and the manifest)."
+VECTORS_HELP = (
+    "Also write one vector per image, comma list of: cls (CLIP's pooled feature of the global view), mean (mean "
+    "of the global view's patch features at layer_idx), tokens (mean of the projected tokens, separators "
+    "excluded); as DIR/vectors/<kind>/img_emb/NNNNN.npy shards with aligned metadata/NNNNN.parquet "
+    "(embedding-reader's parquet_npy layout; needs pyarrow: pip install 'phi3embed[parquet]')."
+)
 
 app = typer.Typer(
     name="phi3embed",
@@ -147,7 +160,8 @@ def encode_command(
     alpha: Annotated[
         Alpha, typer.Option(help="Transparency: drop (reference, transformers 4) or white (composite on white).")
     ] = Alpha.drop,
-    stage: Annotated[Stage, typer.Option(help=STAGE_HELP)] = Stage[DEFAULT_STAGE],
+    stage: Annotated[EncodeStage, typer.Option(help=ENCODE_STAGE_HELP)] = EncodeStage[DEFAULT_STAGE],
+    vectors: Annotated[str | None, typer.Option(metavar="KINDS", help=VECTORS_HELP)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Encode again images already done.")] = False,
     no_dedup: Annotated[
         bool,
@@ -250,6 +264,13 @@ class _EncodeOptions:
     revision: str | None = None  # of a hub id
     image_column: str | None = None  # of parquet INPUTs (None: the first of the usual names)
     no_dedup: bool = False  # encode copies of identical bytes too
+    vectors: str | None = None  # --vectors as given (a comma list of kinds)
+
+    @property
+    def vector_kinds(self) -> tuple[str, ...]:
+        from phi3embed.core.vectors import parse_vectors
+
+        return parse_vectors(self.vectors) if self.vectors is not None else ()
 
     @property
     def output_format(self) -> str:
@@ -262,9 +283,15 @@ class _EncodeOptions:
 
         same_names = (
             "model", "revision", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha",
-            "exif_transpose", "stage", "batch_size", "workers", "image_timeout", "engine", "actors",
+            "exif_transpose", "batch_size", "workers", "image_timeout", "engine", "actors",
         )  # fmt: skip
-        return EngineOptions(**{name: getattr(self, name) for name in same_names}, address=self.ray_address)
+        return EngineOptions(
+            **{name: getattr(self, name) for name in same_names},
+            stage=DEFAULT_STAGE if self.stage == "none" else self.stage,  # type: ignore[arg-type]
+            store_tokens=self.stage != "none",
+            vectors=self.vector_kinds,
+            address=self.ray_address,
+        )
 
 
 def _options(*, shard: str | None, pack: str | None, format: "Format | None", **options: Any) -> _EncodeOptions:
@@ -290,7 +317,27 @@ def _options(*, shard: str | None, pack: str | None, format: "Format | None", **
         raise _Usage("--pack writes safetensors pack files: leave out --format npy")
     if opts.fmt == "npy" and opts.out_dtype == "bfloat16":
         raise _Usage("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
+    _check_vectors(opts)
     return opts
+
+
+def _check_vectors(opts: _EncodeOptions) -> None:
+    """``--vectors`` names known kinds and pyarrow is there; ``--stage none`` comes with ``--vectors``."""
+    from phi3embed.errors import Phi3EmbedError
+
+    if opts.vectors is None:
+        if opts.stage == "none":
+            raise _Usage("--stage none stores no token matrices: give --vectors KINDS (e.g. --vectors cls,mean)")
+        return
+    if opts.engine == "ray":
+        raise _Usage("--vectors is written by --engine local only for now (the Ray actors return no vectors yet)")
+    try:
+        opts.vector_kinds  # noqa: B018 - parses the list
+        from phi3embed.outputs.vectors import require_pyarrow
+
+        require_pyarrow()
+    except Phi3EmbedError as exc:
+        raise _Usage(str(exc)) from None
 
 
 def _encode(inputs: list[str], opts: _EncodeOptions) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -19,6 +19,7 @@ import torch
 from phi3embed.core.model import Phi3VisionModel
 from phi3embed.core.preprocess import Preprocessed, normalization_table, normalize_tiles, pad_crops
 from phi3embed.core.stages import Stage
+from phi3embed.core.vectors import VectorHead, VectorKind, image_vectors
 from phi3embed.errors import DeviceOutOfMemoryError
 
 K = TypeVar("K")
@@ -71,6 +72,7 @@ class _Pending(Generic[K]):
     item: Preprocessed
     features: list[torch.Tensor] = field(default_factory=list)
     done: int = 0  # crops encoded so far
+    global_hidden: torch.Tensor | None = None  # (1 + g*g, C): the global view with CLS, when vectors are wanted
 
 
 def _to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -155,6 +157,39 @@ def encode_stream(
     ``clip`` the crops' features ``[1 + rows*cols, g*g, C]``). ``times``, when given, accumulates the
     host-side time of each stage of the loop (:class:`StageTimes`).
     """
+    for key, item, emb, _ in _stream(model, items, batch_size=batch_size, times=times, stage=stage):
+        assert emb is not None
+        yield key, item, emb
+
+
+@torch.inference_mode()
+def encode_stream_vectors(
+    model: Phi3VisionModel,
+    items: Iterable[tuple[K, Preprocessed]],
+    *,
+    kinds: Sequence[VectorKind],
+    head: VectorHead | None,
+    batch_size: int = 8,
+    times: StageTimes | None = None,
+    stage: Stage | None = "projected",
+) -> Iterator[tuple[K, Preprocessed, torch.Tensor | None, dict[VectorKind, torch.Tensor]]]:
+    """:func:`encode_stream` that also gives each image's ``kinds`` vectors (:mod:`phi3embed.core.vectors`:
+    float32 ``[d]`` each, on the device); ``stage`` None computes the vectors only (the embeddings are None).
+    ``head``: the :class:`VectorHead`, needed for ``cls``."""
+    yield from _stream(model, items, batch_size=batch_size, times=times, stage=stage, kinds=kinds, head=head)
+
+
+def _stream(
+    model: Phi3VisionModel,
+    items: Iterable[tuple[K, Preprocessed]],
+    *,
+    batch_size: int,
+    times: StageTimes | None,
+    stage: Stage | None,
+    kinds: Sequence[VectorKind] = (),
+    head: VectorHead | None = None,
+) -> Iterator[tuple[K, Preprocessed, torch.Tensor | None, dict[VectorKind, torch.Tensor]]]:
+    """The loop of :func:`encode_stream` and :func:`encode_stream_vectors`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device, dtype = model.device, model.dtype
@@ -182,7 +217,11 @@ def encode_stream(
             t0 = time.perf_counter()
             batch = assemble(pieces)  # (B, 3, S, S)
             t1 = time.perf_counter()
-            feats = model.crop_features(batch)  # (B, g*g, C)
+            if kinds:  # the global views' CLS rows are kept for the vectors
+                hidden = model.crop_hidden(batch)  # (B, 1 + g*g, C)
+                feats = hidden[:, 1:]  # (B, g*g, C)
+            else:
+                feats = model.crop_features(batch)  # (B, g*g, C)
             clock.assemble_s += t1 - t0
             clock.forward_s += time.perf_counter() - t1
             clock.batches += 1
@@ -196,6 +235,8 @@ def encode_stream(
             raise _out_of_memory(device, dtype, taken)
         offset = 0
         for p, n in owners:
+            if kinds and p.done == 0:  # this piece starts with the image's global view
+                p.global_hidden = hidden[offset]  # (1 + g*g, C)
             p.features.append(feats[offset : offset + n])
             p.done += n
             offset += n
@@ -204,17 +245,26 @@ def encode_stream(
             finished.append(pending.popleft())
         return finished
 
-    def emit(finished: list[_Pending[K]]) -> Iterator[tuple[K, Preprocessed, torch.Tensor]]:
+    def emit(
+        finished: list[_Pending[K]],
+    ) -> Iterator[tuple[K, Preprocessed, torch.Tensor | None, dict[VectorKind, torch.Tensor]]]:
         if not finished:
             return
         t0 = time.perf_counter()
         feats = torch.cat([f for p in finished for f in p.features])
         grids = [(p.item.grid.rows, p.item.grid.cols) for p in finished]
-        embeddings = model.embed_features(feats, grids, stage=stage)
+        hidden = [p.global_hidden for p in finished] if kinds else []
+        embeddings, vectors = _outputs(model, feats, grids, stage=stage, kinds=kinds, head=head, global_hidden=hidden)
         clock.embed_s += time.perf_counter() - t0
-        for p, emb in zip(finished, embeddings, strict=True):
+        for i, p in enumerate(finished):
             p.features.clear()
-            yield p.key, p.item, emb
+            p.global_hidden = None
+            yield (
+                p.key,
+                p.item,
+                embeddings[i] if embeddings is not None else None,
+                {k: v[i] for k, v in vectors.items()},
+            )
 
     for key, item in items:
         p = _Pending(key, item)
@@ -227,17 +277,81 @@ def encode_stream(
         yield from emit(run_batch(batch_size))
 
 
+def _outputs(
+    model: Phi3VisionModel,
+    feats: torch.Tensor,
+    grids: list[tuple[int, int]],
+    *,
+    stage: Stage | None,
+    kinds: Sequence[VectorKind],
+    head: VectorHead | None,
+    global_hidden: Sequence[torch.Tensor | None],
+) -> tuple[list[torch.Tensor] | None, dict[VectorKind, torch.Tensor]]:
+    """Finished images' features -> their outputs at ``stage`` (None: none) and their ``kinds`` vectors."""
+    embeddings = model.embed_features(feats, grids, stage=stage) if stage is not None else None
+    if not kinds:
+        return embeddings, {}
+    projected = None
+    if "tokens" in kinds:  # the projected tokens: the output itself, or projected from the hd stage's
+        if stage == "projected":
+            projected = embeddings
+        elif stage == "hd":
+            assert embeddings is not None
+            flat = model.project(torch.cat(embeddings))  # (sum T_i, D)
+            projected = list(torch.split(flat, [t.shape[0] for t in embeddings]))
+        else:
+            projected = model.embed_features(feats, grids, stage="projected")
+    stacked = torch.stack([h for h in global_hidden if h is not None])  # (N, 1 + g*g, C)
+    assert stacked.shape[0] == len(grids)
+    vectors = image_vectors(kinds, global_hidden=stacked, projected=projected, grids=grids, cfg=model.cfg, head=head)
+    return embeddings, vectors
+
+
 @torch.inference_mode()
 def encode_plain(
     model: Phi3VisionModel, items: Iterable[tuple[K, Preprocessed]], *, num_crops: int, stage: Stage = "projected"
 ) -> Iterator[tuple[K, Preprocessed, torch.Tensor]]:
     """The reference's way, kept as the yardstick: one image at a time, zero crops padded to
     ``num_crops + 1`` and encoded too, then discarded. ``stage`` as in :func:`encode_stream`."""
+    for key, item, emb, _ in _plain(model, items, num_crops=num_crops, stage=stage):
+        assert emb is not None
+        yield key, item, emb
+
+
+@torch.inference_mode()
+def encode_plain_vectors(
+    model: Phi3VisionModel,
+    items: Iterable[tuple[K, Preprocessed]],
+    *,
+    num_crops: int,
+    kinds: Sequence[VectorKind],
+    head: VectorHead | None,
+    stage: Stage | None = "projected",
+) -> Iterator[tuple[K, Preprocessed, torch.Tensor | None, dict[VectorKind, torch.Tensor]]]:
+    """:func:`encode_plain` with vectors, as :func:`encode_stream_vectors`."""
+    yield from _plain(model, items, num_crops=num_crops, stage=stage, kinds=kinds, head=head)
+
+
+def _plain(
+    model: Phi3VisionModel,
+    items: Iterable[tuple[K, Preprocessed]],
+    *,
+    num_crops: int,
+    stage: Stage | None,
+    kinds: Sequence[VectorKind] = (),
+    head: VectorHead | None = None,
+) -> Iterator[tuple[K, Preprocessed, torch.Tensor | None, dict[VectorKind, torch.Tensor]]]:
+    """The loop of :func:`encode_plain` and :func:`encode_plain_vectors`."""
     device, dtype = model.device, model.dtype
     for key, item in items:
         padded = pad_crops(item.pixel_values, num_crops=num_crops)  # (num_crops+1, 3, S, S)
+        hidden = None
         try:
-            feats = model.crop_features(_to_device(padded, device, dtype))[: item.num_real_crops]
+            if kinds:
+                hidden = model.crop_hidden(_to_device(padded, device, dtype))[: item.num_real_crops]
+                feats = hidden[:, 1:]  # (n, g*g, C)
+            else:
+                feats = model.crop_features(_to_device(padded, device, dtype))[: item.num_real_crops]
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -246,8 +360,10 @@ def encode_plain(
             failed = False
         if failed:
             raise _out_of_memory(device, dtype, padded.shape[0], padded=True)
-        (emb,) = model.embed_features(feats, [(item.grid.rows, item.grid.cols)], stage=stage)
-        yield key, item, emb
+        grid = [(item.grid.rows, item.grid.cols)]
+        globals_ = [hidden[0]] if hidden is not None else []
+        embeddings, vectors = _outputs(model, feats, grid, stage=stage, kinds=kinds, head=head, global_hidden=globals_)
+        yield key, item, embeddings[0] if embeddings is not None else None, {k: v[0] for k, v in vectors.items()}
 
 
 class HostResult:

@@ -9,7 +9,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from phi3embed.core.allocator import keep_freed_memory
-from phi3embed.core.batching import StageTimes, encode_plain, encode_stream
+from phi3embed.core.batching import (
+    StageTimes,
+    encode_plain,
+    encode_plain_vectors,
+    encode_stream,
+    encode_stream_vectors,
+)
 from phi3embed.core.checkpoint import Checkpoint, resolve
 from phi3embed.core.config import (
     PreprocessConfig,
@@ -20,6 +26,7 @@ from phi3embed.core.config import (
 from phi3embed.core.model import Phi3VisionModel
 from phi3embed.core.preprocess import AlphaMode, ImageInput, Preprocessed, image_geometry, preprocess_image
 from phi3embed.core.stages import DEFAULT_STAGE, Stage, parse_stage, stage_shape
+from phi3embed.core.vectors import VECTOR_KINDS, VectorHead, VectorKind, parse_vectors, vector_width
 from phi3embed.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -91,6 +98,7 @@ class Phi3VisionEmbedder:
         self.batch_size = batch_size
         self.plain = plain
         self.stage = parse_stage(stage)
+        self._vector_head: VectorHead | None = None
 
     @classmethod
     def from_pretrained(
@@ -233,3 +241,62 @@ class Phi3VisionEmbedder:
             images = [images]  # type: ignore[list-item]
         items = ((i, self.preprocess(img)) for i, img in enumerate(images))
         return [emb for _, _, emb in self.embed_stream(items, stage=stage)]
+
+    # ------------------------------------------------------------------ one vector per image
+
+    def vector_head(self) -> VectorHead:
+        """The CLIP layers after ``layer_idx`` and the final layer norm (for ``cls`` vectors), read from the
+        checkpoint on first use."""
+        if self._vector_head is None:
+            if self.checkpoint is None:
+                raise ConfigError("cls vectors need the checkpoint: build the embedder with from_pretrained")
+            self._vector_head = VectorHead.from_checkpoint(
+                self.checkpoint,
+                self.vision_config,
+                dtype=self.dtype,
+                device=self.device,
+                attn="eager" if self.plain else "sdpa",
+            )
+        return self._vector_head
+
+    def embed_vectors_stream(
+        self,
+        items: Iterable[tuple[object, Preprocessed]],
+        *,
+        kinds: Iterable[str] = VECTOR_KINDS,
+        stage: Stage | None | str = "default",
+        times: StageTimes | None = None,
+    ) -> Iterator[tuple[object, Preprocessed, torch.Tensor | None, dict[VectorKind, torch.Tensor]]]:
+        """:meth:`embed_stream` that also gives each image's vectors (:mod:`phi3embed.core.vectors`): yields
+        ``(key, item, embeddings, {kind: float32 [d]})``. ``stage``: ``"default"`` this embedder's, a stage
+        name, or None for the vectors alone (``embeddings`` is then None)."""
+        chosen = parse_vectors(kinds)
+        out_stage = self.stage if stage == "default" else (None if stage is None else parse_stage(stage))
+        head = self.vector_head() if "cls" in chosen else None
+        if self.plain:
+            return encode_plain_vectors(
+                self.model, items, num_crops=self.num_crops, kinds=chosen, head=head, stage=out_stage
+            )
+        return encode_stream_vectors(
+            self.model, items, kinds=chosen, head=head, batch_size=self.batch_size, times=times, stage=out_stage
+        )
+
+    def vectors(
+        self, images: Iterable[ImageInput] | ImageInput, *, kinds: Iterable[str] = VECTOR_KINDS
+    ) -> dict[VectorKind, torch.Tensor]:
+        """Paths, bytes or PIL images -> ``{kind: float32 [n, d]}``, one row per image in order, for each of
+        ``kinds`` (``cls``, ``mean``, ``tokens``; :mod:`phi3embed.core.vectors`), on the embedder's device.
+        Only what the vectors need is computed: the token matrices are not kept."""
+        if isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "getbands"):
+            images = [images]  # type: ignore[list-item]
+        chosen = parse_vectors(kinds)
+        items = ((i, self.preprocess(img)) for i, img in enumerate(images))
+        stage: Stage | None = "projected" if "tokens" in chosen else None
+        rows: dict[VectorKind, list[torch.Tensor]] = {kind: [] for kind in chosen}
+        for _, _, _, vecs in self.embed_vectors_stream(items, kinds=chosen, stage=stage):
+            for kind in chosen:
+                rows[kind].append(vecs[kind])
+        return {
+            kind: torch.stack(r) if r else torch.empty(0, vector_width(kind, self.vision_config), device=self.device)
+            for kind, r in rows.items()
+        }

@@ -110,14 +110,16 @@ class Phi3VisionModel(nn.Module):
 
     # ------------------------------------------------------------------ stages
 
-    def crop_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, S, S]`` -> CLIP hidden state ``layer_idx`` without CLS, ``[N, g*g, C]``."""
+    def crop_hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` -> CLIP hidden state ``layer_idx`` with CLS first, ``[N, 1 + g*g, C]``."""
         if self.full_depth:
             out = self.clip(pixel_values=pixel_values, output_hidden_states=True)
-            hidden = out.hidden_states[self.cfg.hidden_state_index]  # (N, 1 + g*g, C)
-        else:
-            hidden = self.clip(pixel_values=pixel_values).last_hidden_state  # (N, 1 + g*g, C)
-        return hidden[:, 1:]  # drop CLS: (N, g*g, C)
+            return out.hidden_states[self.cfg.hidden_state_index]
+        return self.clip(pixel_values=pixel_values).last_hidden_state
+
+    def crop_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` -> CLIP hidden state ``layer_idx`` without CLS, ``[N, g*g, C]``."""
+        return self.crop_hidden(pixel_values)[:, 1:]  # drop CLS: (N, g*g, C)
 
     def tokens(self, features: torch.Tensor, *, rows: int, cols: int) -> torch.Tensor:
         """Features of one image ``[1 + rows*cols, g*g, C]`` -> unprojected tokens ``[T, 4C]``."""

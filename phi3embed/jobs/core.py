@@ -27,14 +27,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
+import numpy as np
 import torch
 
 from phi3embed.core.batching import HostResult, StageTimes
-from phi3embed.core.stages import DEFAULT_STAGE, Stage
+from phi3embed.core.stages import DEFAULT_STAGE
 from phi3embed.inputs.listing import Source
 from phi3embed.jobs.dedup import Duplicate, Duplicates
 from phi3embed.outputs.publish import OutputError
-from phi3embed.outputs.records import Format, ImageFacts, OutputSettings, Record
+from phi3embed.outputs.records import Format, ImageFacts, OutputSettings, Record, StoredStage
 from phi3embed.outputs.store import OutputStore
 
 T = TypeVar("T")
@@ -58,11 +59,12 @@ class EngineInfo:
     workers: int  # decode workers (local) or actors (Ray), for the summary
     alpha: str = "drop"
     exif_transpose: bool = False
-    stage: Stage = DEFAULT_STAGE  # the intermediate the results hold (phi3embed.core.stages)
+    stage: StoredStage = DEFAULT_STAGE  # the intermediate the results hold (phi3embed.core.stages); "none"
+    vectors: tuple[str, ...] = ()  # the vector kinds the results carry (phi3embed.core.vectors)
 
     def output_settings(self, *, model: str, format: Format, pack_bytes: int | None) -> OutputSettings:
         """The settings the outputs record for this engine's results (``model``: what the user named)."""
-        same_names = ("fingerprint", "num_crops", "alpha", "exif_transpose", "device", "stage")
+        same_names = ("fingerprint", "num_crops", "alpha", "exif_transpose", "device", "stage", "vectors")
         return OutputSettings(
             model=model,
             dtype=self.stored_dtype,
@@ -83,6 +85,14 @@ class Result:
     embeddings: HostResult | None = None
     error: str | None = None
     duplicate: Duplicate | None = None
+    vectors: dict[str, HostResult] | None = (
+        None  # with --vectors: float32 [d] per kind (``embeddings`` None: --stage none)
+    )
+
+    @property
+    def encoded(self) -> bool:
+        """It holds what the engine encoded (not an error or a duplicate)."""
+        return self.embeddings is not None or self.vectors is not None
 
 
 class Engine(Protocol):
@@ -281,13 +291,19 @@ class Writer(threading.Thread):
 
     def _take(self, result: Result) -> None:
         host = result.embeddings
-        if host is None:
+        src, facts = result.source, result.facts
+        if not result.encoded:
             self._in_flight.append(result)  # an error or a duplicate: committed in turn by _commit
+        elif host is None:  # --stage none: vectors only
+            self._count(self.store.write(src, facts, None, vectors=host_vectors(result)))
         elif self.files is not None:
-            src, facts = result.source, result.facts
-            self._in_flight.append(self.files.submit(lambda: self.store.write_file(src, facts, host.wait())))
+            with_vectors = {"vectors": host_vectors(result)} if result.vectors is not None else {}
+            self._in_flight.append(
+                self.files.submit(lambda: self.store.write_file(src, facts, host.wait(), **with_vectors))
+            )
         else:  # one file at a time, or packs (their records are appended with the pack)
-            self._count(self.store.write(result.source, result.facts, host.wait()))
+            with_vectors = {"vectors": host_vectors(result)} if result.vectors is not None else {}
+            self._count(self.store.write(src, facts, host.wait(), **with_vectors))
 
     def _commit(self, *, keep: int) -> None:
         """Commit finished records in input order; wait for the oldest while more than ``keep`` are pending."""
@@ -322,13 +338,20 @@ class Writer(threading.Thread):
             summary.fatal = str(self.error)
 
 
+def host_vectors(result: Result) -> dict[str, np.ndarray] | None:
+    """A result's vectors on the host, as numpy (None without --vectors)."""
+    if result.vectors is None:
+        return None
+    return {kind: host.wait().numpy() for kind, host in result.vectors.items()}
+
+
 # --------------------------------------------------------------------------- the job
 
 
 def mark_duplicate(result: Result, duplicates: Duplicates) -> Result:
     """``result`` as a duplicate when an engine encoded an image whose bytes an earlier one has (an engine that
     hashes and encodes in one step, as Ray's actors do): the first's output is shared all the same."""
-    if result.embeddings is None or result.duplicate is not None:
+    if not result.encoded or result.duplicate is not None:
         return result
     duplicate = duplicates.find(result.source.name, result.facts.sha256)
     return result if duplicate is None else Result(result.source, result.facts, duplicate=duplicate)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
@@ -27,13 +27,14 @@ from phi3embed.core.checkpoint import resolve
 from phi3embed.core.config import usable_cpus
 from phi3embed.core.embedder import Phi3VisionEmbedder, resolve_device
 from phi3embed.core.preprocess import Preprocessed
+from phi3embed.core.vectors import parse_vectors
 from phi3embed.inputs.listing import Source
 from phi3embed.jobs.core import JobSummary, Result
 from phi3embed.jobs.dedup import Duplicates, Held
 from phi3embed.jobs.pool import OrderedPool
 from phi3embed.jobs.prepare import Prepared, Preparer
 from phi3embed.jobs.runtime import DEFAULT_IMAGE_TIMEOUT, EngineOptions, Runtime, decide, engine_info, load_embedder
-from phi3embed.outputs.records import ImageFacts
+from phi3embed.outputs.records import NO_STAGE, ImageFacts
 
 #: How much nicer than the encoding process the decode workers run. When a worker and the encoder want the same
 #: core, the encoder gets it: on CPU an OpenMP thread that loses its core stalls all the others at the next
@@ -72,8 +73,11 @@ class LocalEngine:
         workers: int = 1,
         prefetch: int | None = None,
         image_timeout: float | None = None,
+        vectors: Sequence[str] = (),
+        store_tokens: bool = True,
     ) -> None:
         self.embedder, self.workers = embedder, workers
+        self.vectors = parse_vectors(vectors) if vectors else ()  # and store_tokens False: --stage none
         processes = workers if workers > 0 or not image_timeout else 1
         options = embedder.image_options
         runtime = Runtime(
@@ -88,7 +92,8 @@ class LocalEngine:
             fingerprint=embedder.fingerprint,
             num_crops=embedder.num_crops,
             image=options,
-            stage=embedder.stage,
+            stage=embedder.stage if store_tokens or not self.vectors else NO_STAGE,
+            vectors=self.vectors,
             workers=workers,
         )
         preparer = Preparer(embedder.preprocess_config, alpha=options.alpha, exif_transpose=options.exif_transpose)
@@ -137,14 +142,30 @@ class LocalEngine:
                 held.fed()
                 yield (source, p.facts), p.item
 
-        for key, _item, embeddings in self.embedder.embed_stream(feed(), times=summary.stages):
+        for key, embeddings, vectors in self._encoded(feed()):
             source, facts = cast(tuple[Source, ImageFacts], key)
             t0 = time.perf_counter()
-            host = copier.start(embeddings, self.info.stored_dtype)
+            host = copier.start(embeddings, self.info.stored_dtype) if embeddings is not None else None
+            on_host = {k: copier.start(v, torch.float32) for k, v in vectors.items()} if self.vectors else None
             summary.to_host_s += time.perf_counter() - t0
-            yield Result(source, facts, embeddings=host)
+            yield Result(source, facts, embeddings=host, vectors=on_host)
             yield from held.release()
         yield from held.release(end=True)
+
+    def _encoded(
+        self, items: Iterator[tuple[tuple[Source, ImageFacts], Preprocessed]]
+    ) -> Iterator[tuple[object, torch.Tensor | None, Mapping[str, torch.Tensor]]]:
+        """``(key, embeddings, vectors)`` per image: the embedder's stream, with vectors when asked for."""
+        times = self._summary.stages
+        if not self.vectors:
+            for key, _, tokens in self.embedder.embed_stream(items, times=times):
+                yield key, tokens, {}
+            return
+        stage = None if self.info.stage == NO_STAGE else "default"
+        for key, _, embeddings, vectors in self.embedder.embed_vectors_stream(
+            items, kinds=self.vectors, stage=stage, times=times
+        ):
+            yield key, embeddings, cast(Mapping[str, torch.Tensor], vectors)
 
     def failure(self, exc: Exception) -> str | None:
         if not out_of_memory(exc):
@@ -185,7 +206,12 @@ def plan(options: EngineOptions, *, loading: Callable[[], AbstractContextManager
         )
     timeout = DEFAULT_IMAGE_TIMEOUT if options.image_timeout is None else options.image_timeout
     return LocalEngine(
-        embedder, stored_dtype=runtime.stored_dtype, workers=runtime.workers, image_timeout=timeout or None
+        embedder,
+        stored_dtype=runtime.stored_dtype,
+        workers=runtime.workers,
+        image_timeout=timeout or None,
+        vectors=options.vectors,
+        store_tokens=options.store_tokens,
     )
 
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from phi3embed.core.embedder import ImageOptions, Phi3VisionEmbedder
     from phi3embed.core.preprocess import AlphaMode
     from phi3embed.jobs.core import Engine, EngineInfo
-    from phi3embed.outputs.records import Format
+    from phi3embed.outputs.records import Format, StoredStage
 
 #: Seconds reading and decoding one image may take by default: far above any real image (a 100 MP PNG decodes in
 #: a few seconds), short enough that a stuck network mount costs minutes, not the night.
@@ -61,6 +61,8 @@ class EngineOptions:
     engine: EngineName = "local"
     address: str | None = None  # Ray: a running cluster; None: a private local instance, started when needed
     actors: int | None = None  # Ray: default one per GPU of the cluster; without GPUs one per CPU
+    vectors: tuple[str, ...] = ()  # vector kinds written beside the outputs (phi3embed.core.vectors); local only
+    store_tokens: bool = True  # False: --stage none, only the vectors
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,14 @@ def load_embedder(
 
 
 def engine_info(
-    runtime: Runtime, *, fingerprint: str, num_crops: int, image: ImageOptions, stage: Stage, workers: int
+    runtime: Runtime,
+    *,
+    fingerprint: str,
+    num_crops: int,
+    image: ImageOptions,
+    stage: StoredStage,
+    workers: int,
+    vectors: tuple[str, ...] = (),
 ) -> EngineInfo:
     """What an engine running encoders under ``runtime`` states: its weights' ``fingerprint`` and
     ``num_crops``, how it reads images, and ``workers`` (decode workers of the local engine, Ray's actors)."""
@@ -161,6 +170,7 @@ def engine_info(
         alpha=image.alpha,
         exif_transpose=image.exif_transpose,
         stage=stage,
+        vectors=vectors,
     )
 
 

@@ -118,6 +118,11 @@ def write_combined(report: CombineReport, path: str | os.PathLike[str]) -> int:
             record = replace(record, output=Path(os.path.relpath(found.root / record.output, folder)).as_posix())
         records.append(record)
     folder.mkdir(parents=True, exist_ok=True)
+    if any(f.record.vectors is not None for f in report.chosen.values()):  # encode --vectors: rows beside it
+        from phi3embed.outputs.vectors import combine_vectors
+
+        roots = [report.chosen[name].root for name in sorted(report.chosen)]
+        records = combine_vectors(list(zip(records, roots, strict=True)), folder)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:

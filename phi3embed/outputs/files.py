@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 
 from phi3embed.core.safetensors_io import write_safetensors
@@ -18,7 +17,7 @@ from phi3embed.errors import ImageError
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.formats import EMBED_KEY
 from phi3embed.outputs.names import output_path, readable
-from phi3embed.outputs.publish import Publisher
+from phi3embed.outputs.publish import Publisher, save_npy
 from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, error_record, new_record
 
 
@@ -42,7 +41,7 @@ class FileWriter:
             final = self.publisher.safe_path(rel)
             if self.settings.format == "npy":
                 array = tensor.numpy()
-                size = self.publisher.atomic_write(final, lambda fh: np.save(fh, array, allow_pickle=False))
+                size = self.publisher.atomic_write(final, lambda fh: save_npy(fh, array))
                 key = None
             else:
                 meta = self._metadata(source, facts)

@@ -42,7 +42,7 @@ import torch
 from phi3embed.core.safetensors_io import SafetensorsFormatError, read_header_with
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.outputs.formats import OUTPUT_DTYPES
-from phi3embed.outputs.manifest import MANIFEST, iter_manifest_lines
+from phi3embed.outputs.manifest import MANIFEST, iter_manifest, iter_manifest_lines
 from phi3embed.outputs.names import exact_bytes, from_bytes, output_path
 from phi3embed.outputs.records import Record, exact_field
 
@@ -348,6 +348,15 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         if parsed[0] == len(head) and len(self._npy_headers) < 4096:  # the 128 bytes are the whole header
             self._npy_headers[head] = parsed
         return parsed
+
+    def vectors(self, kind: str) -> tuple[list[str], np.ndarray]:
+        """``(names, array [n, d])`` of the ``kind`` vectors (``cls``, ``mean`` or ``tokens``) written by
+        ``encode --vectors``, aligned row for row, names sorted; memory-mapped where one shard holds them all
+        in order (phi3embed.outputs.vectors)."""
+        from phi3embed.outputs.vectors import read_vectors
+
+        latest = {record.name: record for record in iter_manifest(self.manifest)}
+        return read_vectors(self.root, kind, latest)
 
     def close(self) -> None:
         """Close this process's descriptors (they reopen when needed)."""

@@ -19,7 +19,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Any
 
 from phi3embed.errors import ImageError, Phi3EmbedError
 
@@ -69,16 +69,24 @@ def output_failure(exc: OSError, root: Path, doing: str) -> OutputError:
     return OutputError(f"{cause} ({doing})", path=root)
 
 
-class _WriteOnly:
-    """A file seen through ``write`` alone. numpy writes an array to a real file with C ``fwrite``, which loses
-    the reason of a short write ("72672 requested and 13280 written"); through this it writes with Python's
-    ``write``, whose OSError keeps it (no space left, quota, read-only)."""
+class WriteOnly:
+    """A file seen through ``write`` alone, for ``np.save``. numpy writes an array to a real file with C
+    ``fwrite``, which loses the reason of a short write ("72672 requested and 13280 written"); through this it
+    writes with Python's ``write``, whose OSError keeps it (no space left, quota, read-only). Writers that need
+    more of a file (pyarrow seeks and asks whether it is closed) get the file itself."""
 
     def __init__(self, fh: IO[bytes]) -> None:
         self._fh = fh
 
     def write(self, data: bytes | memoryview) -> int:
         return self._fh.write(data)
+
+
+def save_npy(fh: IO[bytes], array: Any) -> None:
+    """``np.save`` of ``array`` into ``fh`` through Python's ``write`` (:class:`WriteOnly`)."""
+    import numpy as np
+
+    np.save(WriteOnly(fh), array, allow_pickle=False)  # type: ignore[arg-type,unused-ignore]  # write() is all it needs
 
 
 class Publisher:
@@ -172,7 +180,7 @@ class Publisher:
 
         def fill(tmp: Path) -> int:
             with open(tmp, "wb") as fh:
-                write(_WriteOnly(fh))  # type: ignore[arg-type]  # write() is all a writer needs of the file
+                write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
                 return fh.tell()
@@ -230,6 +238,12 @@ class Publisher:
             return path.relative_to(self.real).as_posix()
         except ValueError:
             return str(path)
+
+    def remove(self, path: Path) -> None:
+        """Delete a published file (if there), its folder noted for the next :meth:`sync_folders`."""
+        path.unlink(missing_ok=True)
+        with self._lock:
+            self._dirty_dirs.add(path.parent)
 
     def sync_folders(self) -> None:
         """Make the renames so far durable (kill -9 cannot undo a rename; a power cut can)."""

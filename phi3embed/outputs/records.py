@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
@@ -24,6 +25,8 @@ from phi3embed.outputs.formats import OUTPUT_DTYPES, dtype_name
 from phi3embed.outputs.names import from_bytes, text_fields
 
 Format = Literal["npy", "safetensors", "pack"]
+NO_STAGE: Literal["none"] = "none"  # encode --stage none: vectors only, no token matrices
+StoredStage = Stage | Literal["none"]
 Signature = tuple[Any, ...]  # what a finished record must match to be skipped on resume
 
 
@@ -41,7 +44,8 @@ class OutputSettings:
     alpha: str = "drop"
     exif_transpose: bool = False
     device: str = "cpu"
-    stage: Stage = DEFAULT_STAGE  # which intermediate is stored (phi3embed.core.stages)
+    stage: StoredStage = DEFAULT_STAGE  # which intermediate is stored (phi3embed.core.stages); "none": none
+    vectors: tuple[str, ...] = ()  # the vector kinds written beside it (phi3embed.outputs.vectors)
 
     def __post_init__(self) -> None:
         if self.dtype not in OUTPUT_DTYPES or self.compute_dtype not in OUTPUT_DTYPES:
@@ -50,7 +54,10 @@ class OutputSettings:
             raise ConfigError("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
         if (self.format == "pack") != (self.pack_bytes is not None):
             raise ConfigError("pack_bytes goes with format 'pack' and only with it")
-        parse_stage(self.stage)
+        if self.stage != NO_STAGE:
+            parse_stage(self.stage)
+        elif not self.vectors:
+            raise ConfigError("--stage none stores no token matrices: it needs --vectors")
 
     def record_fields(self) -> dict[str, Any]:
         """The settings as a manifest record states them."""
@@ -65,18 +72,21 @@ class OutputSettings:
             "exif_transpose": self.exif_transpose,
             "device": self.device,
             "stage": self.stage,
+            "vector_kinds": list(self.vectors) or None,
         }
 
     def signature(self) -> Signature:
         """What a finished record must match to be skipped on resume (:meth:`Record.signature`)."""
         stated = self.record_fields()
-        return tuple(stated[name] for name in SIGNATURE_FIELDS)
+        return _hashable(stated[name] for name in SIGNATURE_FIELDS)
 
 
 #: The record fields a finished image must share with the current settings to be skipped on resume.
 SIGNATURE_FIELDS = (
-    "fingerprint", "num_crops", "dtype", "compute_dtype", "format", "alpha", "exif_transpose", "stage"
+    "fingerprint", "num_crops", "dtype", "compute_dtype", "format", "alpha", "exif_transpose", "stage", "vector_kinds"
 )  # fmt: skip
+#: Record fields left out of a manifest line while they are None (lines stay as they were without vectors).
+_OPTIONAL_FIELDS = ("vector_kinds", "vectors", "vector_row", "attempt", "time")
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,9 @@ class Record:
     stage: str = DEFAULT_STAGE  # lines written before stages existed hold projected tokens
     duplicate_of: str | None = None  # the image with the same bytes whose output this one shares (not encoded)
     output_size: int | None = None  # bytes of a per-image output file: resume and combine compare its size
+    vector_kinds: list[str] | None = None  # the vectors written for it (encode --vectors)
+    vectors: str | None = None  # the vector shard holding its row: DIR/vectors/<kind>/img_emb/<vectors>.npy
+    vector_row: int | None = None  # its row there
     attempt: int | None = None
     time: str | None = None
 
@@ -156,7 +169,7 @@ class Record:
 
     def signature(self) -> Signature:
         """The settings part of the record, comparable with :meth:`OutputSettings.signature`."""
-        return tuple(getattr(self, name) for name in SIGNATURE_FIELDS)
+        return _hashable(getattr(self, name) for name in SIGNATURE_FIELDS)
 
     def stamped(self, attempt: int, time: str) -> Record:
         return replace(self, attempt=attempt, time=time)
@@ -165,7 +178,7 @@ class Record:
         """The JSON object of the manifest line (unstamped records leave out ``attempt`` and ``time``); text
         that is not valid UTF-8 in its readable form, its exact bytes in ``raw``."""
         data = asdict(self)
-        for late in ("attempt", "time"):
+        for late in _OPTIONAL_FIELDS:
             if data[late] is None:
                 del data[late]
         return text_fields(data)
@@ -195,6 +208,11 @@ def exact_field(data: dict[str, Any], field: str) -> Any:
         except (binascii.Error, ValueError):
             pass  # a damaged raw field: the readable form is all there is
     return data.get(field)
+
+
+def _hashable(values: Iterable[Any]) -> Signature:
+    """A signature tuple with lists (``vector_kinds``) as tuples, so that it can key a dict."""
+    return tuple(tuple(v) if isinstance(v, list) else v for v in values)
 
 
 def new_record(

@@ -14,6 +14,7 @@ import math
 import os
 import stat
 import struct
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -100,8 +101,16 @@ def _safetensors_ends(path: Path) -> dict[str, int] | None:
 class ResumeIndex:
     """Latest record per image name, kept current as records are appended."""
 
-    def __init__(self, root: Path, signature: Signature, *, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        signature: Signature,
+        *,
+        overwrite: bool = False,
+        vectors_present: Callable[[Record], bool] | None = None,
+    ) -> None:
         self.root, self.signature, self.overwrite = root, signature, overwrite
+        self.vectors_present = vectors_present  # with encode --vectors: is the record's vector row on disk
         self._latest: dict[str, Record] = {}
         self.outputs = OutputCheck(root)
         self._by_sha256: dict[str, str] | None = None  # sha256 -> a name with an ok record; built on first use
@@ -110,6 +119,10 @@ class ResumeIndex:
         self._latest[record.name] = record
         if self._by_sha256 is not None:
             self._index_sha256(record)
+
+    def latest_records(self) -> dict[str, Record]:
+        """A copy of name -> latest record."""
+        return dict(self._latest)
 
     def latest(self, name: str) -> Record | None:
         """The latest record of ``name`` (this run's included), or None."""
@@ -127,7 +140,7 @@ class ResumeIndex:
         seen = self._latest.get(name) if name is not None else None
         if seen is None or not self._usable(seen) or seen.sha256 != sha256:
             return None  # that name has a newer record since (failed, or other bytes)
-        return seen if self.outputs.whole(seen) else None
+        return seen if self._present(seen) else None
 
     def index_sha256(self) -> dict[str, str]:
         """Index every ok record by sha256, once (one dict entry per image, about 30 bytes: the strings are
@@ -146,18 +159,27 @@ class ResumeIndex:
             self._by_sha256[record.sha256 or ""] = record.name
 
     def _usable(self, record: Record) -> bool:
-        return record.ok and bool(record.sha256) and bool(record.output) and record.signature() == self.signature
+        stored = bool(record.output) or (record.output is None and record.vectors is not None)  # --stage none
+        return record.ok and bool(record.sha256) and stored and record.signature() == self.signature
+
+    def _present(self, record: Record) -> bool:
+        """The record's output file (if any) is whole and its vector row (with --vectors) is on disk."""
+        if record.output is not None and not self.outputs.whole(record):
+            return False
+        if self.vectors_present is not None:
+            return self.vectors_present(record)
+        return record.output is not None
 
     def is_done(self, source: Source, expected_output: str | None) -> bool:
         """The rule of the module docstring; ``expected_output`` None accepts any output (packs)."""
         if self.overwrite:
             return False
         seen = self._latest.get(source.name)
-        if seen is None or not seen.ok or seen.signature() != self.signature or seen.output is None:
+        if seen is None or not seen.ok or seen.signature() != self.signature:
             return False
         if expected_output is not None and seen.output != expected_output:
             return False
-        if not self.outputs.whole(seen):
+        if not self._present(seen):
             return False
         try:
             st = os.stat(source.path)

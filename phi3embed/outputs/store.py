@@ -16,19 +16,22 @@ input order (:class:`phi3embed.jobs.core.Writer` does that).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.files import FileWriter
 from phi3embed.outputs.manifest import ManifestLog, iter_manifest
 from phi3embed.outputs.packs import PackWriter
 from phi3embed.outputs.publish import OutputError, Publisher, output_failure
-from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, error_record
+from phi3embed.outputs.records import NO_STAGE, ImageFacts, OutputSettings, Record, error_record
 from phi3embed.outputs.resume import ResumeIndex
+from phi3embed.outputs.vectors import VECTORS_DIR, VectorOnlyWriter, VectorShards, require_pyarrow
 
 
 class EmbeddingWriter(Protocol):
@@ -61,6 +64,7 @@ class OutputStore:
         shard: tuple[int, int] | None = None,
         on_record: Callable[[Record], None] | None = None,
         fsync_interval: float = 2.0,
+        vector_rows: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.settings = settings
@@ -68,8 +72,11 @@ class OutputStore:
         self.shard = shard
         self.on_record = on_record
         self.fsync_interval = fsync_interval
+        self.vector_rows = vector_rows  # rows per vector shard (None: outputs.vectors.DEFAULT_SHARD_ROWS)
         self.recovered = 0  # records restored from pack metadata at open
         self.unreadable_lines = 0  # manifest lines that are not JSON records, skipped at open
+        self.vectors_moved = 0  # vector rows rewritten to agree with the manifest (outputs/vectors.py)
+        self._waiting_vectors: dict[str, dict[str, np.ndarray]] = {}  # name -> vectors, until its record commits
         self._build()
 
     def __enter__(self) -> OutputStore:
@@ -94,6 +101,8 @@ class OutputStore:
                 if missing:
                     self._append(missing)
                     self.recovered = len(missing)
+            if self.vectors is not None:
+                self.vectors_moved += self.vectors.reconcile(self.index.latest_records())
         except OSError as exc:
             raise output_failure(exc, self.root, "opening the output directory") from None
         return self
@@ -104,22 +113,42 @@ class OutputStore:
         self.publisher = Publisher(self.root, f"{shard[0]}of{shard[1]}" if shard else "all")
         real = self.publisher.real
         self.manifest = ManifestLog(real, sync_first=self.publisher.sync_folders, fsync_interval=self.fsync_interval)
-        self.index = ResumeIndex(real, s.signature(), overwrite=self.overwrite)
+        self.vectors = self._vector_shards()
+        present = self.vectors.present if self.vectors is not None and s.vectors else None
+        self.index = ResumeIndex(real, s.signature(), overwrite=self.overwrite, vectors_present=present)
         self.writer: EmbeddingWriter
-        if s.format == "pack":
+        if s.stage == NO_STAGE:
+            self.writer = VectorOnlyWriter(s)
+        elif s.format == "pack":
             self.writer = PackWriter(s, self.publisher, self._commit_pack, shard=shard)
         else:
             self.writer = FileWriter(s, self.publisher)
 
+    def _vector_shards(self) -> VectorShards | None:
+        """The vector shards of this run: with ``--vectors``; without, where DIR has vectors (their rows are
+        then made to agree with the records, which no longer name them once re-encoded)."""
+        if not self.settings.vectors:
+            if not (self.publisher.real / VECTORS_DIR).is_dir():
+                return None
+            try:
+                require_pyarrow()
+            except Phi3EmbedError:
+                return None
+        rows = {"rows": self.vector_rows} if self.vector_rows else {}
+        return VectorShards(self.settings, self.publisher, self._commit_pack, shard=self.shard, **rows)
+
     def close(self) -> None:
-        """Publish the last pack, sync the manifest, remove the temp area, release the lock. Every step is
-        taken even when one fails (a full disk refuses the last pack); then that failure is raised
-        (OutputError)."""
+        """Publish the last pack and vector shard, sync the manifest, remove the temp area, release the lock.
+        Every step is taken even when one fails (a full disk refuses the last pack); then that failure is
+        raised (OutputError)."""
         failure: OutputError | None = None
         try:
             if self.manifest.is_open:
                 try:
                     self.writer.flush()
+                    if self.vectors is not None:
+                        self.vectors.flush()
+                        self.vectors_moved += self.vectors.reconcile(self.index.latest_records())
                 except OutputError as exc:
                     failure = exc
                 try:
@@ -133,6 +162,8 @@ class OutputStore:
 
     def flush(self) -> None:
         self.writer.flush()
+        if self.vectors is not None:
+            self.vectors.flush()
         if self.manifest.is_open:
             self.manifest.sync()
 
@@ -149,33 +180,68 @@ class OutputStore:
         """Whether :meth:`write_file` applies (per-image formats), so that several files can be written at once."""
         return self.writer.concurrent
 
-    def write(self, source: Source, facts: ImageFacts, embeddings: torch.Tensor) -> Record:
+    def write(
+        self,
+        source: Source,
+        facts: ImageFacts,
+        embeddings: torch.Tensor | None,
+        vectors: Mapping[str, np.ndarray] | None = None,
+    ) -> Record:
         """Store one image's ``[T, D]`` embeddings (any device/dtype; converted to the stored dtype).
 
         Returns the record. Per-image formats append it at once; packed records are appended when their
         pack is written. A problem with this one output (e.g. its folder would leave DIR) gives an error
         record instead; a problem with DIR itself raises OutputError.
         """
-        record = self.writer.write(source, facts, self._host_tensor(embeddings))
-        return self.commit(record) if self.writer.concurrent else record
+        self._keep_vectors(source, vectors)
+        tensor = self._host_tensor(embeddings) if embeddings is not None else None
+        record = self.writer.write(source, facts, tensor)  # type: ignore[arg-type]  # None: --stage none
+        return self.commit(record) if self.writer.concurrent else self._commit_if_unheld(record)
+
+    def _keep_vectors(self, source: Source, vectors: Mapping[str, np.ndarray] | None) -> None:
+        """``source``'s vectors wait for its record's commit (which holds both until their shard is out)."""
+        if self.settings.vectors:
+            if vectors is None:
+                raise ValueError(f"{source.name}: this run writes vectors, and none came with the embeddings")
+            self._waiting_vectors[source.name] = dict(vectors)
+
+    def _commit_if_unheld(self, record: Record) -> Record:
+        """A record the embedding writer returned without committing it: packs commit theirs later; the
+        vector-only writer's is committed (held with its vectors) here."""
+        return self.commit(record) if isinstance(self.writer, VectorOnlyWriter) else record
 
     def write_duplicate(self, source: Source, facts: ImageFacts, first: str) -> Record:
         """Give ``source``, whose bytes are those of the image named ``first`` (committed before it, or
         waiting in the current pack), its record and output without encoding it
         (:meth:`EmbeddingWriter.write_duplicate`). When ``first`` has no usable output (it failed), ``source``
         gets an error record saying so: a rerun encodes both. Returns the record as :meth:`write` does."""
-        found = self.writer.pending(first) or self.index.latest(first)
-        usable = found is not None and found.ok and found.output and found.sha256 == facts.sha256
+        waiting = self.vectors.pending(first) if self.vectors is not None else None
+        found = self.writer.pending(first) or waiting or self.index.latest(first)
+        stored = found is not None and (found.output or self.settings.stage == NO_STAGE)
+        usable = found is not None and found.ok and stored and found.sha256 == facts.sha256
         if found is None or not usable or found.signature() != self.settings.signature():
             why = found.error if found is not None and found.error else "it has no output made with these settings"
             return self.write_error(source, f"{source.label}: same bytes as {first}, which failed: {why}", facts)
+        if self.settings.vectors:  # a duplicate's row repeats the first's vectors
+            assert self.vectors is not None
+            vectors = self.vectors.vectors_of(found)
+            if vectors is None:
+                return self.write_error(source, f"{source.label}: same bytes as {first}, whose vectors are gone", facts)
+            self._keep_vectors(source, vectors)
         record = self.writer.write_duplicate(source, facts, found)
-        return self.commit(record) if self.writer.concurrent else record
+        return self.commit(record) if self.writer.concurrent else self._commit_if_unheld(record)
 
-    def write_file(self, source: Source, facts: ImageFacts, embeddings: torch.Tensor) -> Record:
+    def write_file(
+        self,
+        source: Source,
+        facts: ImageFacts,
+        embeddings: torch.Tensor,
+        vectors: Mapping[str, np.ndarray] | None = None,
+    ) -> Record:
         """Per-image formats: write ``source``'s file durably into place and return its record, which is not
         in the manifest until :meth:`commit`. Several threads may call this at once."""
         assert self.writer.concurrent, "packs are written by write()"
+        self._keep_vectors(source, vectors)
         return self.writer.write(source, facts, self._host_tensor(embeddings))
 
     def write_error(self, source: Source, error: str, facts: ImageFacts | None = None) -> Record:
@@ -183,11 +249,25 @@ class OutputStore:
         return self.commit(error_record(self.settings, source, error, facts))
 
     def commit(self, record: Record) -> Record:
-        """Append one record to the manifest (one thread, in input order); returns it stamped."""
+        """Append one record to the manifest (one thread, in input order); returns it stamped. With
+        ``--vectors`` an ok record waits with its vectors for their shard instead (returned unstamped)."""
+        if self._hold(record):
+            return record
         return self._append([record])[0]
 
+    def _hold(self, record: Record) -> bool:
+        """Hand an ok record with vectors to the shards (True), which commit it once its row is published."""
+        vectors = self._waiting_vectors.pop(record.name, None)
+        if vectors is None or not record.ok or self.vectors is None:
+            return False
+        self.vectors.hold(record, vectors)
+        return True
+
     def _commit_pack(self, records: Sequence[Record]) -> None:
-        self._append(records)
+        """Append a published pack's (or vector shard's) records and sync."""
+        rest = [r for r in records if r.vectors is not None or not self._hold(r)]
+        if rest:
+            self._append(rest)
         self._sync()
 
     def _append(self, records: Sequence[Record]) -> list[Record]:
