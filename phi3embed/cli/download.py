@@ -13,10 +13,12 @@ from typing import Annotated
 
 import typer
 
-from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, AsJson, Revision, guard, human_bytes
+from phi3embed.cli.errors import one_line_errors
+from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, AsJson, Revision, human_bytes
 from phi3embed.errors import CheckpointError
 
 
+@one_line_errors
 def download_command(
     model: Annotated[
         str,
@@ -39,13 +41,10 @@ def download_command(
     from phi3embed.core import hub
     from phi3embed.core.checkpoint import _locate
 
-    def fetch() -> hub.HubModel:
-        found = _locate(model)
-        if not isinstance(found, str):
-            raise CheckpointError("a local checkpoint folder needs no download; pass it as --model", path=found)
-        return hub.locate(found, revision=revision, vision=True, text=text_embeddings)
-
-    got = guard(fetch)
+    found = _locate(model)
+    if not isinstance(found, str):
+        raise CheckpointError("a local checkpoint folder needs no download; pass it as --model", path=found)
+    got = hub.locate(found, revision=revision, vision=True, text=text_embeddings)
     plan = got.plan
     doc = {
         "model": got.repo_id,
