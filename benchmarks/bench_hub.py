@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks")]
 
 import make_checkpoint  # noqa: E402
-from hubserver import FakeHub  # noqa: E402
+from hubserver import FakeHub, huggingface_hub_settings  # noqa: E402
 from report import save_json  # noqa: E402
 
 REPO_ID = "bench/phi3v-128k-layout"
@@ -63,18 +63,14 @@ def main() -> None:
         root = Path(tmp)
         sizes = write_layout(root / "repo")
         os.environ["PHI3EMBED_CACHE"] = str(root / "cache")
-        import huggingface_hub.constants as c
-
-        c.HF_HUB_CACHE = str(root / "hf")
-        c.HF_HUB_DISABLE_TELEMETRY = True
         from phi3embed.core.checkpoint import read_safetensors_header, resolve
         from phi3embed.core.info import model_info
 
         header = read_safetensors_header(root / "repo" / "model-00001-of-00002.safetensors")
         vision = sum(i.nbytes for k, i in header.items() if k.startswith("model.vision_embed_tokens."))
         with FakeHub({REPO_ID: {COMMIT: root / "repo"}}, {REPO_ID: {"main": COMMIT}}) as hub:
-            c.ENDPOINT = hub.url
-            c.HUGGINGFACE_CO_URL_TEMPLATE = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+            for module, name, value in huggingface_hub_settings(hub.url, hf_cache=str(root / "hf")):
+                setattr(module, name, value)
             info = model_info(REPO_ID)
             hub.reset_counts()
             start = time.perf_counter()

@@ -31,6 +31,25 @@ _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>
 _DTYPE_NAMES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
+def huggingface_hub_settings(endpoint: str, *, hf_cache: str, offline: bool = False) -> list[tuple[Any, str, Any]]:
+    """``(module, name, value)`` to set so that huggingface_hub talks to ``endpoint`` as if ``HF_ENDPOINT``,
+    ``HF_HOME`` and ``HF_HUB_OFFLINE`` had been set before it was imported: its ``constants``, and the copies
+    of them that huggingface_hub 0.x binds into ``file_download`` at import (1.x and 2.x read the constants)."""
+    import huggingface_hub.constants as constants
+    import huggingface_hub.file_download as file_download
+
+    values = {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_OFFLINE": offline,
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "HF_HUB_CACHE": hf_cache,
+    }
+    out = [(constants, name, value) for name, value in values.items()]
+    out += [(file_download, name, value) for name, value in values.items() if hasattr(file_download, name)]
+    return out
+
+
 class FakeHub:
     """``repos``: repo id -> {commit sha -> folder}; ``refs``: repo id -> {branch or tag -> commit sha}."""
 

@@ -28,13 +28,13 @@ import phi3embed
 from phi3embed import Phi3VisionEmbedder
 from phi3embed.cli.app import app
 from phi3embed.core.batching import HostResult
+from phi3embed.core.safetensors_io import read_metadata as read_safetensors_metadata
 from phi3embed.inputs.listing import Source, expand_inputs
 from phi3embed.jobs.core import EngineInfo, JobSummary, Result, run_job
 from phi3embed.jobs.dedup import Duplicate, Duplicates, Held
 from phi3embed.jobs.local import LocalEngine
 from phi3embed.jobs.prepare import Preparer
 from phi3embed.outputs.combine import check_outputs, write_combined
-from phi3embed.outputs.formats import read_safetensors_metadata
 from phi3embed.outputs.manifest import MANIFEST, iter_manifest, latest_records
 from phi3embed.outputs.packs import PACK_FORMAT
 from phi3embed.outputs.records import OutputSettings, Record

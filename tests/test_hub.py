@@ -18,7 +18,7 @@ import pytest
 import torch
 import typer
 from factory import make_checkpoint
-from hubserver import FakeHub, write_sharded_checkpoint
+from hubserver import FakeHub, huggingface_hub_settings, write_sharded_checkpoint
 from typer.testing import CliRunner
 
 from phi3embed import CheckpointError, Phi3VisionEmbedder, load_text_embeddings
@@ -46,13 +46,8 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _point_hf_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, tmp_path: Path, *, offline: bool = False) -> None:
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "ENDPOINT", endpoint)
-    monkeypatch.setattr(c, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", offline)
-    monkeypatch.setattr(c, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    for module, name, value in huggingface_hub_settings(endpoint, hf_cache=str(tmp_path / "hf-hub"), offline=offline):
+        monkeypatch.setattr(module, name, value)
     monkeypatch.setenv("PHI3EMBED_CACHE", str(tmp_path / "phi3embed-cache"))
     monkeypatch.delenv("PHI3EMBED_MODEL", raising=False)
 

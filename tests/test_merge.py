@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from phi3embed import Phi3VisionEmbedder, load_text_embeddings, merge_image_embeddings
-from phi3embed.core.checkpoint import TEXT_EMBED_KEY, resolve
+from phi3embed.core.checkpoint import resolve
+from phi3embed.core.layout import TEXT_EMBED_KEY
 from phi3embed.core.prompt import PlaceholderRun, placeholder_runs, read_text_embeddings
 from phi3embed.errors import CheckpointError, MergeError, Phi3EmbedError
 

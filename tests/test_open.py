@@ -237,4 +237,4 @@ def test_records_are_kept_in_a_few_columns(tmp_path: Path) -> None:
         + len(store._names.blob) / len(store)
         + store._names.offsets.nbytes / len(store)
     )
-    assert per_image < 120 and store._files == [("", ".npy")]  # one template for every path
+    assert per_image < 120 and [f[:2] for f in store._files] == [("", ".npy")]  # one template for every path

@@ -14,12 +14,12 @@ from conftest import TINY_128K
 
 from phi3embed import Phi3VisionEmbedder
 from phi3embed.core.config import VisionConfig
+from phi3embed.core.safetensors_io import read_metadata as read_safetensors_metadata
 from phi3embed.core.stages import STAGES, parse_stage, stage_shape
 from phi3embed.errors import ConfigError
 from phi3embed.inputs.listing import Source, expand_inputs
 from phi3embed.jobs.core import run_job
 from phi3embed.jobs.local import LocalEngine
-from phi3embed.outputs.formats import read_safetensors_metadata
 from phi3embed.outputs.manifest import MANIFEST, iter_manifest
 from phi3embed.outputs.records import OutputSettings, Record
 from phi3embed.outputs.store import OutputStore

@@ -60,6 +60,7 @@ def combine_command(
 
     from phi3embed.inputs.listing import expand_inputs
     from phi3embed.outputs.combine import check_outputs, write_combined
+    from phi3embed.outputs.names import readable_json
 
     sources = expand_inputs(inputs, exclude=[str(d) for d in dirs], image_column=image_column) if inputs else None
     report = check_outputs(dirs, sources)
@@ -78,7 +79,7 @@ def combine_command(
         "combined_manifest": str(out) if out is not None else None,
     }
     if as_json:
-        typer.echo(json.dumps(data, ensure_ascii=True))
+        typer.echo(json.dumps(readable_json(data), ensure_ascii=True))  # names that are not UTF-8: \xNN
     if not quiet:
         _render(Console(stderr=True), data, written)
     raise typer.Exit(OK if report.complete else FAILED)

@@ -39,12 +39,11 @@ def download_command(
 ) -> None:
     """Fetch only the vision tensors of a hub model into the phi3embed cache (for offline runs)."""
     from phi3embed.core import hub
-    from phi3embed.core.checkpoint import _locate
+    from phi3embed.core.checkpoint import locate
 
-    found = _locate(model)
-    if not isinstance(found, str):
-        raise CheckpointError("a local checkpoint folder needs no download; pass it as --model", path=found)
-    got = hub.locate(found, revision=revision, vision=True, text=text_embeddings)
+    got = locate(model, revision=revision, vision=True, text=text_embeddings)
+    if not isinstance(got, hub.HubModel):
+        raise CheckpointError("a local checkpoint folder needs no download; pass it as --model", path=got)
     plan = got.plan
     doc = {
         "model": got.repo_id,

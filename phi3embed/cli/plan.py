@@ -2,8 +2,10 @@
 
 The inputs are listed exactly as encode lists them (:func:`phi3embed.inputs.listing.expand_inputs`, then
 ``--shard``), each image reported by the name encode's manifest records. stdout carries the table or, with
-``--json``, one JSON document; messages go to stderr. Exit code 0 when every image can be planned, 1 when
-some cannot (they are reported, the others still planned), 2 on usage, input, model or config errors.
+``--json``, one JSON document; messages go to stderr. Names encode stores under another name (the file
+system or the format cannot hold them as they are) are listed with the output they get. Exit code 0 when
+every image can be planned, 1 when some cannot (they are reported, the others still planned), 2 on usage,
+input, model or config errors.
 """
 
 # No ``from __future__ import annotations``: Typer reads these annotations at runtime.
@@ -31,6 +33,7 @@ from phi3embed.cli.options import (
 )
 from phi3embed.cli.progress import skipped_special
 from phi3embed.inputs.listing import InputError, list_inputs, parse_shard, select_shard
+from phi3embed.outputs.names import printable, readable, readable_json
 
 if TYPE_CHECKING:  # the plan module imports torch: only the command that runs pays for it, not --help
     from phi3embed.jobs.plan import PlanResult
@@ -43,6 +46,17 @@ class Stage(str, Enum):
     hd = "hd"
     clip = "clip"
 
+
+class PlanFormat(str, Enum):
+    """What encode would write: ``--format npy`` / ``safetensors``, or ``--pack`` (pack)."""
+
+    npy = "npy"
+    safetensors = "safetensors"
+    pack = "pack"
+
+
+#: Renamed names listed in the table mode's note (``--json`` has them all).
+RENAMED_SHOWN = 10
 
 STAGE_HELP = (
     "What is stored: projected (the language model's image tokens, [T, D]), hd (the same tokens before the "
@@ -69,6 +83,14 @@ def plan_command(
         ),
     ] = None,
     image_column: ImageColumn = None,
+    output_format: Annotated[
+        PlanFormat,
+        typer.Option(
+            "--format",
+            help="The outputs encode would write (pack: --pack), for the names they get: a name the file system or "
+            "the format cannot hold as it is is stored under a shortened name with a hash.",
+        ),
+    ] = PlanFormat.npy,
     as_json: AsJson = False,
 ) -> None:
     """Predict crop grids, token counts, output sizes and GFLOP of encoding INPUT. Reads image headers only.
@@ -94,6 +116,7 @@ def plan_command(
         out_dtype=out_dtype.value,
         exif_transpose=exif_transpose,
         stage=stage.value,
+        output_format=output_format.value,
     )
     special = listing.special
     if special:  # pipes, sockets, devices in the folders: encode skips them too
@@ -102,14 +125,35 @@ def plan_command(
         doc = result.to_dict()
         doc["settings"] = {"model": label, **doc["settings"]}
         doc["totals"]["skipped_special"] = special
-        typer.echo(json.dumps(doc, indent=2))
+        typer.echo(json.dumps(readable_json(doc), indent=2))
         for row in result.rows:
             if row.error:
-                typer.echo(f"error: {row.error}", err=True)
+                typer.echo(f"error: {readable(row.error)}", err=True)
     else:
         _print_plan(result, label)
+    for line in renamed_lines(result, shown=None if as_json else RENAMED_SHOWN):
+        typer.echo(line, err=True)
     if result.totals.errors:
         raise typer.Exit(FAILED)
+
+
+def renamed_lines(result: "PlanResult", *, shown: int | None) -> list[str]:
+    """The note on names stored under another name: a count, then ``name (why) -> output`` lines."""
+    renamed = [r for r in result.rows if r.ok and r.renamed]
+    if not renamed:
+        return []
+    n = len(renamed)
+    many = n > 1
+    lines = [
+        f"note: {n} {'images get' if many else 'image gets'} another output name: the file system or the format "
+        f"cannot hold {'theirs' if many else 'its'} as it is (the manifest record keeps the name):"
+    ]
+    for row in renamed[:shown]:
+        stored = row.output if row.output is not None else f"pack key {printable(row.key or '')}"
+        lines.append(f"  {printable(row.name)} ({row.renamed}) -> {stored}")
+    if shown is not None and n > shown:
+        lines.append(f"  ... and {n - shown} more (plan --json lists all)")
+    return lines
 
 
 def _gflop(flops: int) -> str:
@@ -119,7 +163,7 @@ def _gflop(flops: int) -> str:
 def _print_plan(result: "PlanResult", label: str) -> None:
     console = Console(file=sys.stdout)
     if not console.is_terminal:  # a file or a pipe: wide enough that names are not folded
-        longest = max((len(r.name) for r in result.rows), default=0)
+        longest = max((len(printable(r.name)) for r in result.rows), default=0)
         console = Console(file=sys.stdout, width=max(console.width, longest + 72))
     console.print(
         Text(
@@ -140,7 +184,7 @@ def _print_plan(result: "PlanResult", label: str) -> None:
     for row in result.rows:
         if row.ok:
             table.add_row(
-                Text(row.name),
+                Text(printable(row.name)),
                 f"{row.width}x{row.height}",
                 f"{row.rows}x{row.cols}",
                 str(row.crops),
@@ -156,5 +200,6 @@ def _print_plan(result: "PlanResult", label: str) -> None:
         failed.add_column("reason", overflow="fold")
         for row in result.rows:
             if row.error:
-                failed.add_row(Text(row.name), Text(row.error.removeprefix(f"{row.path}: "), style="red"))
+                reason = readable(row.error.removeprefix(f"{row.path}: "))
+                failed.add_row(Text(printable(row.name)), Text(reason, style="red"))
         console.print(failed)

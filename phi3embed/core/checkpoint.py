@@ -6,22 +6,19 @@ A checkpoint is a directory in Hugging Face layout (``config.json``, optional ``
 of only the needed tensors' bytes; ``HF_HUB_OFFLINE=1`` respected). :func:`resolve` indexes the vision
 tensors; :func:`resolve_configs` stops at the config files (``plan``, ``preview``: no weights at all).
 
-``model.vision_embed_tokens.wte.weight``, which a fine-tune re-saved from the official class can carry, is
-an alias of the text table ``model.embed_tokens.weight`` (the official module registers the table as its
-submodule ``wte``): it is not a vision tensor, never read for encoding, and the text table when the real
-key is absent (:func:`select_keys`).
+Which tensors are read is :mod:`phi3embed.core.layout`'s (the vision tensors, never the ``wte`` alias of the
+text table). :func:`locate` is the one place a model source (folder, preset name, hub id) is turned into
+where its checkpoint lies; ``resolve``, ``info`` and ``download`` all go through it.
 
-safetensors files are read with our own header parser and positioned reads: language-model tensors are
-never read, mapped or materialised, so a 4.2B-parameter checkpoint costs only its ~0.3B vision parameters.
+safetensors headers are parsed by :mod:`phi3embed.core.safetensors_io` and tensors read by positioned reads:
+language-model tensors are never read, mapped or materialised, so a 4.2B-parameter checkpoint costs only its
+~0.3B vision parameters.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,42 +26,13 @@ from typing import Any
 
 import torch
 
+from phi3embed.core import hub
 from phi3embed.core.config import PreprocessConfig, VisionConfig, find_preset, parse_configs, read_json
+from phi3embed.core.layout import INDEX_FILE, SINGLE_FILE, VISION_PREFIX, is_vision_key, select_keys
+from phi3embed.core.safetensors_io import SafetensorsFormatError, TensorInfo, read_header
 from phi3embed.errors import CheckpointError, ConfigError
 
-VISION_PREFIX = "model.vision_embed_tokens."
 CLIP_PREFIX = VISION_PREFIX + "img_processor.vision_model."
-TEXT_EMBED_KEY = "model.embed_tokens.weight"
-TIED_TEXT_ALIAS = VISION_PREFIX + "wte.weight"  # the same table, saved under the vision module's name
-CONFIG_FILES = ("config.json", "preprocessor_config.json")
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
 
 
 @dataclass
@@ -81,6 +49,7 @@ class Checkpoint:
     bytes_read: int = 0  # tensor payload bytes read so far (tests and `info` use it)
     commit: str | None = None  # of a hub id
     location: str = "local directory"  # or "hub cache" (Hugging Face's), "phi3embed cache", "hub" (not fetched)
+    plan: hub.FetchPlan | None = field(default=None, repr=False)  # what was (or, "hub", would be) fetched
 
     def vision_keys(self) -> list[str]:
         return sorted(k for k in self.tensors if is_vision_key(k))
@@ -125,14 +94,7 @@ class Checkpoint:
             with fh:
                 for key in file_keys:
                     info = self.tensors[key]
-                    stored = _DTYPES[info.dtype]
-                    need = math.prod(info.shape) * stored.itemsize
-                    if need != info.nbytes:
-                        raise CheckpointError(
-                            f"tensor {key} has {info.nbytes} bytes, its shape {list(info.shape)} and dtype "
-                            f"{info.dtype} need {need}",
-                            path=path,
-                        )
+                    stored = info.torch_dtype  # the header parser checked that shape and dtype fill nbytes
                     target = dtype if dtype is not None and stored.is_floating_point else stored
                     # Read into the final tensor when nothing is to be done to it, else into the scratch.
                     dest = torch.empty(info.shape, dtype=stored) if device.type == "cpu" and target == stored else None
@@ -160,57 +122,13 @@ class Checkpoint:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header: the 8-byte little-endian length, then JSON. Never reads tensor data."""
+    """The tensors of a local weight file's safetensors header (never reads tensor data)."""
     try:
-        with open(path, "rb") as fh:
-            raw_len = fh.read(8)
-            if len(raw_len) != 8:
-                raise CheckpointError("not a safetensors file (shorter than 8 bytes)", path=path)
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > 100 * 1024 * 1024:
-                raise CheckpointError(f"not a safetensors file (header length {n})", path=path)
-            header_bytes = fh.read(n)
+        return read_header(path).tensors
+    except SafetensorsFormatError as exc:
+        raise CheckpointError(exc.reason, path=path) from None
     except OSError as exc:
         raise CheckpointError(f"cannot read weights: {exc.strerror or exc}", path=path) from None
-    if len(header_bytes) != n:
-        raise CheckpointError("safetensors header is truncated", path=path)
-    return parse_safetensors_header(header_bytes, base=8 + n, file=path, where=path)
-
-
-def parse_safetensors_header(header_bytes: bytes, *, base: int, file: Path, where: str | Path) -> dict[str, TensorInfo]:
-    """The tensors of a safetensors JSON header whose data starts at byte ``base`` of ``file``."""
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError("safetensors header is not valid JSON", path=where) from None
-    if not isinstance(header, dict):
-        raise CheckpointError("safetensors header is not a JSON object", path=where)
-    out: dict[str, TensorInfo] = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = meta["dtype"]
-            shape = tuple(int(d) for d in meta["shape"])
-            start, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"safetensors entry {key} is malformed", path=where) from None
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"tensor {key} has unsupported dtype {dtype}", path=where)
-        out[key] = TensorInfo(file=file, dtype=dtype, shape=shape, start=base + start, end=base + end)
-    return out
-
-
-def select_keys(keys: Iterable[str], *, vision: bool, text: bool) -> set[str]:
-    """The keys to read among a checkpoint's ``keys``: the vision tensors (never the ``wte`` alias) and/or the
-    text table (``model.embed_tokens.weight``, else its alias ``model.vision_embed_tokens.wte.weight``)."""
-    present = set(keys)
-    chosen = {k for k in present if is_vision_key(k)} if vision else set()
-    if text:
-        table = TEXT_EMBED_KEY if TEXT_EMBED_KEY in present else TIED_TEXT_ALIAS
-        if table in present:
-            chosen.add(table)
-    return chosen
 
 
 def _weight_map(root: Path) -> dict[str, str] | None:
@@ -266,12 +184,26 @@ def _index_local(root: Path, select: Callable[[Iterable[str]], set[str]]) -> tup
     return files, {k: v for k, v in tensors.items() if k in chosen}
 
 
-def is_vision_key(key: str) -> bool:
-    """A tensor of the vision module (the ``wte`` alias of the text table is not one)."""
-    return key.startswith(VISION_PREFIX) and key != TIED_TEXT_ALIAS
+def locate(
+    source: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    vision: bool = True,
+    text: bool = False,
+    cache_dir: str | None = None,
+    fetch: bool = True,
+) -> Path | hub.HubModel:
+    """Where the checkpoint ``source`` names lies: a local folder, or a hub model (a hub id, or a preset name
+    standing for its hub id) at ``revision``, found by :func:`phi3embed.core.hub.locate` in the Hugging Face
+    cache or the phi3embed cache, else fetched (only the wanted tensors' bytes) or, with ``fetch=False``, only
+    planned. ``cache_dir`` is the Hugging Face cache to use (default: huggingface_hub's)."""
+    found = _folder_or_hub_id(os.fspath(source))
+    if isinstance(found, Path):
+        return found
+    return hub.locate(found, revision=revision, vision=vision, text=text, cache_dir=cache_dir, fetch=fetch)
 
 
-def _locate(text: str) -> Path | str:
+def _folder_or_hub_id(text: str) -> Path | str:
     """A checkpoint directory, or the hub id to fetch (a preset name stands for its hub id)."""
     path = Path(text).expanduser()
     if path.is_dir():
@@ -292,29 +224,47 @@ def resolve(
     with_text_embeddings: bool = False,
     with_vision: bool = True,
     cache_dir: str | None = None,
+    fetch: bool = True,
 ) -> Checkpoint:
-    """Find a checkpoint (local dir, preset name, or hub id) and index its vision tensors (``with_vision``)
-    and/or its token-embedding table (``with_text_embeddings``).
+    """Find a checkpoint (:func:`locate`) and index its vision tensors (``with_vision``) and/or its
+    token-embedding table (``with_text_embeddings``).
 
-    A hub id is found by :func:`phi3embed.core.hub.locate` at ``revision`` (branch, tag or commit): the
-    Hugging Face cache, the phi3embed cache, or a fetch of only the wanted tensors' bytes into the latter.
-    ``cache_dir`` is the Hugging Face cache to use (default: huggingface_hub's).
+    With ``fetch=False`` a hub model that is in no cache is not fetched: its tensors are indexed from the
+    weight files' headers (read by range requests), ``location`` is ``"hub"``, ``plan`` says what a fetch
+    would read, and the tensors cannot be read (``info``).
     """
 
     def select(keys: Iterable[str]) -> set[str]:
         return select_keys(keys, vision=with_vision, text=with_text_embeddings)
 
     text = os.fspath(source)
-    found = _locate(text)
-    commit, location = None, "local directory"
+    found = locate(
+        text, revision=revision, vision=with_vision, text=with_text_embeddings, cache_dir=cache_dir, fetch=fetch
+    )
     if isinstance(found, Path):
-        roots = [found]
-    else:
-        from phi3embed.core import hub
+        return open_checkpoint(text, [found], select)
+    if found.roots:
+        return open_checkpoint(text, found.roots, select, commit=found.commit, location=found.location, plan=found.plan)
+    plan = found.plan
+    assert plan is not None  # not cached and not fetched: the plan is what is known
+    config, preprocessor = _read_configs(found.config_dir)
+    return Checkpoint(
+        source=text,
+        root=found.config_dir,
+        config=config,
+        preprocessor_config=preprocessor,
+        weight_files=[Path(f.name) for f in plan.files],
+        tensors={k: info for f in plan.files for k, info in f.tensors.items() if k in select(f.tensors)},
+        from_hub=True,
+        commit=found.commit,
+        location=found.location,
+        plan=plan,
+    )
 
-        model = hub.locate(found, revision=revision, vision=with_vision, text=with_text_embeddings, cache_dir=cache_dir)
-        roots, commit, location = model.roots, model.commit, model.location
-    return open_checkpoint(text, roots, select, commit=commit, location=location)
+
+def _read_configs(root: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    pre_path = root / "preprocessor_config.json"
+    return read_json(root / "config.json"), read_json(pre_path) if pre_path.exists() else None
 
 
 def open_checkpoint(
@@ -324,12 +274,11 @@ def open_checkpoint(
     *,
     commit: str | None = None,
     location: str = "local directory",
+    plan: hub.FetchPlan | None = None,
 ) -> Checkpoint:
     """Index the selected tensors of checkpoint folders (one, or a vision and a text cache entry)."""
     root = roots[0]
-    config = read_json(root / "config.json")
-    pre_path = root / "preprocessor_config.json"
-    preprocessor = read_json(pre_path) if pre_path.exists() else None
+    config, preprocessor = _read_configs(root)
     files: list[Path] = []
     tensors: dict[str, TensorInfo] = {}
     for part_root in roots:
@@ -346,6 +295,7 @@ def open_checkpoint(
         from_hub=commit is not None,
         commit=commit,
         location=location,
+        plan=plan,
     )
 
 
@@ -358,19 +308,13 @@ def resolve_configs(
     default revision) uses the configs shipped with the preset, which are copies of the hub's: no network.
     """
     text = os.fspath(source)
-    found = _locate(text)
+    found = _folder_or_hub_id(text)
     preset = find_preset(text) if isinstance(found, str) and revision is None else None
     if preset is not None:
         return parse_configs(preset.config, preset.preprocessor_config, where=f"preset {preset.name}")
-    if isinstance(found, Path):
-        root = found
-    else:
-        from phi3embed.core import hub
-
-        root = hub.locate_configs(found, revision=revision, cache_dir=cache_dir)
-    pre_path = root / "preprocessor_config.json"
-    preprocessor = read_json(pre_path) if pre_path.exists() else None
-    return parse_configs(read_json(root / "config.json"), preprocessor, where=str(root / "config.json"))
+    root = found if isinstance(found, Path) else hub.locate_configs(found, revision=revision, cache_dir=cache_dir)
+    config, preprocessor = _read_configs(root)
+    return parse_configs(config, preprocessor, where=str(root / "config.json"))
 
 
 # --------------------------------------------------------------------------- key mapping

@@ -1,8 +1,8 @@
 """Describe a checkpoint without reading its tensors (``phi3embed info``).
 
 The checkpoint is found as encode finds it (:func:`phi3embed.core.checkpoint.resolve`), except that a hub id
-that is not cached is never fetched: its weight files' headers are read by range requests, and the report
-says what encode would fetch. Everything reported comes from config files and safetensors headers, so
+that is not cached is never fetched (``fetch=False``): its weight files' headers are read by range requests,
+and the report says what encode would fetch. Everything reported comes from config files and safetensors headers, so
 ``ModelInfo.bytes_read`` is 0.
 """
 
@@ -14,15 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from phi3embed.core.checkpoint import (
-    Checkpoint,
-    _locate,
-    check_vision_tensors,
-    is_vision_key,
-    module_to_checkpoint_key,
-    open_checkpoint,
-    select_keys,
-)
+from phi3embed.core.checkpoint import Checkpoint, check_vision_tensors, module_to_checkpoint_key, resolve
 from phi3embed.core.config import ClipConfig, find_preset, parse_configs, presets
 from phi3embed.core.cost import crop_flops
 from phi3embed.errors import ConfigError, Phi3EmbedError
@@ -106,10 +98,11 @@ def model_info(
     Resolution is :func:`phi3embed.core.checkpoint.resolve`'s, but a hub id that is not cached is not
     fetched: its configs come through ``hf_hub_download`` and its weight files' headers by range requests.
     """
-    from phi3embed.core.model import Phi3VisionModel  # heavy import (transformers), only needed here
-
     text = os.fspath(source)
-    ckpt, fetch = _headers_only(text, revision)
+    ckpt = resolve(text, revision=revision, fetch=False)
+    fetch = ckpt.plan if ckpt.location == "hub" else None  # what encode would fetch first
+    from phi3embed.core.model import Phi3VisionModel  # heavy (transformers): after a model is found, not before
+
     vision, pre = parse_configs(ckpt.config, ckpt.preprocessor_config, where=str(ckpt.root / "config.json"))
     if num_crops is not None:
         if num_crops < 1:
@@ -138,8 +131,8 @@ def model_info(
     weight_files = [
         WeightFile(
             path=str(f),
-            size=fetch.sizes[f.name] if fetch is not None else f.stat().st_size,
-            bytes_to_fetch=fetch.bytes_by_file[f.name] if fetch is not None else 0,
+            size=fetch.file(f.name).size if fetch is not None else f.stat().st_size,
+            bytes_to_fetch=fetch.file_fetch_bytes(f.name) if fetch is not None else 0,
             vision_tensors=len(ks),
             vision_bytes=sum(ckpt.tensors[k].nbytes for k in ks),
             bytes_to_read=sum(ckpt.tensors[k].nbytes for k in ks if k in run_keys),
@@ -179,45 +172,3 @@ def model_info(
         bytes_read=ckpt.bytes_read,
         checkpoint=ckpt,
     )
-
-
-@dataclass(frozen=True)
-class _Fetch:
-    sizes: dict[str, int]  # weight file name -> size
-    bytes_by_file: dict[str, int]  # weight file name -> header and range bytes a fetch reads
-
-
-def _headers_only(source: str, revision: str | None) -> tuple[Checkpoint, _Fetch | None]:
-    """The checkpoint's vision tensors from headers only; for an uncached hub id, what fetching them reads."""
-
-    def select(keys: Any) -> set[str]:
-        return select_keys(keys, vision=True, text=False)
-
-    found = _locate(source)
-    if isinstance(found, Path):
-        return open_checkpoint(source, [found], select), None
-    from phi3embed.core import hub
-
-    model = hub.locate(found, revision=revision, fetch=False)
-    if model.roots:
-        return open_checkpoint(source, model.roots, select, commit=model.commit, location=model.location), None
-    plan = model.plan
-    assert plan is not None
-    tensors = {k: info for f in plan.files for k, info in f.tensors.items() if is_vision_key(k)}
-    config = hub.read_config_dir(model.config_dir)
-    ckpt = Checkpoint(
-        source=source,
-        root=model.config_dir,
-        config=config[0],
-        preprocessor_config=config[1],
-        weight_files=[Path(f.name) for f in plan.files],
-        tensors=tensors,
-        from_hub=True,
-        commit=model.commit,
-        location="hub",
-    )
-    by_file = {
-        f.name: hub.header_read_size(f) + sum(e - s for rs in plan.ranges.values() for s, e in rs.get(f.name, []))
-        for f in plan.files
-    }
-    return ckpt, _Fetch(sizes={f.name: f.size for f in plan.files}, bytes_by_file=by_file)

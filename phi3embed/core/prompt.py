@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phi3embed.core.checkpoint import TEXT_EMBED_KEY, TIED_TEXT_ALIAS, Checkpoint, resolve
+from phi3embed.core.checkpoint import Checkpoint, resolve
 from phi3embed.core.embedder import parse_dtype
+from phi3embed.core.layout import TEXT_EMBED_KEY, TIED_TEXT_ALIAS
 from phi3embed.errors import CheckpointError, MergeError
 
 MAX_INPUT_ID = 10**9  # ids in (-MAX_INPUT_ID, 0) are image placeholders

@@ -73,8 +73,8 @@ def safe_inner(inner: str) -> str | None:
     """A member path as a relative name (``./a//b.jpg`` -> ``a/b.jpg``), or None when it would lead out of
     the output directory (``..``, absolute) or names nothing."""
     parts = inner.split("/")
-    if inner.startswith("/") or ".." in parts or "\0" in inner:
-        return None
+    if inner.startswith("/") or ".." in parts:
+        return None  # (names the file system cannot hold, e.g. with a NUL byte, get a storable output name)
     kept = [p for p in parts if p not in ("", ".")]
     return "/".join(kept) or None
 
@@ -228,10 +228,7 @@ def _list_parquet(fh: Any, name: str, *, image_column: str | None) -> list[tuple
         for group in range(pf.metadata.num_row_groups):
             count = pf.metadata.row_group(group).num_rows
             keys = (
-                [
-                    str(k) if k is not None else None
-                    for k in pf.read_row_group(group, columns=[key_column])[0].to_pylist()
-                ]
+                [_key_text(k) for k in pf.read_row_group(group, columns=[key_column])[0].to_pylist()]
                 if key_column
                 else [None] * count
             )
@@ -249,6 +246,14 @@ def _list_parquet(fh: Any, name: str, *, image_column: str | None) -> list[tuple
             raise
         return [(name, Member(name, 0, "", error=f"not a readable parquet file ({_one_line(exc)})"))]
     return found
+
+
+def _key_text(key: Any) -> str | None:
+    """A parquet key cell as a name: text as it is, a binary key's bytes decoded as ``os`` functions decode a
+    file name (UTF-8; bytes that are not UTF-8 kept exactly, as lone surrogates), numbers and others by ``str``."""
+    if key is None:
+        return None
+    return bytes(key).decode("utf-8", "surrogateescape") if isinstance(key, (bytes, bytearray)) else str(key)
 
 
 def _one_line(exc: BaseException) -> str:

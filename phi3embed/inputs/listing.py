@@ -42,7 +42,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.archives import Member, archive_kind, list_archive, member_label
@@ -313,10 +313,12 @@ def _display(path: str, cwd: str) -> str:
     return absolute
 
 
-def read_path_list(stream: TextIO) -> list[str]:
+def read_path_list(stream: TextIO | BinaryIO) -> list[str]:
     """Newline-separated paths (as ``find`` prints them); blank lines are ignored, nothing is stripped
-    except the line ending, so names with leading or trailing spaces survive."""
-    return [line.rstrip("\r\n") for line in stream if line.rstrip("\r\n")]
+    except the line ending, so names with leading or trailing spaces survive. From a binary stream, paths
+    that are not UTF-8 are decoded as ``os`` functions decode them (``os.fsdecode``)."""
+    lines = (os.fsdecode(line) if isinstance(line, bytes) else line for line in stream)
+    return [line.rstrip("\r\n") for line in lines if line.rstrip("\r\n")]
 
 
 def list_inputs(
@@ -339,7 +341,7 @@ def list_inputs(
     found: list[Source] = []
     for arg in inputs:
         if arg == "-":
-            for line in read_path_list(stdin if stdin is not None else sys.stdin):
+            for line in read_path_list(stdin if stdin is not None else sys.stdin.buffer):
                 found.extend(_file(line, _name_of_file(line, base), "", base, image_column))
         else:
             literal = os.path.lexists(os.path.join(base, arg))  # a file really named "{a,b}.jpg" is that file

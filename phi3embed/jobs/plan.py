@@ -4,7 +4,9 @@
 ``select_shard``), reads only image *headers* (:func:`phi3embed.core.preprocess.read_image_size`, the same
 checks as encode's opening) and computes the geometry as encode does
 (:func:`phi3embed.core.preprocess.image_geometry` under the checkpoint's configs). So every name it reports is
-a name encode's manifest records, with the token count encode writes.
+a name encode's manifest records, with the token count encode writes, and the output (or pack key) encode
+stores it under: a name the file system or a format cannot hold as it is (too long, not UTF-8, control
+characters) gets the storable form of :mod:`phi3embed.outputs.names`, and its row says why.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from phi3embed.core.stages import DEFAULT_STAGE, STAGES, Stage, stage_shape
 from phi3embed.errors import ConfigError, ImageError
 from phi3embed.inputs.archives import read_member
 from phi3embed.inputs.listing import Source
+from phi3embed.outputs.names import output_path, pack_key, text_fields, unstorable_reason
 
 #: The shape of each stage's output, in words (filled with the model's widths).
 STAGE_SHAPES_IN_WORDS = {"projected": "[tokens, {D}]", "hd": "[tokens, {C4}]", "clip": "[crops, {P}, {C}]"}
@@ -48,6 +51,9 @@ class PlanRow:
     error: str | None = None
     shape: tuple[int, ...] | None = None  # of the chosen stage's output
     stage_bytes: dict[str, int] | None = None  # array payload of every stage (phi3embed.core.stages)
+    output: str | None = None  # the per-image output encode writes, relative to DIR (None with packs)
+    key: str | None = None  # the tensor key in a pack file (packs only)
+    renamed: str | None = None  # why the name is not stored as it is (see phi3embed.outputs.names)
 
     @property
     def ok(self) -> bool:
@@ -59,9 +65,13 @@ class PlanRow:
         return None if self.rows is None or self.cols is None else 1 + self.rows * self.cols
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The row as JSON (valid UTF-8: a name that is not has its exact bytes in ``raw``, as in the manifest)."""
+        row = {
             "name": self.name,
             "path": self.path,
+            "output": self.output,
+            "key": self.key,
+            "renamed": self.renamed,
             "status": "ok" if self.ok else "error",
             "error": self.error,
             "width": self.width,
@@ -75,6 +85,7 @@ class PlanRow:
             "bytes_by_stage": self.stage_bytes,
             "gflop": None if self.flops is None else round(self.flops / 1e9, 3),
         }
+        return text_fields(row)
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,7 @@ class PlanTotals:
     images: int
     ok: int
     errors: int
+    renamed: int  # images stored under another name than their own (PlanRow.renamed)
     crops: int
     num_tokens: int
     bytes: int
@@ -153,14 +165,20 @@ def _plan_row(
     itemsize: int,
     exif_transpose: bool,
     stage: Stage = DEFAULT_STAGE,
+    output_format: str = "npy",
 ) -> PlanRow:
     """One source's row: its header read, its geometry computed; an ImageError becomes the row's error."""
+    if output_format == "pack":
+        stored: dict[str, Any] = {"key": pack_key(source.name), "renamed": unstorable_reason(source.name, None)}
+    else:
+        suffix = f".{output_format}"
+        stored = {"output": output_path(source.name, suffix), "renamed": unstorable_reason(source.name, suffix)}
     try:
         width, height = _image_size(source, exif_transpose=exif_transpose)
         grid, tokens = image_geometry(width=width, height=height, cfg=preprocess)
     except ImageError as exc:
         error = str(exc) if exc.path else f"{source.path}: {exc.reason}"
-        return PlanRow(name=source.name, path=source.path, error=error)
+        return PlanRow(name=source.name, path=source.path, error=error, **stored)
     shapes = {st: stage_shape(st, rows=grid.rows, cols=grid.cols, cfg=vision) for st in STAGES}
     sizes: dict[str, int] = {st: math.prod(shape) * itemsize for st, shape in shapes.items()}
     return PlanRow(
@@ -176,6 +194,7 @@ def _plan_row(
         flops=image_flops(vision, rows=grid.rows, cols=grid.cols),
         shape=shapes[stage],
         stage_bytes=sizes,
+        **stored,
     )
 
 
@@ -187,12 +206,14 @@ def plan(
     out_dtype: str = "float32",
     exif_transpose: bool = False,
     stage: Stage = DEFAULT_STAGE,
+    output_format: str = "npy",
 ) -> PlanResult:
     """Predict, per source, what encoding it would produce and cost; read headers only.
 
     ``vision`` and ``preprocess`` are the checkpoint's configs (``preprocess.num_crops`` already the one
     encode would use): crop and patch size, layers run, projection and output width. Unreadable or
-    untileable images become rows with ``error`` set.
+    untileable images become rows with ``error`` set. ``output_format`` (``npy``, ``safetensors``, ``pack``)
+    decides the outputs (and pack keys) the rows name.
     """
     if preprocess.crop_size != vision.clip.image_size or preprocess.patch_size != vision.clip.patch_size:
         raise ConfigError(
@@ -204,7 +225,13 @@ def plan(
     itemsize = OUT_DTYPE_ITEMSIZE[out_dtype]
     rows = [
         _plan_row(
-            s, vision=vision, preprocess=preprocess, itemsize=itemsize, exif_transpose=exif_transpose, stage=stage
+            s,
+            vision=vision,
+            preprocess=preprocess,
+            itemsize=itemsize,
+            exif_transpose=exif_transpose,
+            stage=stage,
+            output_format=output_format,
         )
         for s in sources
     ]
@@ -213,6 +240,7 @@ def plan(
         images=len(rows),
         ok=len(good),
         errors=len(rows) - len(good),
+        renamed=sum(r.renamed is not None for r in good),
         crops=sum(r.crops or 0 for r in good),
         num_tokens=sum(r.num_tokens or 0 for r in good),
         bytes=sum(r.bytes or 0 for r in good),

@@ -3,7 +3,8 @@
 :func:`open_outputs` reads the manifest once and keeps, per image whose latest record is ``ok``, only what it
 takes to find its tensor: the name (all names in one sorted byte blob, looked up by bisection), the
 manifest line's offset (:meth:`EmbeddingStore.record` reads it again when asked) and small codes for the
-output file and the tensor key (per-image outputs are ``<prefix><name><suffix>``, so no path is stored per
+output file and the tensor key (per-image outputs are ``<prefix><name><suffix>``, or ``<prefix>`` and the
+storable form of the name (:func:`phi3embed.outputs.names.output_path`), so no path is stored per
 image). That is a few dozen bytes per image and no Python object per image, so a million-image store opens
 in seconds, stays small, and DataLoader workers forked from it do not copy it page by page (reference
 counts of per-image objects would).
@@ -38,21 +39,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from phi3embed.core.safetensors_io import SafetensorsFormatError, read_header_with
 from phi3embed.errors import Phi3EmbedError
+from phi3embed.outputs.formats import OUTPUT_DTYPES
 from phi3embed.outputs.manifest import MANIFEST, iter_manifest_lines
-from phi3embed.outputs.records import Record
+from phi3embed.outputs.names import exact_bytes, from_bytes, output_path
+from phi3embed.outputs.records import Record, exact_field
 
 MAX_NDIM = 4  # stored tensors have 2 (projected, hd) or 3 (clip) dimensions
-_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _NPY_DTYPES = {np.dtype("<f4"): torch.float32, np.dtype("<f2"): torch.float16}
 _NO_KEY, _KEY_IS_NAME = -1, -2  # key codes besides indices into the interned keys
 _OPEN_FILES = 64  # descriptors kept open per process (pack files are read again and again)
 
 
 class _SortedNames(Sequence[bytes]):
-    """The UTF-8 names in one blob with offsets, sorted: a sequence :mod:`bisect` can search (UTF-8 byte
-    order is code point order, which is Python's string order)."""
+    """The names' exact bytes (:func:`phi3embed.outputs.names.exact_bytes`) in one blob with offsets, sorted by
+    those bytes: a sequence :mod:`bisect` can search."""
 
     def __init__(self, blob: bytes, offsets: np.ndarray) -> None:
         self.blob, self.offsets = blob, offsets
@@ -65,13 +67,17 @@ class _SortedNames(Sequence[bytes]):
 
     def find(self, name: str) -> int | None:
         """The position of ``name``, or None."""
-        key = name.encode()
+        key = exact_bytes(name)
         i = bisect.bisect_left(self, key)
         return i if i < len(self) and self[i] == key else None
 
 
 class EmbeddingStore(Mapping[str, torch.Tensor]):
     """A read-only mapping ``name -> tensor`` over one output folder's latest ``ok`` records.
+
+    A name is the image's name as encode listed it: for a file name that is not UTF-8, the ``str`` Python's
+    ``os`` functions give (``os.fsdecode``: ``os.listdir`` and ``os.path.relpath`` return it); its bytes
+    (``b"caf\\xe9.png"``) are accepted too. Iteration gives the ``str`` form.
 
     ``len``, ``in`` and iteration (names in sorted order) never touch the output files. ``store[name]``
     reads one tensor (float32 / float16 as stored in npy, bfloat16 kept as bfloat16 from safetensors);
@@ -91,10 +97,10 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         index: dict[str, int] = {}  # name -> row, while reading (dropped after sorting)
         line_off, out_id, key_id = array("q"), array("i"), array("i")
         failed: dict[str, int] = {}  # name -> line offset of its latest (error) record
-        files: dict[tuple[str, str | None], int] = {}  # (prefix, suffix) or (literal path, None) -> id
+        files: dict[_Template, int] = {}  # how outputs are found from names (_file_template) -> id
         keys: dict[str, int] = {}
         for offset, data in iter_manifest_lines(self.manifest):
-            name = data["name"]
+            name = exact_field(data, "name")
             if data.get("status") != "ok":
                 failed[name] = offset
                 continue
@@ -105,7 +111,7 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
                 out_id.append(-1)
                 key_id.append(_NO_KEY)
             line_off[row] = offset
-            output, key = data.get("output"), data.get("key")
+            output, key = exact_field(data, "output"), exact_field(data, "key")
             out_id[row] = files.setdefault(_file_template(name, output), len(files)) if isinstance(output, str) else -1
             key_id[row] = (
                 _NO_KEY
@@ -116,14 +122,13 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
             )
         for name in failed:  # an ok record followed by an error: the image is failed now
             index.pop(name, None)
-        ordered = sorted(index)
-        rows = np.fromiter((index[n] for n in ordered), dtype=np.int64, count=len(ordered))
+        encoded = sorted(exact_bytes(n) for n in index)
+        rows = np.fromiter((index[from_bytes(b)] for b in encoded), dtype=np.int64, count=len(encoded))
         del index
-        encoded = [n.encode() for n in ordered]
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in encoded], out=offsets[1:])
         self._names = _SortedNames(b"".join(encoded), offsets)
-        del encoded, ordered
+        del encoded
         self._line_off = np.frombuffer(line_off, dtype=np.int64)[rows].copy()
         self._out_id = np.frombuffer(out_id, dtype=np.int32)[rows].copy()
         self._key_id = np.frombuffer(key_id, dtype=np.int32)[rows].copy()
@@ -162,19 +167,21 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
 
     def __iter__(self) -> Iterator[str]:
         for i in range(len(self._names)):
-            yield self._names[i].decode()
+            yield from_bytes(self._names[i])
 
     def __contains__(self, name: object) -> bool:
+        name = from_bytes(name) if isinstance(name, bytes) else name
         return isinstance(name, str) and self._names.find(name) is not None
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str | bytes) -> torch.Tensor:
         return self.tensor_at(self.index(name))
 
     def __repr__(self) -> str:
         return f"<EmbeddingStore {str(self.root)!r}: {len(self)} images, {len(self._failed)} failed>"
 
-    def index(self, name: str) -> int:
+    def index(self, name: str | bytes) -> int:
         """The position of ``name`` in sorted order; KeyError when it has no ``ok`` latest record."""
+        name = from_bytes(name) if isinstance(name, bytes) else name
         i = self._names.find(name) if isinstance(name, str) else None
         if i is None:
             why = "its latest record is an error" if name in self._failed else "not in the manifest"
@@ -183,7 +190,7 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
 
     def name_at(self, i: int) -> str:
         """The ``i``-th name in sorted order."""
-        return self._names[i].decode()
+        return from_bytes(self._names[i])
 
     def tensor_at(self, i: int) -> torch.Tensor:
         """The tensor of the ``i``-th name in sorted order (what a Dataset indexes)."""
@@ -193,11 +200,11 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         if self._loc_off[i] < 0:
             # a per-image file is read whole, header included, in one call (one trip to the disk, as the
             # raw read of its tensor would take); a pack's header once, then only the tensors asked for
-            if self._out_id[i] >= 0 and self._files[self._out_id[i]][1] is not None:
+            if self._out_id[i] >= 0 and self._files[self._out_id[i]][2] != _LITERAL:
                 whole = self._read_whole(i)
             self._locate(i, whole)
         shape = self._loc_shape[i, : self._loc_ndim[i]].tolist()
-        dtype = _DTYPES[self._loc_dtype[i]]
+        dtype = OUTPUT_DTYPES[self._loc_dtype[i]]
         nbytes, offset = math.prod(shape) * dtype.itemsize, int(self._loc_off[i])
         if whole is not None:
             if offset + nbytes > len(whole):
@@ -214,8 +221,9 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         self._pread_into(path, whole, 0, name_index=i)
         return whole
 
-    def record(self, name: str) -> Record:
+    def record(self, name: str | bytes) -> Record:
         """The latest manifest record of ``name`` (ok or error), read again from the manifest."""
+        name = from_bytes(name) if isinstance(name, bytes) else name
         i = self._names.find(name)
         if i is not None:
             offset = int(self._line_off[i])
@@ -247,8 +255,11 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         out = int(self._out_id[i])
         if out < 0:
             raise Phi3EmbedError(f"the ok record of {self.name_at(i)} names no output", path=self.manifest)
-        prefix, suffix = self._files[out]
-        return os.path.join(self._root, prefix if suffix is None else prefix + self.name_at(i) + suffix)
+        prefix, suffix, how = self._files[out]
+        if how == _LITERAL:
+            return os.path.join(self._root, prefix)
+        name = self.name_at(i)
+        return os.path.join(self._root, prefix + (name + suffix if how == _PLAIN else output_path(name, suffix)))
 
     def key_at(self, i: int) -> str | None:
         """The safetensors key of the ``i``-th name's tensor (None for npy)."""
@@ -302,23 +313,28 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
             if key is None:
                 self._note(i, *self._npy_header(read))
                 return
-            entries, base = _safetensors_header(read)
+            size = len(whole) if whole is not None else os.fstat(self._fd(path)).st_size
+            header = read_header_with(read, file=Path(path), file_size=size, where=path)
+        except SafetensorsFormatError as exc:
+            raise Phi3EmbedError(f"cannot read the header: {exc.reason}", path=path) from None
         except (OSError, ValueError, KeyError) as exc:
             raise Phi3EmbedError(f"cannot read the header: {exc}", path=path) from None
-        if key not in entries:
+        if key not in header.tensors:
             raise Phi3EmbedError(f"no tensor {key!r} (the embeddings of {self.name_at(i)})", path=path)
         out = int(self._out_id[i])
-        for k, entry in entries.items():  # a pack: every image of it this store reads from this file
+        for k, info in header.tensors.items():  # a pack: every image of it this store reads from this file
             j = i if k == key else self._names.find(k)
             if j is not None and self._out_id[j] == out and self.key_at(j) == k:
-                self._note(j, base + entry[0], entry[1], entry[2])
+                if info.torch_dtype not in OUTPUT_DTYPES:
+                    raise Phi3EmbedError(f"tensor {k!r} is {info.dtype}, not an embedding", path=path)
+                self._note(j, info.start, info.torch_dtype, info.shape)
 
     def _note(self, i: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         if len(shape) > MAX_NDIM:
             raise Phi3EmbedError(f"tensor of {self.name_at(i)} has {len(shape)} dimensions", path=self.path_at(i))
         self._loc_shape[i, : len(shape)] = shape
         self._loc_ndim[i] = len(shape)
-        self._loc_dtype[i] = _DTYPES.index(dtype)
+        self._loc_dtype[i] = OUTPUT_DTYPES.index(dtype)
         self._loc_off[i] = offset
 
     def _npy_header(self, read: Callable[[int, int], bytes]) -> tuple[int, torch.dtype, tuple[int, ...]]:
@@ -345,38 +361,24 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
             self.close()
 
 
-def _file_template(name: str, output: str) -> tuple[str, str | None]:
-    """``output`` as ``(prefix, suffix)`` around ``name`` when it contains it at its end (per-image files,
-    also under a combined manifest's ``../part-3/``), else ``(output, None)`` (a pack file)."""
+_PLAIN, _STORED, _LITERAL = 0, 1, 2  # output = prefix + name + suffix / prefix + output_path(name, suffix) / prefix
+_Template = tuple[str, str, int]
+
+
+def _file_template(name: str, output: str) -> _Template:
+    """How ``output`` follows from ``name`` (per-image files, also under a combined manifest's ``../part-3/``):
+    ``(prefix, suffix, _PLAIN)`` around the name, ``(prefix, suffix, _STORED)`` around the storable form of a
+    name that could not be stored as it is, else ``(output, "", _LITERAL)`` (a pack file)."""
     dot = output.rfind(".")
     stem = output[:dot] if dot >= 0 else output
     if stem.endswith(name):
-        return output[: len(stem) - len(name)], output[len(stem) :]
-    return output, None
-
-
-def _safetensors_header(
-    read: Callable[[int, int], bytes],
-) -> tuple[dict[str, tuple[int, torch.dtype, tuple[int, ...]]], int]:
-    """``({key: (offset in the data, dtype, shape)}, data start)`` of a safetensors file
-    (``read(size, offset)``: its bytes)."""
-    (n,) = struct.unpack("<Q", read(8, 0))
-    if n > 1 << 30:
-        raise ValueError("not a safetensors file (header length is implausible)")
-    header = json.loads(read(n, 8))
-    entries = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            continue
-        start, end = info["data_offsets"]
-        shape = tuple(int(d) for d in info["shape"])
-        if end - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"tensor {key!r}: {end - start} bytes for shape {list(shape)}")
-        entries[key] = (int(start), dtype, shape)
-    return entries, 8 + n
+        return output[: len(stem) - len(name)], output[len(stem) :], _PLAIN
+    if "~" in output:  # every storable form has one (a pack file's name has none)
+        suffix = output[dot:] if dot >= 0 else ""
+        stored = output_path(name, suffix)
+        if output.endswith(stored) and stored != name + suffix:
+            return output[: len(output) - len(stored)], suffix, _STORED
+    return output, "", _LITERAL
 
 
 def _parse_npy_header(head: bytes, read: Callable[[int], bytes]) -> tuple[int, torch.dtype, tuple[int, ...]]:

@@ -1,4 +1,5 @@
-"""Packed outputs (``--pack SIZE``): pack files ``DIR/emb-00000.safetensors``, one tensor per image keyed by its name.
+"""Packed outputs (``--pack SIZE``): pack files ``DIR/emb-00000.safetensors``, one tensor per image keyed by its name
+(a name that is not UTF-8 by the key :func:`phi3embed.outputs.names.pack_key` gives it).
 
 One of the two embedding writers behind :class:`phi3embed.outputs.store.EmbeddingWriter`. A pack is the unit of
 commit: it is published when full (or at the end), and only then are its records appended (``commit``).
@@ -17,9 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from phi3embed.core.safetensors_io import read_metadata, write_safetensors
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
-from phi3embed.outputs.formats import read_safetensors_metadata, write_safetensors
+from phi3embed.outputs.names import pack_key
 from phi3embed.outputs.publish import Publisher
 from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, new_record
 
@@ -71,7 +73,13 @@ class PackWriter:
             self._write_pack()
         output = self.pack_file(self._next)
         record = new_record(
-            self.settings, source, facts, status="ok", output=output, key=source.name, shape=tuple(tensor.shape)
+            self.settings,
+            source,
+            facts,
+            status="ok",
+            output=output,
+            key=pack_key(source.name),
+            shape=tuple(tensor.shape),
         )
         self._pending.entries.append((record, tensor))
         self._pending.nbytes += nbytes
@@ -138,7 +146,7 @@ class PackWriter:
         missing: list[Record] = []
         for index in sorted(i for i in indices if i >= last):
             try:
-                meta = read_safetensors_metadata(self.publisher.real / indices[index])
+                meta = read_metadata(self.publisher.real / indices[index])
                 stored = json.loads(meta["records"]) if meta.get("format") == PACK_FORMAT else []
             except (OSError, ValueError, KeyError, Phi3EmbedError):
                 continue  # not one of ours

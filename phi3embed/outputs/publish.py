@@ -5,7 +5,9 @@ rerun never sees a partial output. That folder is also the run's lock (``flock``
 DIR and ``--shard`` part is refused, and a rerun deletes what a killed run left in it. The folders that
 received renames are remembered until :meth:`Publisher.sync_folders` makes them durable: the manifest syncs
 them before itself, so that after a power cut no durable record names a file whose rename was lost.
-Output paths are checked to stay inside DIR (no ``..``, no symbolic link leading out).
+Output paths are checked to stay inside DIR (no ``..``, no symbolic link leading out). Names come storable
+(:mod:`phi3embed.outputs.names`); a file system that still refuses one (a DIR path over 1023 bytes, a smaller
+name limit, a file system that accepts only UTF-8) costs that one image an error record, not the job.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ except ImportError:  # pragma: no cover - Windows
 TMP_DIR = ".phi3embed-tmp"
 #: What ``os.link`` says where a copy must do: another device, links not supported or not allowed, too many.
 LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES})
+#: What the file system says about a name it cannot hold: too long, not in its encoding.
+NAME_REFUSED = frozenset({errno.ENAMETOOLONG, errno.EILSEQ})
+
+
+def _name_refused(exc: OSError, rel: str) -> ImageError:
+    return ImageError(f"the file system cannot hold this output name: {exc.strerror or exc}", path=rel)
 
 
 class OutputError(Phi3EmbedError):
@@ -92,17 +100,22 @@ class Publisher:
             or parts[0] == TMP_DIR
         ):
             raise ImageError(f"unsafe output name {rel!r}", path=rel)
-        with self._lock:
-            current = self.real
-            for i, part in enumerate(parts[:-1]):
-                current = current / part
-                sub = "/".join(parts[: i + 1])
-                if sub not in self._checked_dirs:
-                    self._check_folder(current, sub, rel)
-                    self._checked_dirs.add(sub)
-        final = current / parts[-1]
-        if final.is_dir() and not final.is_symlink():
-            raise ImageError("output path exists and is a folder", path=rel)
+        try:
+            with self._lock:
+                current = self.real
+                for i, part in enumerate(parts[:-1]):
+                    current = current / part
+                    sub = "/".join(parts[: i + 1])
+                    if sub not in self._checked_dirs:
+                        self._check_folder(current, sub, rel)
+                        self._checked_dirs.add(sub)
+            final = current / parts[-1]
+            if final.is_dir() and not final.is_symlink():
+                raise ImageError("output path exists and is a folder", path=rel)
+        except OSError as exc:
+            if exc.errno not in NAME_REFUSED:
+                raise
+            raise _name_refused(exc, rel) from None
         return final
 
     def _check_folder(self, folder: Path, sub: str, rel: str) -> None:
@@ -161,6 +174,8 @@ class Publisher:
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            if exc.errno in NAME_REFUSED and exc.filename2 is not None:  # the rename: this name, not DIR
+                raise _name_refused(exc, os.path.relpath(final, self.real)) from None
             raise OutputError(f"cannot write {final}: {exc.strerror or exc}", path=self.root) from None
         with self._lock:
             self._dirty_dirs.add(final.parent)

@@ -10,6 +10,8 @@ phi3embed.read(...)``) keeps working.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
@@ -18,7 +20,8 @@ import torch
 from phi3embed.core.stages import DEFAULT_STAGE, Stage, parse_stage
 from phi3embed.errors import ConfigError
 from phi3embed.inputs.listing import Source
-from phi3embed.outputs.formats import ST_DTYPES, dtype_name
+from phi3embed.outputs.formats import OUTPUT_DTYPES, dtype_name
+from phi3embed.outputs.names import from_bytes, text_fields
 
 Format = Literal["npy", "safetensors", "pack"]
 Signature = tuple[Any, ...]  # what a finished record must match to be skipped on resume
@@ -41,7 +44,7 @@ class OutputSettings:
     stage: Stage = DEFAULT_STAGE  # which intermediate is stored (phi3embed.core.stages)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ST_DTYPES or self.compute_dtype not in ST_DTYPES:
+        if self.dtype not in OUTPUT_DTYPES or self.compute_dtype not in OUTPUT_DTYPES:
             raise ConfigError("dtypes must be float32, float16 or bfloat16")
         if self.format == "npy" and self.dtype == torch.bfloat16:
             raise ConfigError("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
@@ -104,6 +107,11 @@ class Record:
     Field order is the on-disk order. ``attempt`` and ``time`` are stamped when the manifest appends the
     record (:meth:`phi3embed.outputs.manifest.ManifestLog.append`); before that (e.g. inside a pack file's
     metadata) they are None and left out of the JSON.
+
+    Text fields hold names exactly as the operating system gave them (``name`` may hold surrogate-escaped
+    bytes that are not UTF-8: :mod:`phi3embed.outputs.names`). The JSON is always valid UTF-8: such a field is
+    written in its readable form (``\\xNN`` for each such byte) and its exact bytes go, base64, into the
+    object ``raw`` (``"raw": {"name": "Y2Fm6S5wbmc="}``), which :meth:`from_json` reads back.
     """
 
     name: str
@@ -153,24 +161,39 @@ class Record:
         return replace(self, attempt=attempt, time=time)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object of the manifest line (unstamped records leave out ``attempt`` and ``time``)."""
+        """The JSON object of the manifest line (unstamped records leave out ``attempt`` and ``time``); text
+        that is not valid UTF-8 in its readable form, its exact bytes in ``raw``."""
         data = asdict(self)
         for late in ("attempt", "time"):
             if data[late] is None:
                 del data[late]
-        return data
+        return text_fields(data)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record | None:
         """A manifest line's object -> Record; None when it is not a record (no string ``name``)."""
         if not isinstance(data.get("name"), str):
             return None
-        values = {f: data.get(f) for f in _FIELDS}
+        raw = data.get("raw")  # only lines with text that is not UTF-8 have it
+        values = {f: exact_field(data, f) for f in _FIELDS} if raw else {f: data.get(f) for f in _FIELDS}
         values["stage"] = data.get("stage") or DEFAULT_STAGE  # a line from before stages existed
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)
 
 
 _FIELDS = tuple(f.name for f in fields(Record))
+
+
+def exact_field(data: dict[str, Any], field: str) -> Any:
+    """``data[field]`` of a manifest line's object, with its exact bytes from ``raw`` when it has them there (a
+    name that is not UTF-8); None when absent."""
+    raw = data.get("raw")
+    coded = raw.get(field) if isinstance(raw, dict) else None
+    if isinstance(coded, str):
+        try:
+            return from_bytes(base64.b64decode(coded, validate=True))
+        except (binascii.Error, ValueError):
+            pass  # a damaged raw field: the readable form is all there is
+    return data.get(field)
 
 
 def new_record(
