@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from phi3embed.cli.combine import register as register_combine_commands
+from phi3embed.cli.errors import FAILED, INTERRUPTED, OK, TERMINATED, USAGE, UsageError, one_line_errors
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
 from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, ImageColumn, OutDType, Revision
 from phi3embed.cli.plan import STAGE_HELP
@@ -80,10 +81,6 @@ class Format(str, Enum):
 Engine = Enum("Engine", [(name, name) for name in ENGINES], type=str)  # type: ignore[misc]
 
 
-class _Usage(Exception):
-    """A problem found before any work starts: one line on stderr, exit code 2."""
-
-
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
@@ -96,16 +93,11 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else None
     if not match or unit not in _SIZE_UNITS:
-        raise _Usage(f"--pack SIZE must look like 500MB, 1GB or 2GiB, got {text!r}")
+        raise UsageError(f"--pack SIZE must look like 500MB, 1GB or 2GiB, got {text!r}")
     value = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if value < 1:
-        raise _Usage(f"--pack SIZE must be at least 1 byte, got {text!r}")
+        raise UsageError(f"--pack SIZE must be at least 1 byte, got {text!r}")
     return value
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 ENCODE_HELP = """Encode images into Phi-3-vision image-token embeddings.
@@ -119,6 +111,7 @@ Exit codes: 0 all images done; 1 some images failed (see the error records); 2 u
 
 
 @app.command("encode", help=ENCODE_HELP, no_args_is_help=True)
+@one_line_errors
 def encode_command(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Files, directories, globs or - for stdin.")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output directory (created).")],
@@ -225,14 +218,7 @@ def encode_command(
 ) -> None:
     given = dict(locals())  # every option of the command, by name: _options reads them all
     del given["inputs"]
-    try:
-        options = _options(**given)
-        code = _encode(inputs, options)
-    except _Usage as exc:
-        raise _fail(str(exc)) from None
-    except KeyboardInterrupt:  # before the job started (e.g. while the model loads)
-        raise _fail("interrupted", 130) from None
-    raise typer.Exit(code)
+    raise typer.Exit(_encode(inputs, _options(**given)))
 
 
 @dataclass(frozen=True)
@@ -296,60 +282,47 @@ class _EncodeOptions:
 
 def _options(*, shard: str | None, pack: str | None, format: "Format | None", **options: Any) -> _EncodeOptions:
     """The command's options (Typer's values, enums included) -> :class:`_EncodeOptions`; an inconsistent
-    combination is a :class:`_Usage`."""
-    from phi3embed.errors import Phi3EmbedError
+    combination is a :class:`~phi3embed.cli.errors.UsageError`."""
     from phi3embed.inputs.listing import parse_shard
 
     options = {name: value.value if isinstance(value, Enum) else value for name, value in options.items()}
-
-    try:
-        shard_spec = parse_shard(shard) if shard is not None else None
-    except Phi3EmbedError as exc:
-        raise _Usage(str(exc)) from None
     opts = _EncodeOptions(
         fmt=format.value if format else None,
         shard=shard,
-        shard_spec=shard_spec,
+        shard_spec=parse_shard(shard) if shard is not None else None,
         pack_bytes=parse_size(pack) if pack is not None else None,
         **options,
     )
     if opts.pack_bytes is not None and opts.fmt == "npy":
-        raise _Usage("--pack writes safetensors pack files: leave out --format npy")
+        raise UsageError("--pack writes safetensors pack files: leave out --format npy")
     if opts.fmt == "npy" and opts.out_dtype == "bfloat16":
-        raise _Usage("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
+        raise UsageError("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
     _check_vectors(opts)
     return opts
 
 
 def _check_vectors(opts: _EncodeOptions) -> None:
     """``--vectors`` names known kinds and pyarrow is there; ``--stage none`` comes with ``--vectors``."""
-    from phi3embed.errors import Phi3EmbedError
-
     if opts.vectors is None:
         if opts.stage == "none":
-            raise _Usage("--stage none stores no token matrices: give --vectors KINDS (e.g. --vectors cls,mean)")
+            raise UsageError("--stage none stores no token matrices: give --vectors KINDS (e.g. --vectors cls,mean)")
         return
     if opts.engine == "ray":
-        raise _Usage("--vectors is written by --engine local only for now (the Ray actors return no vectors yet)")
-    try:
-        opts.vector_kinds  # noqa: B018 - parses the list
-        from phi3embed.outputs.vectors import require_pyarrow
+        raise UsageError("--vectors is written by --engine local only for now (the Ray actors return no vectors yet)")
+    opts.vector_kinds  # noqa: B018 - parses the list (a Phi3EmbedError: one line, exit 2)
+    from phi3embed.outputs.vectors import require_pyarrow
 
-        require_pyarrow()
-    except Phi3EmbedError as exc:
-        raise _Usage(str(exc)) from None
+    require_pyarrow()
 
 
 def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
-    from phi3embed.errors import Phi3EmbedError
+    """List, check, load and run; the exit code. A problem found before the job starts raises (exit code 2)."""
     from phi3embed.inputs.listing import list_inputs, select_shard
 
     try:
         listing = list_inputs(inputs, exclude=[str(opts.out)], image_column=opts.image_column)
-    except Phi3EmbedError as exc:
-        raise _Usage(str(exc)) from None
     except OSError as exc:
-        raise _Usage(f"cannot read the inputs: {exc}") from None
+        raise UsageError(f"cannot read the inputs: {exc}") from None
     sources = listing.sources
     listed = len(sources)
     if opts.shard_spec is not None:
@@ -368,7 +341,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
             say(console, f"phi3embed encode: no images to encode{extra}")
             for note in notes:
                 say(console, f"note: {note}")
-        return 0
+        return OK
     _check_writable(opts.out)
 
     from phi3embed.jobs.runtime import build_engine
@@ -376,14 +349,11 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
     if opts.engine == "ray" and opts.image_timeout and not opts.quiet:
         say(console, "note: --image-timeout is not enforced by --engine ray (file rules still apply)")
     loading = None if opts.quiet or not console.is_terminal else lambda: console.status(f"loading {opts.model}")
-    try:
-        engine = build_engine(
-            opts.engine_options(),
-            announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"),
-            loading=loading,
-        )
-    except Phi3EmbedError as exc:
-        raise _Usage(str(exc)) from None
+    engine = build_engine(
+        opts.engine_options(),
+        announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"),
+        loading=loading,
+    )
     return _run(engine, sources, opts, console=console, special=listing.special, notes=notes)
 
 
@@ -393,7 +363,6 @@ def _run(
     """Open the store, run the job, render the summary (``special``: special files the listing skipped;
     ``notes``: its other lines about the listing); the exit code."""
     from phi3embed.cli.progress import ProgressReporter, RunInfo, manifest_note, render_summary, say
-    from phi3embed.errors import Phi3EmbedError
     from phi3embed.jobs.core import run_job
     from phi3embed.outputs.formats import dtype_name
     from phi3embed.outputs.publish import OutputError
@@ -401,17 +370,14 @@ def _run(
 
     info, fmt, pack_bytes, quiet = engine.info, opts.output_format, opts.pack_bytes, opts.quiet
     try:
-        try:
-            settings = info.output_settings(model=opts.model, format=fmt, pack_bytes=pack_bytes)
-            store = OutputStore(
-                opts.out,
-                settings,
-                overwrite=opts.overwrite,
-                shard=opts.shard_spec,
-                on_record=_JsonlPrinter() if opts.jsonl else None,
-            ).open()
-        except Phi3EmbedError as exc:
-            raise _Usage(str(exc)) from None
+        settings = info.output_settings(model=opts.model, format=fmt, pack_bytes=pack_bytes)
+        store = OutputStore(
+            opts.out,
+            settings,
+            overwrite=opts.overwrite,
+            shard=opts.shard_spec,
+            on_record=_JsonlPrinter() if opts.jsonl else None,
+        ).open()
         closing: OutputError | None = None
         try:
             reporter = ProgressReporter(console, show_progress=not quiet)
@@ -426,11 +392,11 @@ def _run(
     if closing is not None and summary.fatal is None:
         summary.fatal = str(closing)
     if summary.fatal:
-        code = 2
+        code = USAGE
     elif summary.interrupted:
-        code = 143 if summary.interrupted == "SIGTERM" else 130
+        code = TERMINATED if summary.interrupted == "SIGTERM" else INTERRUPTED
     else:
-        code = 1 if summary.failed else 0
+        code = FAILED if summary.failed else OK
     if store.recovered and not quiet:
         say(console, f"note: restored {store.recovered} manifest records from packs a killed run had written")
     if summary.fatal:
@@ -464,14 +430,14 @@ def _check_writable(out: Path) -> None:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise _Usage(f"{out}: cannot be an output directory ({probe} is not a directory)")
+        raise UsageError(f"{out}: cannot be an output directory ({probe} is not a directory)")
     if not os.access(probe, os.W_OK | os.X_OK):
         try:
             read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
         except OSError:
             read_only = False
         why = "read-only file system" if read_only else "permission denied"
-        raise _Usage(f"{out}: cannot write there ({why} on {probe})")
+        raise UsageError(f"{out}: cannot write there ({why} on {probe})")
 
 
 class _JsonlPrinter:

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from phi3embed.cli.errors import FAILED, OK, one_line_errors
 from phi3embed.cli.options import ImageColumn
 
 SHOWN = 10  # names listed per problem kind for people (--json lists all)
@@ -36,6 +37,7 @@ def register(app: typer.Typer) -> None:
     app.command("merge-manifests", help=COMBINE_HELP, no_args_is_help=True, hidden=True)(combine_command)
 
 
+@one_line_errors
 def combine_command(
     dirs: Annotated[list[Path], typer.Argument(metavar="DIR...", help="Output directories of the parts.")],
     inputs: Annotated[
@@ -56,18 +58,13 @@ def combine_command(
 ) -> None:
     from rich.console import Console
 
-    from phi3embed.errors import Phi3EmbedError
     from phi3embed.inputs.listing import expand_inputs
     from phi3embed.outputs.combine import check_outputs, write_combined
     from phi3embed.outputs.names import readable_json
 
-    try:
-        sources = expand_inputs(inputs, exclude=[str(d) for d in dirs], image_column=image_column) if inputs else None
-        report = check_outputs(dirs, sources)
-        written = write_combined(report, out) if out is not None else None
-    except Phi3EmbedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    sources = expand_inputs(inputs, exclude=[str(d) for d in dirs], image_column=image_column) if inputs else None
+    report = check_outputs(dirs, sources)
+    written = write_combined(report, out) if out is not None else None
     failures = {name: report.chosen[name].record.error for name in report.failed}
     data: dict[str, Any] = {
         "complete": report.complete,
@@ -87,7 +84,7 @@ def combine_command(
         typer.echo(json.dumps(readable_json(data), ensure_ascii=True))  # names that are not UTF-8: \xNN
     if not quiet:
         _render(Console(stderr=True), data, written)
-    raise typer.Exit(0 if report.complete else 1)
+    raise typer.Exit(OK if report.complete else FAILED)
 
 
 def _render(console: Any, data: dict[str, Any], written: int | None) -> None:

@@ -13,10 +13,12 @@ from typing import Annotated
 
 import typer
 
-from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, AsJson, Revision, guard, human_bytes
+from phi3embed.cli.errors import one_line_errors
+from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, AsJson, Revision, human_bytes
 from phi3embed.errors import CheckpointError
 
 
+@one_line_errors
 def download_command(
     model: Annotated[
         str,
@@ -39,13 +41,9 @@ def download_command(
     from phi3embed.core import hub
     from phi3embed.core.checkpoint import locate
 
-    def fetch() -> hub.HubModel:
-        found = locate(model, revision=revision, vision=True, text=text_embeddings)
-        if not isinstance(found, hub.HubModel):
-            raise CheckpointError("a local checkpoint folder needs no download; pass it as --model", path=found)
-        return found
-
-    got = guard(fetch)
+    got = locate(model, revision=revision, vision=True, text=text_embeddings)
+    if not isinstance(got, hub.HubModel):
+        raise CheckpointError("a local checkpoint folder needs no download; pass it as --model", path=got)
     plan = got.plan
     doc = {
         "model": got.repo_id,

@@ -14,9 +14,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, AsJson, Revision, guard, human_bytes, model_source
+from phi3embed.cli.errors import one_line_errors
+from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, AsJson, Revision, human_bytes, model_source
 
 
+@one_line_errors
 def info_command(
     model: Annotated[
         str | None,
@@ -33,7 +35,7 @@ def info_command(
     """Describe a checkpoint from its configs and weight headers (no tensor data is read)."""
     from phi3embed.core.info import model_info
 
-    info = guard(lambda: model_info(model_source(model), num_crops=num_crops, revision=revision))
+    info = model_info(model_source(model), num_crops=num_crops, revision=revision)
     if as_json:
         typer.echo(json.dumps(info.to_dict(), indent=2))
         return

@@ -1,7 +1,7 @@
 """The commands that look before you encode (``plan``, ``preview``, ``info``) and ``download``, one module each.
 
-``register(app)`` adds them to the application that ``phi3embed.cli.app`` builds. A
-:class:`~phi3embed.errors.Phi3EmbedError` becomes one line on stderr and exit code 2 in each of them.
+``register(app)`` adds them to the application that ``phi3embed.cli.app`` builds. Each reports its errors
+through :func:`phi3embed.cli.errors.one_line_errors`.
 """
 
 import typer

@@ -1,4 +1,4 @@
-"""What the commands share: the default model, option types named as ``encode`` names them, error handling.
+"""What the commands share: the default model, option types named as ``encode`` names them.
 
 The same thing has the same option name in every command (``--model``, ``--num-crops``, ``--out-dtype``,
 ``--exif-transpose``, ``--alpha``, ``--shard``, ``-o/--out`` for what a command writes).
@@ -7,9 +7,8 @@ The same thing has the same option name in every command (``--model``, ``--num-c
 # No ``from __future__ import annotations``: Typer reads these annotations at runtime.
 
 import os
-from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -20,8 +19,6 @@ if TYPE_CHECKING:  # the configs import nothing heavy, but --help should not eve
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
 MODEL_ENV = "PHI3EMBED_MODEL"
-
-T = TypeVar("T")
 
 
 class OutDType(str, Enum):
@@ -64,15 +61,6 @@ Revision = Annotated[
     str | None,
     typer.Option("--revision", help="Hub revision of a hub id: branch, tag or commit (default: main)."),
 ]
-
-
-def guard(work: Callable[[], T]) -> T:
-    """Run ``work``; a Phi3EmbedError becomes one line on stderr and exit code 2."""
-    try:
-        return work()
-    except Phi3EmbedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 def model_source(model: str | None) -> str:

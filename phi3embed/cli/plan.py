@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from phi3embed.cli.errors import FAILED, one_line_errors
 from phi3embed.cli.options import (
     AsJson,
     ConfigModel,
@@ -27,7 +28,6 @@ from phi3embed.cli.options import (
     ImageColumn,
     NumCrops,
     OutDType,
-    guard,
     human_bytes,
     model_settings,
 )
@@ -37,7 +37,6 @@ from phi3embed.inputs.listing import InputError, list_inputs, parse_shard, selec
 from phi3embed.outputs.names import printable, readable, readable_json
 
 if TYPE_CHECKING:  # the plan module imports torch: only the command that runs pays for it, not --help
-    from phi3embed.inputs.listing import Listing
     from phi3embed.jobs.plan import PlanResult
 
 
@@ -62,6 +61,7 @@ STAGE_HELP = (
 )
 
 
+@one_line_errors
 def plan_command(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="Files, directories, globs or - for stdin.")],
     model: ConfigModel = None,
@@ -97,30 +97,26 @@ def plan_command(
     Exit code 0 when every image can be planned, 1 when some cannot, 2 on usage, input, model or config errors.
     """
 
-    def work() -> "tuple[PlanResult, str, Listing]":
-        from phi3embed.jobs.plan import plan
+    from phi3embed.jobs.plan import plan
 
-        shard_spec = parse_shard(shard) if shard is not None else None
-        try:
-            listing = list_inputs(inputs, image_column=image_column)
-        except OSError as exc:
-            raise InputError(f"cannot read the inputs: {exc}") from None
-        sources = listing.sources
-        if shard_spec is not None:
-            sources = select_shard(sources, *shard_spec)
-        vision, pre, label = model_settings(model, num_crops)
-        result = plan(
-            sources,
-            vision=vision,
-            preprocess=pre,
-            out_dtype=out_dtype.value,
-            exif_transpose=exif_transpose,
-            stage=stage.value,
-            output_format=output_format.value,
-        )
-        return result, label, listing
-
-    result, label, listing = guard(work)
+    shard_spec = parse_shard(shard) if shard is not None else None
+    try:
+        listing = list_inputs(inputs, image_column=image_column)
+    except OSError as exc:
+        raise InputError(f"cannot read the inputs: {exc}") from None
+    sources = listing.sources
+    if shard_spec is not None:
+        sources = select_shard(sources, *shard_spec)
+    vision, pre, label = model_settings(model, num_crops)
+    result = plan(
+        sources,
+        vision=vision,
+        preprocess=pre,
+        out_dtype=out_dtype.value,
+        exif_transpose=exif_transpose,
+        stage=stage.value,
+        output_format=output_format.value,
+    )
     special = listing.special
     if special:  # pipes, sockets, devices in the folders: encode skips them too
         typer.echo(f"note: {skipped_special(special)}", err=True)
@@ -142,7 +138,7 @@ def plan_command(
     for line in renamed_lines(result, shown=None if as_json else RENAMED_SHOWN):
         typer.echo(line, err=True)
     if result.totals.errors:
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
 
 
 def renamed_lines(result: "PlanResult", *, shown: int | None) -> list[str]:
