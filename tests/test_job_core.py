@@ -156,6 +156,25 @@ def test_a_signal_stops_the_job_and_what_arrived_is_written(tmp_path: Path, sig:
     assert [r.name for r in iter_manifest(tmp_path / "out" / MANIFEST)] == ["a.png", "b.png"]
 
 
+def test_a_first_signal_while_the_job_cleans_up_is_reported_not_fatal(tmp_path: Path) -> None:
+    """The engine has produced everything and the job is cleaning up (here: closing the engine) when a first
+    signal comes: the job still writes every record and reports the signal; the process does not exit (only a
+    second signal exits at once). Before, this exited the process (the test run with it)."""
+    srcs = sources(tmp_path, ["a.png", "b.png", "c.png"])
+
+    class SignalledAtClose(FakeEngine):
+        def close(self) -> None:
+            super().close()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    with store(tmp_path / "out") as st:
+        summary = run_job(srcs, st, SignalledAtClose())
+    assert summary.interrupted == "SIGTERM" and summary.ok == len(srcs)
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+    assert [r.name for r in iter_manifest(tmp_path / "out" / MANIFEST)] == ["a.png", "b.png", "c.png"]
+
+
 def test_packs_are_written_through_the_same_core(tmp_path: Path) -> None:
     srcs = sources(tmp_path, ["a.png", "b.png", "c.png"])
     settings = OutputSettings(

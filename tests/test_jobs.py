@@ -144,7 +144,9 @@ def test_signals_stop_cleanly_keeping_finished_outputs(
     with store_for(out, embedder) as store:
         summary = run_local(embedder, sources, store, workers=1, reporter=rec)
     assert summary.interrupted == sig.name
-    assert 2 <= summary.ok < len(sources)
+    # usually the job stops early; on a loaded host the encoder may have finished every image before the writer
+    # thread sends the signal: the job then writes what has arrived and still reports the signal
+    assert 2 <= summary.ok <= len(sources)
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # handlers restored
     done = [r for r in iter_manifest(out / "manifest.jsonl") if r["status"] == "ok"]
     assert len(done) == summary.ok and all((out / r["output"]).is_file() for r in done)

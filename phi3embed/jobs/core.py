@@ -222,15 +222,25 @@ class StopSignals:
     def __init__(self) -> None:
         in_main = threading.current_thread() is threading.main_thread()
         sigs = (signal.SIGINT, signal.SIGTERM)
+        self.late: str | None = None  # a first signal that arrived while the job was cleaning up
         self.previous = {sig: signal.signal(sig, self._stop) for sig in sigs} if in_main else {}
 
     @staticmethod
     def _stop(signum: int, frame: object) -> None:
         raise JobStop(signal.Signals(signum).name)
 
-    def exit_at_once(self) -> None:
+    def exit_at_once(self, *, stopping: bool) -> None:
+        """While the job cleans up (the writer still writing what has arrived): a second signal exits at once.
+        ``stopping``: a signal already stopped the job, so the next one is the second; else the first one to
+        arrive is noted in :attr:`late` and the cleanup goes on (the job still reports it)."""
+
+        def handler(signum: int, frame: object) -> None:
+            if stopping or self.late is not None:
+                os._exit(128 + signum)
+            self.late = signal.Signals(signum).name
+
         for sig in self.previous:
-            signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
+            signal.signal(sig, handler)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -403,11 +413,13 @@ def run_job(
             raise
         summary.fatal = message
     finally:
-        signals.exit_at_once()  # while cleaning up, a second signal exits at once (outputs stay whole)
+        signals.exit_at_once(stopping=summary.interrupted is not None)  # a second signal exits at once
         engine.close()
         if writer.is_alive():
             writer.finish()  # what has arrived is written
         signals.restore()
+        if signals.late is not None and summary.interrupted is None:
+            summary.interrupted = signals.late  # it came while the last results were being written
         summary.wall_s = time.perf_counter() - start
         if reporter is not None:
             reporter.stop()
