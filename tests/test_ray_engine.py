@@ -553,6 +553,48 @@ def test_actors_return_the_stage_they_are_asked_for(golden: Path) -> None:
     assert torch.equal(row.embedding, want)
 
 
+def test_actor_rows_carry_the_embedders_vectors(golden: Path, bad_files: dict[str, Path]) -> None:
+    """EncoderSpec.vectors: each ok row carries the float32 vectors the embedder computes (the local engine's
+    call), bit for bit, beside the usual embedding; store_tokens off: the vectors alone; error rows none."""
+    kinds = ("cls", "mean", "tokens")
+    spec = EncoderSpec(model=ckpt(), device="cpu", num_crops=NUM_CROPS, batch_size=8, vectors=("tokens", "cls", "mean"))
+    actor = RayEncoder(spec)
+    bad = next(iter(bad_files.values()))
+    paths = [*IMAGES[:3], bad, IMAGES[0]]
+    good = [p for p in paths if p != bad]
+    want = actor.embedder.vectors(good, kinds=kinds)  # the library's call on the same embedder
+    embeddings = actor.embedder.encode(good)
+    for store_tokens, encoder in ((True, actor), (False, RayEncoder(replace(spec, store_tokens=False)))):
+        out = encoder(batch_of(paths))
+        rows = list(decode_rows(out))
+        assert [r.ok for r in rows] == [p != bad for p in paths]
+        assert rows[3].vectors is None and rows[3].embedding is None and str(out["vector_kinds"][3]) == ""
+        for j, row in enumerate(r for r in rows if r.ok):
+            assert row.vectors is not None and list(row.vectors) == list(kinds)  # canonical order
+            for kind in kinds:
+                assert row.vectors[kind].dtype == torch.float32
+                assert torch.equal(row.vectors[kind], want[kind][j]), (kind, j)
+            if store_tokens:
+                assert row.embedding is not None and torch.equal(row.embedding, embeddings[j])
+            else:
+                assert row.embedding is None
+        if not store_tokens:
+            assert all(bytes(cell) == b"" for cell in out["embedding"])  # no token matrices travel
+
+
+def test_vector_cells_round_trip_and_refuse_a_torn_row() -> None:
+    from phi3embed.jobs.ray_rows import vectors_cells, vectors_from_cells
+
+    vectors = {"cls": torch.randn(5), "tokens": torch.randn(7)}
+    kinds, data = vectors_cells(vectors)
+    assert kinds == "cls:5,tokens:7" and len(data) == 4 * 12
+    back = vectors_from_cells(kinds, data)
+    assert list(back) == ["cls", "tokens"] and all(torch.equal(back[k], vectors[k]) for k in vectors)
+    assert vectors_from_cells("", b"") == {}
+    with pytest.raises(ValueError, match="disagree"):
+        vectors_from_cells(kinds, data[:-4])
+
+
 def test_archive_members_travel_as_their_own_type_and_are_read_on_the_actor(
     encoder: RayEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

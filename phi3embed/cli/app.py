@@ -329,8 +329,6 @@ def _check_vectors(opts: _EncodeOptions) -> None:
         if opts.stage == "none":
             raise _Usage("--stage none stores no token matrices: give --vectors KINDS (e.g. --vectors cls,mean)")
         return
-    if opts.engine == "ray":
-        raise _Usage("--vectors is written by --engine local only for now (the Ray actors return no vectors yet)")
     try:
         opts.vector_kinds  # noqa: B018 - parses the list
         from phi3embed.outputs.vectors import require_pyarrow
