@@ -1,5 +1,6 @@
 """Tar and parquet INPUTs through the real ``phi3embed`` console script (issue 12): bad data, resume, ``--shard``
-covering every member once, members bit-identical to loose files, and the Ray engine on a tar file."""
+covering every member once, members bit-identical to loose files, and the Ray engine on a tar file
+(token matrices, and --vectors alone)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from archivefiles import PHOTO, SQUARE, TINY, make_parquet, make_tar, member_offset, sample_tar
 from conftest import GOLDEN, TINY_128K
+
+import phi3embed as phi3embed_lib  # the module; phi3embed() below runs the console script
 
 _SCRIPT = Path(sys.executable).with_name("phi3embed")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "phi3embed"]
@@ -123,3 +127,33 @@ def test_ray_engine_reads_tar_members_on_the_workers_with_the_local_engines_outp
         assert (tmp_path / "ray" / "000.tar" / name).read_bytes() == (
             tmp_path / "local" / "000.tar" / name
         ).read_bytes()
+
+
+def test_ray_engine_writes_the_local_engines_vectors_alone_from_a_tar_file(tmp_path: Path) -> None:
+    """``encode --stage none --vectors cls,mean,tokens`` through the console script on both engines: the same
+    vector shards and metadata byte for byte, no token matrices, a repeated image's row its first's."""
+    pytest.importorskip("ray")
+    pytest.importorskip("pyarrow")
+    make_tar(tmp_path / "000.tar", [("a.jpg", PHOTO), ("bad.jpg", CORRUPT), ("b.png", SQUARE), ("c.jpg", PHOTO)])
+    args = ["000.tar", "--stage", "none", "--vectors", "cls,mean,tokens"]
+    local = encode(tmp_path, *args, "-o", "local")
+    ray = encode(tmp_path, *args, "-o", "ray", "--engine", "ray", "--actors", "1")
+    assert local.returncode == ray.returncode == 1, ray.stderr
+    assert ray.stderr.strip().startswith("error: 000.tar/bad.jpg"), ray.stderr
+
+    def files(out: Path) -> dict[str, bytes]:
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    shards = {name: data for name, data in files(tmp_path / "ray").items() if name != "manifest.jsonl"}
+    assert shards == {n: d for n, d in files(tmp_path / "local").items() if n != "manifest.jsonl"}
+    assert all(name.startswith("vectors/") for name in shards) and len(shards) == 6  # 3 kinds x (npy + parquet)
+    volatile = ("time", "device")
+    assert {n: {k: v for k, v in r.items() if k not in volatile} for n, r in records(ray).items()} == {
+        n: {k: v for k, v in r.items() if k not in volatile} for n, r in records(local).items()
+    }
+    assert records(ray)["000.tar/c.jpg"]["duplicate_of"] == "000.tar/a.jpg"
+    for kind in ("cls", "mean", "tokens"):
+        names, vectors = phi3embed_lib.open(tmp_path / "ray").vectors(kind)
+        rows = dict(zip(names, vectors, strict=True))
+        assert sorted(rows) == ["000.tar/a.jpg", "000.tar/b.png", "000.tar/c.jpg"]
+        assert np.array_equal(rows["000.tar/c.jpg"], rows["000.tar/a.jpg"])

@@ -510,6 +510,72 @@ def test_ray_engine_writes_the_same_packs_in_bfloat16(jobs: Jobs) -> None:
         )
 
 
+@pytest.fixture(scope="module")
+def vector_jobs(tmp_path_factory: pytest.TempPathFactory, golden: Path, ray_instance: None) -> Jobs:
+    """``encode --vectors cls,mean,tokens``, with token matrices and with ``--stage none``, through both engines
+    (in this process, on the module's Ray instance), over the golden images, a copy of one (a duplicate) and a
+    truncated file."""
+    pytest.importorskip("pyarrow")
+    root = tmp_path_factory.mktemp("vectors")
+    imgs = root / "imgs"
+    imgs.mkdir()
+    for path in IMAGES:
+        (imgs / path.name).symlink_to(path)
+    (imgs / "zz_copy.png").write_bytes(IMAGES[0].read_bytes())
+    (imgs / "corrupt.jpg").write_bytes((GOLDEN / "images" / "photo_1000x750.jpg").read_bytes()[:2000])
+    args = ["imgs", "--model", ckpt(), "--num-crops", str(NUM_CROPS), "--vectors", "cls,mean,tokens", "--quiet"]
+    runs = {}
+    for stage in ("projected", "none"):
+        runs[f"local-{stage}"] = encode_here(root, *args, "--stage", stage, "-o", f"local-{stage}", "--workers", "0")
+        runs[f"ray-{stage}"] = encode_here(root, *args, "--stage", stage, "-o", f"ray-{stage}", "--engine", "ray")
+    runs["ray-none-again"] = encode_here(root, *args, "--stage", "none", "-o", "ray-none", "--engine", "ray")
+    for name, run in runs.items():
+        print(f"{name}: exit {run.code} in {run.seconds:.1f} s")
+    return Jobs(root, runs)
+
+
+@pytest.mark.e2e  # starts Ray
+@pytest.mark.parametrize("stage", ["projected", "none"])
+def test_ray_engine_writes_the_local_engines_vectors(vector_jobs: Jobs, stage: str) -> None:
+    """Vector shards, their metadata and the manifest (time fields aside) as the local engine writes them;
+    --stage none: no token matrices; the duplicate's row repeats its first's vectors."""
+    local, ray = vector_jobs.runs[f"local-{stage}"], vector_jobs.runs[f"ray-{stage}"]
+    assert local.code == 1 and ray.code == 1, ray.err  # the truncated file
+    assert ray.err.strip().startswith("error: imgs/corrupt.jpg"), ray.err
+    out_local, out_ray = vector_jobs.root / f"local-{stage}", vector_jobs.root / f"ray-{stage}"
+    files = tree(out_ray)
+    assert files == tree(out_local)  # byte-identical shards, metadata and token matrices
+    shards = {name for name in files if name.startswith("vectors/")}
+    assert {name.split("/")[1] for name in shards} == {"cls", "mean", "tokens"}
+    assert {name.split("/")[2] for name in shards} == {"img_emb", "metadata"}
+    matrices = set(files) - shards
+    assert matrices == (set() if stage == "none" else {f"{p.name}.npy" for p in IMAGES} | {"zz_copy.png.npy"})
+
+    def by_name(recs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {r["name"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in recs}
+
+    local_records = records(out_local)
+    ray_records = records(out_ray)[: len(local_records)]  # the first run (ray-none is run again afterwards)
+    assert len(local_records) == len(IMAGES) + 2
+    assert by_name(ray_records) == by_name(local_records)
+    assert by_name(ray_records)["zz_copy.png"]["duplicate_of"] == IMAGES[0].name
+    for kind in ("cls", "mean", "tokens"):
+        names, vectors = phi3embed.open(out_ray).vectors(kind)
+        assert sorted(names) == sorted([p.name for p in IMAGES] + ["zz_copy.png"])
+        rows = dict(zip(names, vectors, strict=True))
+        assert np.array_equal(rows["zz_copy.png"], rows[IMAGES[0].name])
+        assert vectors.dtype == np.float32
+
+
+@pytest.mark.e2e  # starts Ray
+def test_ray_engine_vectors_rerun_writes_nothing(vector_jobs: Jobs) -> None:
+    again = vector_jobs.runs["ray-none-again"]
+    assert again.code == 1, again.err  # the truncated file fails again; the rest is done
+    assert tree(vector_jobs.root / "ray-none") == tree(vector_jobs.root / "local-none")
+    recs = records(vector_jobs.root / "ray-none")
+    assert sum(r["status"] == "ok" for r in recs) == len(IMAGES) + 1  # no image recorded twice
+
+
 def test_ray_engine_usage_errors_come_before_any_work(tmp_path: Path, golden: Path) -> None:
     pytest.importorskip("ray")
     run = encode_here(tmp_path, str(IMAGES[0]), "-o", "out", "--model", str(tmp_path / "nowhere"), "--engine", "ray")
@@ -551,6 +617,48 @@ def test_actors_return_the_stage_they_are_asked_for(golden: Path) -> None:
     assert tuple(row.embedding.shape) == (1 + rows * cols, 576, 64)
     (want,) = clip.embedder.encode([IMAGES[0]])
     assert torch.equal(row.embedding, want)
+
+
+def test_actor_rows_carry_the_embedders_vectors(golden: Path, bad_files: dict[str, Path]) -> None:
+    """EncoderSpec.vectors: each ok row carries the float32 vectors the embedder computes (the local engine's
+    call), bit for bit, beside the usual embedding; store_tokens off: the vectors alone; error rows none."""
+    kinds = ("cls", "mean", "tokens")
+    spec = EncoderSpec(model=ckpt(), device="cpu", num_crops=NUM_CROPS, batch_size=8, vectors=("tokens", "cls", "mean"))
+    actor = RayEncoder(spec)
+    bad = next(iter(bad_files.values()))
+    paths = [*IMAGES[:3], bad, IMAGES[0]]
+    good = [p for p in paths if p != bad]
+    want = actor.embedder.vectors(good, kinds=kinds)  # the library's call on the same embedder
+    embeddings = actor.embedder.encode(good)
+    for store_tokens, encoder in ((True, actor), (False, RayEncoder(replace(spec, store_tokens=False)))):
+        out = encoder(batch_of(paths))
+        rows = list(decode_rows(out))
+        assert [r.ok for r in rows] == [p != bad for p in paths]
+        assert rows[3].vectors is None and rows[3].embedding is None and str(out["vector_kinds"][3]) == ""
+        for j, row in enumerate(r for r in rows if r.ok):
+            assert row.vectors is not None and list(row.vectors) == list(kinds)  # canonical order
+            for kind in kinds:
+                assert row.vectors[kind].dtype == torch.float32
+                assert torch.equal(row.vectors[kind], want[kind][j]), (kind, j)
+            if store_tokens:
+                assert row.embedding is not None and torch.equal(row.embedding, embeddings[j])
+            else:
+                assert row.embedding is None
+        if not store_tokens:
+            assert all(bytes(cell) == b"" for cell in out["embedding"])  # no token matrices travel
+
+
+def test_vector_cells_round_trip_and_refuse_a_torn_row() -> None:
+    from phi3embed.jobs.ray_rows import vectors_cells, vectors_from_cells
+
+    vectors = {"cls": torch.randn(5), "tokens": torch.randn(7)}
+    kinds, data = vectors_cells(vectors)
+    assert kinds == "cls:5,tokens:7" and len(data) == 4 * 12
+    back = vectors_from_cells(kinds, data)
+    assert list(back) == ["cls", "tokens"] and all(torch.equal(back[k], vectors[k]) for k in vectors)
+    assert vectors_from_cells("", b"") == {}
+    with pytest.raises(ValueError, match="disagree"):
+        vectors_from_cells(kinds, data[:-4])
 
 
 def test_archive_members_travel_as_their_own_type_and_are_read_on_the_actor(

@@ -307,8 +307,6 @@ def _check_vectors(opts: _EncodeOptions) -> None:
         if opts.stage == "none":
             raise UsageError("--stage none stores no token matrices: give --vectors KINDS (e.g. --vectors cls,mean)")
         return
-    if opts.engine == "ray":
-        raise UsageError("--vectors is written by --engine local only for now (the Ray actors return no vectors yet)")
     opts.vector_kinds  # noqa: B018 - parses the list (a Phi3EmbedError: one line, exit 2)
     from phi3embed.outputs.vectors import require_pyarrow
 

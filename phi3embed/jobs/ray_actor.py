@@ -2,8 +2,9 @@
 
 Each actor loads the checkpoint once (:class:`RayEncoder`, from an :class:`EncoderSpec`), then turns batches of
 paths (or image bytes, or archive members) into result rows (:mod:`phi3embed.jobs.ray_rows`), preparing each
-image with the same :class:`phi3embed.jobs.prepare.Preparer` as the local engine. Bad images become
-``status="error"`` rows; they never raise.
+image with the same :class:`phi3embed.jobs.prepare.Preparer` as the local engine and, with ``vectors``, asking
+the embedder for the same vectors as the local engine does (``store_tokens`` off: the vectors alone). Bad images
+become ``status="error"`` rows; they never raise.
 
 The Preparer brings the file rules with it (only regular files of sane size are opened, a non-image costs a
 header read). ``--image-timeout`` is not enforced here: an actor reads in threads (``decode_threads``), and a
@@ -22,10 +23,12 @@ from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
+import torch
 
 from phi3embed.core.embedder import Phi3VisionEmbedder, parse_dtype, resolve_device
 from phi3embed.core.preprocess import AlphaMode, Preprocessed
 from phi3embed.core.stages import DEFAULT_STAGE, Stage, stage_shape
+from phi3embed.core.vectors import parse_vectors
 from phi3embed.errors import CheckpointError
 from phi3embed.inputs.archives import Member
 from phi3embed.jobs.prepare import Preparer
@@ -50,6 +53,8 @@ class EncoderSpec:
     batch_size: int = 8  # crops per forward pass
     decode_threads: int = 0  # threads decoding the next images while the encoder runs (0 = inline)
     expect_fingerprint: str | None = None  # refuse to run on weights other than the driver's
+    vectors: tuple[str, ...] = ()  # vector kinds each row carries too (phi3embed.core.vectors)
+    store_tokens: bool = True  # False (--stage none): the vectors alone, no token matrices
 
     def runtime(self, device: str | None = None) -> Runtime:
         """The actors' :class:`~phi3embed.jobs.runtime.Runtime` (on ``device``: default this spec's)."""
@@ -93,6 +98,9 @@ class RayEncoder:
             self.embedder.preprocess_config, alpha=options.alpha, exif_transpose=options.exif_transpose
         )
         self._pool = ThreadPoolExecutor(spec.decode_threads) if spec.decode_threads > 0 else None
+        self.vectors = parse_vectors(spec.vectors) if spec.vectors else ()
+        if not spec.store_tokens and not self.vectors:
+            raise ValueError("an encoder that stores no token matrices must compute vectors")
 
     def _prepare(
         self, path: str, label: str, data: bytes | None, member: Member | None
@@ -116,11 +124,27 @@ class RayEncoder:
                 if item is not None:
                     yield i, item
 
-        for i, _item, emb in self.embedder.embed_stream(ready()):
+        for i, emb, vectors in self._encoded(ready()):
             row = rows[cast(int, i)]
-            stored = emb.to(self.out_dtype)
-            expected = stage_shape(self.embedder.stage, rows=row.rows, cols=row.cols, cfg=self.embedder.vision_config)
-            assert tuple(stored.shape) == expected, (stored.shape, expected)
-            row.encoded(stored, dtype=self.out_dtype_name)
+            stored = None
+            if emb is not None:
+                stored = emb.to(self.out_dtype)
+                cfg = self.embedder.vision_config
+                expected = stage_shape(self.embedder.stage, rows=row.rows, cols=row.cols, cfg=cfg)
+                assert tuple(stored.shape) == expected, (stored.shape, expected)
+            row.encoded(stored, dtype=self.out_dtype_name, vectors=vectors)
         assert len(rows) == len(tasks)
         return result_batch(batch, rows)
+
+    def _encoded(
+        self, items: Iterator[tuple[int, Preprocessed]]
+    ) -> Iterator[tuple[object, torch.Tensor | None, Mapping[str, torch.Tensor]]]:
+        """``(key, embeddings, vectors)`` per image, as the local engine asks the embedder for them: its
+        stream, with the vectors when the spec asks for them (and no embeddings with ``store_tokens`` off)."""
+        if not self.vectors:
+            for key, _, tokens in self.embedder.embed_stream(items):
+                yield key, tokens, {}
+            return
+        stage = "default" if self.spec.store_tokens else None
+        for key, _, embeddings, vectors in self.embedder.embed_vectors_stream(items, kinds=self.vectors, stage=stage):
+            yield key, embeddings, cast(Mapping[str, torch.Tensor], vectors)

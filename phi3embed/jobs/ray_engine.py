@@ -34,6 +34,7 @@ from phi3embed.core.checkpoint import resolve
 from phi3embed.core.config import parse_configs, usable_cpus
 from phi3embed.core.embedder import ImageOptions
 from phi3embed.core.model import Phi3VisionModel
+from phi3embed.core.vectors import parse_vectors
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
 from phi3embed.jobs.core import EngineInfo, JobSummary, Result
@@ -53,6 +54,7 @@ from phi3embed.jobs.ray_rows import (
 )
 from phi3embed.jobs.runtime import EngineOptions, decide, engine_info
 from phi3embed.outputs.formats import dtype_name
+from phi3embed.outputs.records import NO_STAGE
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -255,6 +257,8 @@ def plan(options: EngineOptions, *, announce: Callable[[str], None] = lambda lin
         batch_size=runtime.batch_size,
         decode_threads=runtime.workers,
         expect_fingerprint=fingerprint,
+        vectors=parse_vectors(options.vectors) if options.vectors else (),
+        store_tokens=options.store_tokens,
     )
     info = spec_info(spec, actors=actors, facts=(fingerprint, num_crops))
     line = f"{actors} Ray actor{'s' if actors != 1 else ''} on {device}, {{where}} ({int(cpus)} CPUs, {int(gpus)} GPUs)"
@@ -296,7 +300,8 @@ def spec_info(spec: EncoderSpec, *, actors: int, facts: tuple[str, int] | None =
         fingerprint=fingerprint,
         num_crops=num_crops,
         image=ImageOptions(alpha=spec.alpha, exif_transpose=spec.exif_transpose),
-        stage=spec.stage,
+        stage=spec.stage if spec.store_tokens or not spec.vectors else NO_STAGE,
+        vectors=parse_vectors(spec.vectors) if spec.vectors else (),
         workers=actors,
     )
 
@@ -364,8 +369,10 @@ class RayEngine:
             summary.preprocess_s += float(np.sum(batch["seconds"]))
             for row in decode_rows(batch):
                 source = todo[row.extra["index"]]
-                if row.ok and row.embedding is not None:
-                    yield Result(source, row.image_facts(), embeddings=HostResult(row.embedding))
+                embeddings = HostResult(row.embedding) if row.embedding is not None else None
+                vectors = {k: HostResult(v) for k, v in row.vectors.items()} if row.vectors else None
+                if row.ok and (embeddings is not None or vectors is not None):
+                    yield Result(source, row.image_facts(), embeddings=embeddings, vectors=vectors)
                 else:
                     yield Result(source, row.image_facts(), error=row.error)
 

@@ -5,7 +5,9 @@ inside an archive); an actor (:class:`phi3embed.jobs.ray_actor.RayEncoder`) read
 (:func:`read_inputs`) and returns one :class:`ResultRow` per image as RESULT_COLUMNS (:func:`result_batch`);
 the driver rebuilds them (:func:`decode_rows`). Embeddings travel as raw bytes + dtype + shape, because numpy (and
 so Arrow) has no bfloat16: the driver rebuilds the exact tensor the actor computed, so the files it writes are
-byte-identical to the local engine's.
+byte-identical to the local engine's. With ``--vectors`` each row also carries the image's float32 vectors, one
+bytes cell for all kinds and a cell naming each kind's width (:func:`vectors_cells`, :func:`vectors_from_cells`);
+with ``--stage none`` an ok row has vectors and no embedding.
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ RESULT_COLUMNS = (
     "sha256",  # of the source file's bytes ("" when they could not be read)
     "size",  # bytes of the source file (UNKNOWN when it could not be read)
     "mtime_ns",  # its modification time (UNKNOWN for bytes input or an unreadable file)
-    "dtype",  # stored dtype name of the embedding ("" for error rows)
+    "dtype",  # stored dtype name of the embedding ("" for error rows and --stage none)
     "shape",  # the stored tensor's shape as "d0,d1[,d2]" (its --stage: [T, D], [T, 4C] or [crops, g*g, C])
-    "embedding",  # raw bytes of the contiguous tensor (b"" for error rows)
+    "embedding",  # raw bytes of the contiguous tensor (b"" for error rows and --stage none)
+    "vector_kinds",  # with --vectors: "kind:width,..." in the order of the next column ("" without)
+    "vectors",  # the float32 vectors of those kinds, one after the other, as raw bytes (b"" without)
     "seconds",  # CPU time spent reading, decoding and tiling this image
 )
 
@@ -62,6 +66,29 @@ def embedding_from_bytes(data: bytes, *, dtype: str, shape: Sequence[int]) -> to
     """Inverse of :func:`embedding_bytes`: a CPU tensor of ``dtype`` and ``shape``."""
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return raw.view(parse_dtype(dtype)).reshape(tuple(shape))
+
+
+def vectors_cells(vectors: Mapping[str, torch.Tensor]) -> tuple[str, bytes]:
+    """One image's vectors (``{kind: [d]}``, as the embedder gives them) -> the ``vector_kinds`` and ``vectors`` cells:
+    ``"kind:width,..."`` and their float32 bytes, in the mapping's order. Float32 is what the local engine
+    hands its writer, so the writer stores the same values whichever engine computed them."""
+    kinds = ",".join(f"{kind}:{v.numel()}" for kind, v in vectors.items())
+    return kinds, b"".join(embedding_bytes(v.reshape(-1).float()) for v in vectors.values())
+
+
+def vectors_from_cells(kinds: str, data: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`vectors_cells`: ``{kind: float32 [d]}`` CPU tensors ({} for empty cells)."""
+    widths = [(kind, int(width)) for kind, width in (item.rsplit(":", 1) for item in kinds.split(",") if item)]
+    if 4 * sum(width for _, width in widths) != len(data):
+        raise ValueError(
+            f"vector cells disagree: {kinds!r} names {sum(w for _, w in widths)} floats, the row holds {len(data)} bytes"
+        )
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    for kind, width in widths:
+        out[kind] = embedding_from_bytes(data[start : start + 4 * width], dtype="float32", shape=[width])
+        start += 4 * width
+    return out
 
 
 @dataclass
@@ -83,6 +110,8 @@ class ResultRow:
     dtype: str = ""
     shape: str = ""
     embedding: bytes = b""
+    vector_kinds: str = ""
+    vectors: bytes = b""
     seconds: float = 0.0
 
     @classmethod
@@ -110,12 +139,18 @@ class ResultRow:
             seconds=prepared.seconds,
         )
 
-    def encoded(self, stored: torch.Tensor, *, dtype: str) -> None:
-        """The row of an image encoded into ``stored`` (its stored dtype named ``dtype``)."""
+    def encoded(
+        self, stored: torch.Tensor | None, *, dtype: str, vectors: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """The row of an image encoded into ``stored`` (its stored dtype named ``dtype``; None: --stage none)
+        and, with --vectors, its ``vectors`` (``{kind: float32 [d]}``)."""
         self.status = "ok"
-        self.dtype = dtype
-        self.shape = ",".join(str(n) for n in stored.shape)
-        self.embedding = embedding_bytes(stored)
+        if stored is not None:
+            self.dtype = dtype
+            self.shape = ",".join(str(n) for n in stored.shape)
+            self.embedding = embedding_bytes(stored)
+        if vectors:
+            self.vector_kinds, self.vectors = vectors_cells(vectors)
 
 
 _INT_COLUMNS = frozenset(k for k, v in ResultRow.__dataclass_fields__.items() if v.type == "int")
@@ -201,6 +236,7 @@ class EncodedImage:
     size: int | None
     mtime_ns: int | None
     embedding: torch.Tensor | None
+    vectors: dict[str, torch.Tensor] | None = None  # with --vectors: float32 [d] per kind (None without, or on error)
     extra: dict[str, Any] = field(default_factory=dict)  # pass-through input columns (e.g. a job index)
 
     @property
@@ -214,7 +250,7 @@ class EncodedImage:
     def facts(self) -> dict[str, Any]:
         """The manifest fields this row determines (not the embedding, not the extras)."""
         d = asdict(self)
-        for k in ("embedding", "extra", "path"):
+        for k in ("embedding", "vectors", "extra", "path"):
             d.pop(k)
         return d
 
@@ -230,13 +266,15 @@ def decode_rows(batch: Mapping[str, Any]) -> Iterator[EncodedImage]:
     extras = [k for k in batch if k not in RESULT_COLUMNS and k not in (PATH, BYTES, LABEL, MEMBER)]
     for i in range(n):
         ok = batch["status"][i] == "ok"
-        emb = None
-        if ok:
+        emb, vectors = None, None
+        if ok and str(batch["shape"][i]):  # --stage none: vectors alone
             emb = embedding_from_bytes(
                 batch["embedding"][i],
                 dtype=str(batch["dtype"][i]),
                 shape=[int(n) for n in str(batch["shape"][i]).split(",")],
             )
+        if ok and "vector_kinds" in batch and str(batch["vector_kinds"][i]):
+            vectors = vectors_from_cells(str(batch["vector_kinds"][i]), _blob(batch["vectors"][i]) or b"")
         h, w, r, c = (_known(batch[k][i]) for k in ("image_h", "image_w", "rows", "cols"))
         yield EncodedImage(
             path=str(batch[PATH][i]),
@@ -251,6 +289,7 @@ def decode_rows(batch: Mapping[str, Any]) -> Iterator[EncodedImage]:
             size=_known(batch["size"][i]),
             mtime_ns=_known(batch["mtime_ns"][i]),
             embedding=emb,
+            vectors=vectors,
             extra={k: _plain(batch[k][i]) for k in extras},
         )
 

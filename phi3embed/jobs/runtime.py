@@ -61,7 +61,7 @@ class EngineOptions:
     engine: EngineName = "local"
     address: str | None = None  # Ray: a running cluster; None: a private local instance, started when needed
     actors: int | None = None  # Ray: default one per GPU of the cluster; without GPUs one per CPU
-    vectors: tuple[str, ...] = ()  # vector kinds written beside the outputs (phi3embed.core.vectors); local only
+    vectors: tuple[str, ...] = ()  # vector kinds written beside the outputs (phi3embed.core.vectors)
     store_tokens: bool = True  # False: --stage none, only the vectors
 
 
