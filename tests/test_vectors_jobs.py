@@ -228,3 +228,37 @@ def test_shard_parts_combined(embedder: Phi3VisionEmbedder, images: Path, tmp_pa
     for i in range(2):
         run(embedder, select_shard(sources, i, 2), shared, shard=(i, 2))
     check_layout(shared, [s.name for s in sources], reference)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "pack"])
+def test_names_that_are_not_utf8_and_duplicates_in_packs(
+    embedder: Phi3VisionEmbedder, tmp_path: Path, reference: Any, fmt: str
+) -> None:
+    """A name that is not UTF-8 (and one with a newline) gets UTF-8 text in ``name`` and its exact bytes in
+    ``name_bytes``; open().vectors() gives the names the manifest has. In a pack run the first of a duplicate is
+    still waiting in its pack when the duplicate comes: the duplicate's row repeats its vectors all the same."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    odd = os.fsdecode(b"caf\xe9\nx.png")
+    shutil.copy(IMAGES[0], os.path.join(folder, odd))
+    shutil.copy(IMAGES[1], folder / "b.png")
+    shutil.copy(IMAGES[1], folder / "c_copy_of_b.png")
+    engine = LocalEngine(embedder, workers=0, vectors=VECTOR_KINDS)
+    pack = 1 << 20 if fmt == "pack" else None
+    settings = engine.info.output_settings(model=TINY_128K, format=fmt, pack_bytes=pack)  # type: ignore[arg-type]
+    store = OutputStore(tmp_path / "out", settings).open()
+    try:
+        summary = run_job(expand_inputs([str(folder)]), store, engine)
+    finally:
+        store.close()
+    assert summary.ok == 3 and summary.failed == 0
+    for kind in VECTOR_KINDS:
+        names, array = phi3embed.open(tmp_path / "out").vectors(kind)
+        assert sorted(names) == sorted([odd, "b.png", "c_copy_of_b.png"])
+        by_name = dict(zip(names, array, strict=True))
+        np.testing.assert_array_equal(by_name[odd], reference[kind][IMAGES[0].name])
+        np.testing.assert_array_equal(by_name["c_copy_of_b.png"], by_name["b.png"])
+        for meta in (tmp_path / "out" / "vectors" / kind / "metadata").glob("*.parquet"):
+            table = pq.read_table(meta)  # strict UTF-8 strings, or pyarrow would not have written them
+            assert os.fsencode(odd) in table.column("name_bytes").to_pylist()
+            assert "caf\\xe9\nx.png" in table.column("name").to_pylist()

@@ -224,7 +224,8 @@ class OutputStore:
             return self.write_error(source, f"{source.label}: same bytes as {first}, which failed: {why}", facts)
         if self.settings.vectors:  # a duplicate's row repeats the first's vectors
             assert self.vectors is not None
-            vectors = self.vectors.vectors_of(found)
+            # the first's vectors wait with it (its pack is not out yet), are held for their shard, or are on disk
+            vectors = self._waiting_vectors.get(found.name) or self.vectors.vectors_of(found)
             if vectors is None:
                 return self.write_error(source, f"{source.label}: same bytes as {first}, whose vectors are gone", facts)
             self._keep_vectors(source, vectors)

@@ -36,12 +36,14 @@ import torch
 
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
+from phi3embed.outputs.names import exact_bytes, from_bytes, readable
 from phi3embed.outputs.publish import OutputError, Publisher, save_npy
 from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, new_record
 
 VECTORS_DIR = "vectors"
 EMB_DIR, META_DIR = "img_emb", "metadata"
 METADATA_COLUMNS = ("name", "source", "width", "height", "sha256", "num_tokens", "duplicate_of")
+NAME_BYTES = "name_bytes"  # each row's name, exact bytes (``name`` is UTF-8 text: readable form where it is not)
 DEFAULT_SHARD_ROWS = 10_000
 DEFAULT_SHARD_SECONDS = 300.0  # rows wait at most this long for their shard (what a kill can cost)
 
@@ -64,20 +66,31 @@ def parquet_path(root: Path, kind: str, stem: str) -> Path:
 
 
 def metadata_table(records: Sequence[Record]) -> Any:
-    """The parquet metadata rows of ``records`` (one per row of the shard, in order)."""
+    """The parquet metadata rows of ``records`` (one per row of the shard, in order). Parquet strings are
+    UTF-8: a name (or source) that is not is written in its readable form (``\\xNN`` per byte, as the manifest
+    does), and ``name_bytes`` holds every name's exact bytes, so that a row always leads back to its image."""
     import pyarrow as pa
 
     ints = {"width", "height", "num_tokens"}
+
+    def cell(value: Any) -> Any:
+        return readable(value) if isinstance(value, str) else value
+
     columns = {
-        col: pa.array([getattr(r, col) for r in records], type=pa.int64() if col in ints else pa.string())
+        col: pa.array([cell(getattr(r, col)) for r in records], type=pa.int64() if col in ints else pa.string())
         for col in METADATA_COLUMNS
     }
+    columns[NAME_BYTES] = pa.array([exact_bytes(r.name) for r in records], type=pa.binary())
     return pa.table(columns)
 
 
 def read_names(path: Path) -> list[str]:
-    """The ``name`` column of one metadata parquet file."""
+    """The names of one metadata parquet file's rows, as the manifest's records have them (from ``name_bytes``
+    where the file has it; files written before it hold UTF-8 names in ``name``)."""
     pq = require_pyarrow()
+    schema = pq.read_schema(path)
+    if NAME_BYTES in schema.names:
+        return [from_bytes(n) for n in pq.read_table(path, columns=[NAME_BYTES]).column(NAME_BYTES).to_pylist()]
     return [str(n) for n in pq.read_table(path, columns=["name"]).column("name").to_pylist()]
 
 
