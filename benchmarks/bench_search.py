@@ -10,9 +10,9 @@ little noise. Printed per case:
 * per library: build time, search time per query (one query at a time, one thread), recall@10 against exact
   of the library's own top 10, and of the top 10 after scoring its 32 candidates exactly (what ``search`` with an
   index reports);
-* ``phi3embed`` = the ``phi3embed.core.ann.AnnIndex`` adapter (faiss ``IndexHNSWFlat``, float32), against the
-  same HNSW parameters (M 16, efConstruction 128, ef 128) in faiss with float16 codes and in usearch with
-  float32 and float16 storage.
+* ``phi3embed`` = the ``phi3embed.core.ann.AnnIndex`` adapter (faiss ``IndexHNSWSQ``, float16 codes), against
+  the same HNSW parameters (M 16, efConstruction 128, ef 128) in faiss with float32 vectors (``IndexHNSWFlat``)
+  and in usearch with float32 and float16 storage.
 
 Run: ``python benchmarks/bench_search.py --dims 1024,3072 --sizes 20000 --data random,clustered``
 (needs faiss-cpu, and usearch for its rows). Figures: benchmarks/RESULTS.md ("Search").
@@ -115,7 +115,7 @@ class Usearch:
 
 
 class Adapter:
-    """phi3embed.core.ann.AnnIndex (faiss IndexHNSWFlat in an IndexIDMap2)."""
+    """phi3embed.core.ann.AnnIndex (faiss IndexHNSWSQ, float16 codes, in an IndexIDMap2)."""
 
     def __init__(self, d: int) -> None:
         import faiss
@@ -133,20 +133,9 @@ class Adapter:
         self.faiss.omp_set_num_threads(n)
 
 
-class FaissSQ16(Faiss):
-    """faiss HNSW over float16 codes (half the memory of the vectors)."""
-
-    def __init__(self, d: int) -> None:
-        import faiss
-
-        self.faiss = faiss
-        self.index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, ann.CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
-        self.index.hnsw.efConstruction = ann.EXPANSION_ADD
-
-
 LIBS: dict[str, Callable[[int], object]] = {
     "phi3embed": Adapter,
-    "faiss-hnsw-sq16": FaissSQ16,
+    "faiss-hnsw-flat": Faiss,
     "usearch-f32": lambda d: Usearch(d, "f32"),
     "usearch-f16": lambda d: Usearch(d, "f16"),
 }

@@ -1,7 +1,9 @@
 """The approximate nearest-neighbour index: one adapter over the library (faiss), imported only when used.
 
-An HNSW graph (faiss ``IndexHNSWFlat`` under an ``IndexIDMap2``, so vectors carry our integer keys) over
-unit-length vectors; similarity is the inner product, i.e. cosine for the normalised vectors the callers give
+An HNSW graph (faiss ``IndexHNSWSQ`` under an ``IndexIDMap2``, so vectors carry our integer keys) over
+unit-length vectors kept as float16 codes (half the memory of float32, the same recall in
+benchmarks/RESULTS.md; the callers score the candidates again exactly from the stored vectors); similarity is
+the inner product, i.e. cosine for the normalised vectors the callers give
 (phi3embed.core.similarity.normalize). A saved index is memory-mapped for searching. faiss cannot remove a
 vector from an HNSW graph: the callers forget its key instead (phi3embed.outputs.vector_index). Why faiss and
 these settings: benchmarks/RESULTS.md ("Search").
@@ -40,12 +42,12 @@ class AnnIndex:
 
     def __init__(self, index: Any) -> None:
         self._index = index
-        self._graph = _faiss().downcast_index(index.index)  # the IndexHNSWFlat inside the key map
+        self._graph = _faiss().downcast_index(index.index)  # the IndexHNSWSQ inside the key map
 
     @classmethod
     def new(cls, dim: int) -> AnnIndex:
         faiss = _faiss()
-        graph = faiss.IndexHNSWFlat(dim, CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
+        graph = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = EXPANSION_ADD
         return cls(faiss.IndexIDMap2(graph))
 

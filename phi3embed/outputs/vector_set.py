@@ -124,7 +124,7 @@ class VectorSet:
             if lo >= hi:
                 continue
             if shard.whole:
-                parts.append(np.asarray(array[lo - shard.first : hi - shard.first]))
+                parts.append(array[lo - shard.first : hi - shard.first])  # still memory-mapped
             else:
                 parts.append(np.asarray(array[shard.rows[lo - shard.first : hi - shard.first]]))
         if not parts:
