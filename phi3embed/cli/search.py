@@ -71,9 +71,11 @@ def search_command(
 ) -> None:
     """The images of DIR most similar to each QUERY, by cosine similarity of their vectors (encode --vectors).
 
-    A QUERY naming an image of DIR uses its stored vector and is left out of its own results. Search is exact
-    unless `phi3embed index` built an index that is still up to date. Exit code 0 when every query was
-    searched, 1 when some could not be, 2 on usage, DIR, model or index problems.
+    A QUERY naming an image of DIR uses its stored vector and is left out of its own results.
+
+    Search compares every vector unless `phi3embed index` built an index that is still up to date.
+
+    Exit code 0 when every query was searched, 1 when some could not be, 2 on usage, DIR, model or index problems.
     """
 
     def work() -> "tuple[list[Query], list[list[Hit] | None]]":
@@ -121,8 +123,10 @@ def neighbors_command(
 ) -> None:
     """Groups of near-duplicate images: pairs whose vectors have a cosine of at least --threshold, joined.
 
-    Without an index every pair is compared, a block at a time (memory stays bounded; time grows with the
-    square of the images); with a fresh index (`phi3embed index DIR`) each image's --candidates nearest are.
+    Without an index every pair is compared, a block at a time (bounded memory; time grows as images squared).
+
+    With an up-to-date index (`phi3embed index DIR`) each image's --candidates nearest images are compared.
+
     A group's `weakest` is the lowest cosine among its pairs.
     """
 
@@ -151,9 +155,9 @@ def index_command(
 ) -> None:
     """Build (or bring up to date) the approximate index of DIR's vectors, saved in DIR/vectors/KIND/index/.
 
-    After another encode run the index is extended (vectors of new or changed images added, those gone
-    removed). `search` and `neighbors` use it while it is up to date. Needs usearch:
-    pip install 'phi3embed[index]'.
+    After another encode run the index is extended: new and changed images added, those gone forgotten.
+
+    `search` and `neighbors` use it while it is up to date. Needs faiss: pip install 'phi3embed[index]'.
     """
     from rich.console import Console
 
