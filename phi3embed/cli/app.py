@@ -29,6 +29,7 @@ from phi3embed.cli.errors import FAILED, INTERRUPTED, OK, TERMINATED, USAGE, Usa
 from phi3embed.cli.inspect_commands import register as register_inspect_commands
 from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, Alpha, ImageColumn, OutDType, Revision
 from phi3embed.cli.plan import STAGE_HELP
+from phi3embed.cli.search import register as register_search_commands
 from phi3embed.core.stages import DEFAULT_STAGE, STAGES
 from phi3embed.jobs.runtime import DEFAULT_IMAGE_TIMEOUT, ENGINES
 
@@ -61,6 +62,7 @@ app = typer.Typer(
 # the inspection commands (plan, preview, info) and combine live in their own modules
 register_inspect_commands(app)
 register_combine_commands(app)
+register_search_commands(app)
 
 
 @app.callback()

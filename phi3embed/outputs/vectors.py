@@ -306,31 +306,13 @@ def read_vectors(root: str | os.PathLike[str], kind: str, latest: Mapping[str, R
 
     One shard whose rows are exactly those (the usual case after a run that ended) is memory-mapped; otherwise
     the rows are gathered into one array. ``latest``: name -> latest record (relative outputs as ``root``'s).
+    The live rows are found by :class:`phi3embed.outputs.vector_set.VectorSet`.
     """
-    folder = Path(root)
-    where: dict[str, list[tuple[int, str]]] = {}  # stem -> (row, name)
-    for name, rec in latest.items():
-        if rec.ok and rec.vectors is not None and rec.vector_row is not None and kind in (rec.vector_kinds or ()):
-            where.setdefault(rec.vectors, []).append((rec.vector_row, name))
-    if not where:
-        kinds = sorted({k for r in latest.values() for k in (r.vector_kinds or ())})
-        raise Phi3EmbedError(
-            f"no {kind!r} vectors here (written: {', '.join(kinds) or 'none'}; encode --vectors {kind})", path=folder
-        )
-    names: list[str] = []
-    parts: list[np.ndarray] = []
-    for stem in sorted(where):
-        path = npy_path(folder, kind, stem)
-        if not path.is_file():
-            raise Phi3EmbedError(f"vector shard {path.relative_to(folder)} is missing", path=folder)
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-        rows = sorted(where[stem])
-        if [r for r, _ in rows] == list(range(array.shape[0])):
-            parts.append(array)
-        else:
-            parts.append(np.asarray(array[[r for r, _ in rows]]))
-        names.extend(n for _, n in rows)
-    vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    from phi3embed.outputs.vector_set import VectorSet
+
+    vset = VectorSet(Path(root), kind, latest)
+    names = list(vset.names)
+    vectors = vset.rows(0, len(vset))  # one whole shard: a slice of its memory map
     order = sorted(range(len(names)), key=names.__getitem__)
     if order != list(range(len(names))):
         vectors = vectors[order]
