@@ -82,6 +82,23 @@ class WriteOnly:
         return self._fh.write(data)
 
 
+def write_file_atomically(final: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """``write`` a file that is not a job's output (a combined vector shard, an index) into place whole: a temp
+    file beside ``final`` (its folder made), fsync, rename. Phi3EmbedError naming the file when that fails."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise Phi3EmbedError(f"cannot write {final}: {exc.strerror or exc}", path=final) from None
+
+
 def save_npy(fh: IO[bytes], array: Any) -> None:
     """``np.save`` of ``array`` into ``fh`` through Python's ``write`` (:class:`WriteOnly`)."""
     import numpy as np

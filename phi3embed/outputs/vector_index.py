@@ -30,13 +30,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from phi3embed.core.ann import LIBRARY, AnnIndex, library_version
 from phi3embed.core.similarity import normalize
 from phi3embed.errors import Phi3EmbedError
+from phi3embed.outputs.publish import write_file_atomically
 from phi3embed.outputs.records import Record
 from phi3embed.outputs.vector_set import VectorSet
 from phi3embed.outputs.vectors import require_pyarrow
@@ -225,7 +226,7 @@ def _save(folder: Path, vset: VectorSet, ann: AnnIndex, keys_of_ids: np.ndarray,
             "content": pa.array([content_of(vset.records[n]) for n in vset.names], type=pa.string()),
         }
     )
-    _atomic(folder / f"{build}.keys.parquet", lambda fh: pq.write_table(table, fh))
+    write_file_atomically(folder / f"{build}.keys.parquet", lambda fh: pq.write_table(table, fh))
     meta = {
         "format": FORMAT,
         "library": LIBRARY,
@@ -237,7 +238,7 @@ def _save(folder: Path, vset: VectorSet, ann: AnnIndex, keys_of_ids: np.ndarray,
         "dead": dead,
         "build": build,
     }
-    _atomic(folder / META, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
+    write_file_atomically(folder / META, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
     _sync_dir(folder)
     for entry in folder.iterdir():  # earlier builds and what killed builds left
         if entry.name not in (META, graph.name, f"{build}.keys.parquet", LOCK) and entry.is_file():
@@ -252,19 +253,6 @@ def _locked(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             raise Phi3EmbedError("another phi3embed index is building this index", path=folder) from None
         yield
-
-
-def _atomic(final: Path, write: Callable[[IO[bytes]], object]) -> None:
-    tmp = final.with_name(f".{final.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise Phi3EmbedError(f"cannot write {final.name}: {exc.strerror or exc}", path=final.parent) from None
 
 
 def _sync_file(path: Path) -> None:

@@ -37,7 +37,7 @@ import torch
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.names import exact_bytes, from_bytes, readable
-from phi3embed.outputs.publish import OutputError, Publisher, save_npy
+from phi3embed.outputs.publish import OutputError, Publisher, save_npy, write_file_atomically
 from phi3embed.outputs.records import ImageFacts, OutputSettings, Record, new_record
 
 VECTORS_DIR = "vectors"
@@ -375,10 +375,10 @@ def combine_vectors(
         chosen = [records[i][0] for i in chunk]
         for kind in kinds:
             array = np.stack([_row(records[i][1], kind, records[i][0]) for i in chunk])  # (n, d)
-            _atomic(npy_path(folder, kind, stem), functools.partial(_write_npy, array))
+            write_file_atomically(npy_path(folder, kind, stem), functools.partial(_write_npy, array))
         table = metadata_table(chosen)
         for kind in kinds:
-            _atomic(parquet_path(folder, kind, stem), functools.partial(_write_parquet, pq, table))
+            write_file_atomically(parquet_path(folder, kind, stem), functools.partial(_write_parquet, pq, table))
         for j, i in enumerate(chunk):
             out[i] = replace(out[i], vectors=stem, vector_row=j)
     return out
@@ -391,17 +391,3 @@ def _row(root: Path, kind: str, record: Record) -> np.ndarray:
         return np.array(np.load(path, mmap_mode="r", allow_pickle=False)[record.vector_row])
     except (OSError, ValueError, IndexError) as exc:
         raise Phi3EmbedError(f"cannot read the {kind} vector of {record.name}: {exc}", path=path) from None
-
-
-def _atomic(final: Path, write: Callable[[IO[bytes]], None]) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise Phi3EmbedError(f"cannot write {final}: {exc.strerror or exc}", path=final) from None
