@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -20,6 +20,9 @@ import typer
 from typer.testing import CliRunner
 
 from phi3embed.cli.inspect_commands import register
+
+if TYPE_CHECKING:
+    from phi3embed.outputs.records import OutputSettings
 
 REPO = Path(__file__).resolve().parent.parent
 IN_REPO_GOLDEN = REPO / "tests" / "data" / "golden"
@@ -124,3 +127,15 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     """A CLI runner that does not see the caller's PHI3EMBED_MODEL."""
     monkeypatch.delenv("PHI3EMBED_MODEL", raising=False)
     return CliRunner()
+
+
+def output_settings(**over: Any) -> OutputSettings:
+    """OutputSettings of a made-up model (float32, 4 crops) for writer and store tests; ``over`` replaces fields."""
+    import torch
+
+    from phi3embed.outputs.records import OutputSettings
+
+    base: dict[str, Any] = dict(
+        model="tiny", fingerprint="f" * 32, num_crops=4, dtype=torch.float32, compute_dtype=torch.float32
+    )
+    return OutputSettings(**{**base, **over})

@@ -13,20 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import output_settings as settings
 
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs import manifest as manifest_module
 from phi3embed.outputs.manifest import MANIFEST, iter_manifest
 from phi3embed.outputs.publish import TMP_DIR, OutputError, Publisher, WriteOnly, output_failure
-from phi3embed.outputs.records import ImageFacts, OutputSettings
+from phi3embed.outputs.records import ImageFacts
 from phi3embed.outputs.store import OutputStore
-
-
-def settings(**over: Any) -> OutputSettings:
-    base: dict[str, Any] = dict(
-        model="tiny", fingerprint="f" * 32, num_crops=4, dtype=torch.float32, compute_dtype=torch.float32
-    )
-    return OutputSettings(**{**base, **over})
 
 
 @pytest.mark.parametrize(

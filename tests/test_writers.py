@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import output_settings as settings
 from safetensors import safe_open
 
 import phi3embed
@@ -17,15 +17,8 @@ from phi3embed.errors import ConfigError
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.manifest import MANIFEST, iter_manifest
 from phi3embed.outputs.publish import TMP_DIR, OutputError
-from phi3embed.outputs.records import ImageFacts, OutputSettings, Record
+from phi3embed.outputs.records import ImageFacts, Record
 from phi3embed.outputs.store import OutputStore
-
-
-def settings(**over: Any) -> OutputSettings:
-    base: dict[str, Any] = dict(
-        model="tiny", fingerprint="f" * 32, num_crops=4, dtype=torch.float32, compute_dtype=torch.float32
-    )
-    return OutputSettings(**{**base, **over})
 
 
 @pytest.fixture
