@@ -71,11 +71,15 @@ def test_the_version_is_written_once() -> None:
     assert "version" not in PROJECT and "version" in PROJECT["dynamic"]
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]["version"]
     assert config == {"attr": "phi3embed.__version__"}
-    try:
-        dist = importlib.metadata.distribution("phi3embed")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("phi3embed is not installed (run from the tree through PYTHONPATH)")
-    origin = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
-    if origin != REPO.as_uri():
-        pytest.skip(f"the installed phi3embed was built from {origin or 'an archive'}, not from this tree")
-    assert dist.version == phi3embed.__version__
+    # every metadata of this tree's build: the installed one (editable: direct_url.json names the tree) and the
+    # egg-info setuptools leaves in the tree, which is on sys.path first when pytest runs from the repository
+    built_here = [
+        dist
+        for dist in importlib.metadata.distributions(name="phi3embed")
+        if json.loads(dist.read_text("direct_url.json") or "{}").get("url") == REPO.as_uri()
+        or REPO in Path(str(dist.locate_file(""))).resolve().parents
+        or Path(str(dist.locate_file(""))).resolve() == REPO
+    ]
+    if not built_here:
+        pytest.skip("phi3embed is not installed from this tree (run through PYTHONPATH, or built from an archive)")
+    assert {dist.version for dist in built_here} == {phi3embed.__version__}
