@@ -57,7 +57,9 @@ class FakeHub:
         self.repos = repos
         self.refs = refs
         self.lock = threading.Lock()
-        self.served: Counter[str] = Counter()  # body bytes sent, by file name
+        self._idle = threading.Condition(self.lock)  # notified when no answer is being written
+        self._answering = 0
+        self._served: Counter[str] = Counter()  # body bytes sent, by file name
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.ignore_range = False
         self.break_after: int | None = None  # weight-file body bytes to send before breaking connections
@@ -96,16 +98,42 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
+    def _quiet(self) -> None:
+        """Wait (lock held) until no answer is being written: a client may have read the last byte before the
+        handler thread counted it, so counts are read and reset only between answers."""
+        if not self._idle.wait_for(lambda: self._answering == 0, timeout=30):
+            raise TimeoutError("the fake hub is still answering a request after 30 s")
+
     def reset_counts(self) -> None:
         with self.lock:
-            self.served.clear()
+            self._quiet()
+            self._served.clear()
             self.requests.clear()
 
     @property
     def weight_bytes_served(self) -> int:
-        return sum(n for name, n in self.served.items() if name.endswith(".safetensors"))
+        with self.lock:
+            self._quiet()
+            return sum(n for name, n in self._served.items() if name.endswith(".safetensors"))
+
+    @property
+    def served(self) -> Counter[str]:
+        """Body bytes sent so far, by file name (a copy, taken between answers)."""
+        with self.lock:
+            self._quiet()
+            return Counter(self._served)
 
     def _answer(self, h: BaseHTTPRequestHandler, *, body: bool) -> None:
+        with self.lock:
+            self._answering += 1
+        try:
+            self._respond(h, body=body)
+        finally:
+            with self.lock:
+                self._answering -= 1
+                self._idle.notify_all()
+
+    def _respond(self, h: BaseHTTPRequestHandler, *, body: bool) -> None:
         path = h.path.split("?")[0]
         with self.lock:
             self.requests.append((h.command, path, h.headers.get("Range")))
@@ -159,7 +187,7 @@ class FakeHub:
                     data = fh.read(n)
                     h.wfile.write(data)
                     with self.lock:
-                        self.served[name] += len(data)
+                        self._served[name] += len(data)
                         if name.endswith(".safetensors"):
                             self._weight_bytes += len(data)
                     pos += len(data)
