@@ -320,11 +320,18 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
     from phi3embed.inputs.listing import list_inputs, select_shard
 
     try:
-        listing = list_inputs(inputs, exclude=[str(opts.out)], image_column=opts.image_column)
+        listing = list_inputs(
+            inputs,
+            exclude=[str(opts.out)],
+            image_column=opts.image_column,
+            finished_archive=None,  # the output store's per-archive completion records, once it keeps them
+            shard=opts.shard_spec,
+        )
     except OSError as exc:
         raise UsageError(f"cannot read the inputs: {exc}") from None
     sources = listing.sources
-    listed = len(sources)
+    done = listing.finished_images  # finished archives (of this shard): listed, every image skipped
+    listed = len(sources) + done
     if opts.shard_spec is not None:
         sources = select_shard(sources, *opts.shard_spec)
 
@@ -334,7 +341,7 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
 
     console = Console(stderr=True)
     notes = listing_notes(listing)
-    if not sources:
+    if not sources and not done:
         if not opts.quiet:
             extra = f" in shard {opts.shard} ({listed} images in all)" if opts.shard_spec else ""
             extra += f"; {skipped_special(listing.special)}" if listing.special else ""
@@ -354,14 +361,22 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
         announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"),
         loading=loading,
     )
-    return _run(engine, sources, opts, console=console, special=listing.special, notes=notes)
+    return _run(engine, sources, opts, console=console, special=listing.special, notes=notes, already_done=done)
 
 
 def _run(
-    engine: Any, sources: list[Any], opts: _EncodeOptions, *, console: Any, special: int = 0, notes: Sequence[str] = ()
+    engine: Any,
+    sources: Sequence[Any],
+    opts: _EncodeOptions,
+    *,
+    console: Any,
+    special: int = 0,
+    notes: Sequence[str] = (),
+    already_done: int = 0,
 ) -> int:
     """Open the store, run the job, render the summary (``special``: special files the listing skipped;
-    ``notes``: its other lines about the listing); the exit code."""
+    ``notes``: its other lines about the listing; ``already_done``: images of finished archives, not
+    listed one by one); the exit code."""
     from phi3embed.cli.progress import ProgressReporter, RunInfo, manifest_note, render_summary, say
     from phi3embed.jobs.core import run_job
     from phi3embed.outputs.formats import dtype_name
@@ -381,7 +396,9 @@ def _run(
         closing: OutputError | None = None
         try:
             reporter = ProgressReporter(console, show_progress=not quiet)
-            summary = run_job(sources, store, engine, reporter=reporter, dedup=not opts.no_dedup)
+            summary = run_job(
+                sources, store, engine, reporter=reporter, dedup=not opts.no_dedup, already_done=already_done
+            )
         finally:
             try:
                 store.close()  # the last pack is written here: a full disk may refuse it

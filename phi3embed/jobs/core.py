@@ -377,17 +377,21 @@ def run_job(
     file_threads: int = 4,
     max_errors_kept: int = 5,
     dedup: bool = True,
+    already_done: int = 0,
 ) -> JobSummary:
     """Encode every source not already done in ``store`` (opened by the caller) with ``engine``.
+
+    ``already_done``: images the listing counted as done without listing them (the images of finished
+    archives, :attr:`phi3embed.inputs.listing.Listing.finished_images`): listed and skipped in the summary.
 
     ``file_threads`` per-image output files are written at once (records still go to the manifest in order).
     ``dedup``: images with the bytes of an earlier image of the job, or of an ok output of an earlier run
     with the same settings, share that output instead of being encoded (:mod:`phi3embed.jobs.dedup`).
     See the module docstring for how a job ends.
     """
-    summary = JobSummary(listed=len(sources))
-    todo = [s for s in sources if not store.is_done(s)]
-    summary.skipped = len(sources) - len(todo)
+    summary = JobSummary(listed=len(sources) + already_done)
+    todo = [s for s in sources if not store.is_done(s)]  # one pass: a lazy listing makes one Source at a time
+    summary.skipped = summary.listed - len(todo)
     duplicates = Duplicates(store.index, todo) if dedup else None
     if duplicates is not None and isinstance(engine, SkipsDuplicates):
         engine.skip_duplicates(duplicates)
