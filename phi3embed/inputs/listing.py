@@ -32,6 +32,14 @@ counted (:attr:`Listing.looping_links`).
 Names never contain ``..`` or start with ``/``, so an output can never escape the output directory.
 ``select_shard`` splits the list for job arrays by a stable hash of each name (of the archive's name for the
 images inside one, so that a part reads only its own archives).
+
+Ten million images fit: the listing holds no :class:`Source` per image (:class:`SourceList`). Each INPUT keeps
+one ``str`` per loose image, its name (the path is the INPUT's prefix plus the name), and each archive its
+members; a Source is made when the list is read. Equal names are found by sorting their hashes (no dict of
+all names); the list is sorted per INPUT, and the INPUTs are put one after another, or merged into one array
+of positions when their names interleave. An archive whose images are all done (the ``finished_archive``
+hook of :func:`list_inputs`, asked before the archive is opened) is only counted
+(:attr:`Listing.finished_archives`).
 """
 
 from __future__ import annotations
@@ -372,13 +380,19 @@ def _drop_repeats(segments: list[_Segment], base: str) -> None:
         return
     starts = np.cumsum([0, *counts], dtype=np.int64)
     hashes = np.empty(total, np.int64)
-    for segment, start, count in zip(segments, starts.tolist(), counts, strict=False):
-        hashes[start : start + count] = np.fromiter(map(hash, segment.names), np.int64, count)
+
+    def fill() -> None:
+        for segment, start, count in zip(segments, starts.tolist(), counts, strict=False):
+            hashes[start : start + count] = np.fromiter(map(hash, segment.names), np.int64, count)
+
+    fill()
+    hashes.sort()  # in place: the usual answer (no two equal) costs 8 bytes per image
+    if not (hashes[1:] == hashes[:-1]).any():
+        return
+    fill()
     order = np.argsort(hashes, kind="stable")  # equal hashes together, in listing order
     hashes = hashes[order]
     same = hashes[1:] == hashes[:-1]
-    if not same.any():
-        return
     del hashes
     in_run = np.zeros(total, bool)
     in_run[:-1] |= same
