@@ -379,17 +379,17 @@ def _drop_repeats(segments: list[_Segment], base: str) -> None:
     if total < 2:
         return
     starts = np.cumsum([0, *counts], dtype=np.int64)
-    hashes = np.empty(total, np.int64)
 
-    def fill() -> None:
+    def fill(hashes: np.ndarray) -> np.ndarray:
         for segment, start, count in zip(segments, starts.tolist(), counts, strict=False):
             hashes[start : start + count] = np.fromiter(map(hash, segment.names), np.int64, count)
+        return hashes
 
-    fill()
+    hashes = fill(np.empty(total, np.int64))
     hashes.sort()  # in place: the usual answer (no two equal) costs 8 bytes per image
     if not (hashes[1:] == hashes[:-1]).any():
         return
-    fill()
+    hashes = fill(hashes)
     order = np.argsort(hashes, kind="stable")  # equal hashes together, in listing order
     hashes = hashes[order]
     same = hashes[1:] == hashes[:-1]
