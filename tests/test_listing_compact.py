@@ -289,10 +289,10 @@ def test_no_source_object_is_held_per_image(tmp_path: Path) -> None:
     for i in range(3000):
         (tmp_path / f"{i:05d}.png").write_bytes(b"")
     gc.collect()
-    before = sum(isinstance(o, Source) for o in gc.get_objects())
+    before = sum(type(o) is Source for o in gc.get_objects())
     listing = list_inputs([str(tmp_path)])
     gc.collect()
-    held = sum(isinstance(o, Source) for o in gc.get_objects()) - before
+    held = sum(type(o) is Source for o in gc.get_objects()) - before
     assert len(listing.sources) == 3000 and held < 10
     assert sum(1 for _ in listing.sources) == 3000
 
