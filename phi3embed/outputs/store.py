@@ -33,6 +33,9 @@ from phi3embed.outputs.records import NO_STAGE, ImageFacts, OutputSettings, Reco
 from phi3embed.outputs.resume import ResumeIndex
 from phi3embed.outputs.vectors import VECTORS_DIR, VectorOnlyWriter, VectorShards, require_pyarrow
 
+#: A rebuilt index file is written at once (not only when the run ends) when it took this many manifest lines.
+LOAD_SAVE_LINES = 10_000
+
 
 class EmbeddingWriter(Protocol):
     """Where one image's embeddings go: per-image files or packs."""
@@ -90,11 +93,8 @@ class OutputStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.publisher.open()
-            unreadable: list[int] = []
-            for record in iter_manifest(self.manifest.path, unreadable):
-                self.manifest.count(record)
-                self.index.note(record)
-            self.unreadable_lines = len(unreadable)
+            self.unreadable_lines = self.index.load(save=LOAD_SAVE_LINES)
+            self.manifest.attempts_before = self.index.attempts
             self.manifest.open()
             if isinstance(self.writer, PackWriter):
                 missing = self.writer.recover(iter_manifest(self.manifest.path))
@@ -155,6 +155,8 @@ class OutputStore:
                     self.manifest.close()
                 except OSError as exc:
                     failure = failure or output_failure(exc, self.root, "syncing manifest.jsonl")
+                if failure is None:
+                    self.index.save()  # the columns for the next run (a cache: failing to write it is no failure)
         finally:
             self.publisher.close()
         if failure is not None:
