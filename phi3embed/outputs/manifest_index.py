@@ -386,7 +386,8 @@ class ManifestIndex:
                 fh.write(_MAGIC + struct.pack("<Q", len(head)) + head)
                 for _, a in arrays:
                     fh.write(b"\0" * (-fh.tell() % 8))
-                    fh.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+                    if a.size:
+                        fh.write(np.ascontiguousarray(a).data.cast("B"))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
