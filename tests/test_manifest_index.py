@@ -190,3 +190,26 @@ def test_a_read_only_folder_keeps_working_without_an_index_file(tmp_path: Path) 
         assert not (out / (MANIFEST + INDEX_SUFFIX)).exists() or os.geteuid() == 0
     finally:
         os.chmod(out, 0o755)
+
+
+def test_open_reads_the_index_file_and_writes_it_when_it_had_to_read_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import phi3embed
+    from phi3embed.outputs import mapping
+
+    sources = _sources(tmp_path / "imgs")
+    out = tmp_path / "emb"
+    _run(out, output_settings(), sources, random.Random(5))
+    latest, _, _ = plain_latest(out / MANIFEST)
+    index_file = out / (MANIFEST + INDEX_SUFFIX)
+    with_file = phi3embed.open(out)
+    index_file.unlink()
+    monkeypatch.setattr(mapping, "REBUILD_SAVE_BYTES", 1)
+    rebuilt = phi3embed.open(out)
+    assert index_file.exists()  # written back by the opening that had to read every line
+    ok = sorted((n for n, r in latest.items() if r.ok), key=exact_bytes)
+    for store in (with_file, rebuilt):
+        assert list(store) == ok and store.failed == sorted(n for n, r in latest.items() if not r.ok)
+        for name in ok:
+            assert torch.equal(store[name], with_file[name]) and store.record(name) == latest[name]

@@ -34,17 +34,22 @@ from typing import Any
 
 import numpy as np
 
+from phi3embed.core.stages import DEFAULT_STAGE
 from phi3embed.outputs.names import exact_bytes, from_bytes, output_path
-from phi3embed.outputs.records import Record, Signature
+from phi3embed.outputs.records import SIGNATURE_FIELDS, Record, Signature
+
+_ROW_FIELDS = ("name", "status", "output", "key", "format", "output_size", "size", "mtime_ns", "vectors",
+               "vector_kinds", "sha256", *SIGNATURE_FIELDS)  # fmt: skip
 
 INDEX_SUFFIX = ".idx"
 _MAGIC = b"PHI3EMBED-INDEX\n"
 _VERSION = 1
+_decode = json.JSONDecoder().decode
 _EDGE = 4096  # bytes hashed at each end of the covered manifest
 _CHUNK = 250_000  # new names merged into the columns at a time (bounds the memory of a rebuild)
 NONE = np.iinfo(np.int64).min  # an integer field the record does not have
 
-_PLAIN, _STORED, _LITERAL = 0, 1, 2  # output = prefix + name + suffix / prefix + output_path(name, suffix) / prefix
+PLAIN, STORED, LITERAL = 0, 1, 2  # output = prefix + name + suffix / prefix + output_path(name, suffix) / prefix
 Template = tuple[str, str, int]
 NO_KEY, KEY_IS_NAME = -1, -2  # key codes besides indices into the interned keys
 FAST_FORMATS = ("npy", "safetensors")
@@ -70,26 +75,26 @@ OPEN_COLUMNS = ("line", "status", "out_id", "key_id")
 
 def file_template(name: str, output: str) -> Template:
     """How ``output`` follows from ``name`` (per-image files, also under a combined manifest's ``../part-3/``):
-    ``(prefix, suffix, _PLAIN)`` around the name, ``(prefix, suffix, _STORED)`` around the storable form of a
-    name that could not be stored as it is, else ``(output, "", _LITERAL)`` (a pack file)."""
+    ``(prefix, suffix, PLAIN)`` around the name, ``(prefix, suffix, STORED)`` around the storable form of a
+    name that could not be stored as it is, else ``(output, "", LITERAL)`` (a pack file)."""
     dot = output.rfind(".")
     stem = output[:dot] if dot >= 0 else output
     if stem.endswith(name):
-        return output[: len(stem) - len(name)], output[len(stem) :], _PLAIN
+        return output[: len(stem) - len(name)], output[len(stem) :], PLAIN
     if "~" in output:  # every storable form has one (a pack file's name has none)
         suffix = output[dot:] if dot >= 0 else ""
         stored = output_path(name, suffix)
         if output.endswith(stored) and stored != name + suffix:
-            return output[: len(output) - len(stored)], suffix, _STORED
-    return output, "", _LITERAL
+            return output[: len(output) - len(stored)], suffix, STORED
+    return output, "", LITERAL
 
 
 def template_output(template: Template, name: str) -> str:
     """The output a template gives for ``name`` (inverse of :func:`file_template`)."""
     prefix, suffix, how = template
-    if how == _LITERAL:
+    if how == LITERAL:
         return prefix
-    return prefix + (name + suffix if how == _PLAIN else output_path(name, suffix))
+    return prefix + (name + suffix if how == PLAIN else output_path(name, suffix))
 
 
 class SortedNames(Sequence[bytes]):
@@ -151,6 +156,7 @@ class ManifestIndex:
         self.unreadable = 0  # complete lines that are not records
         self.signatures: list[Signature] = []
         self._sig_ids: dict[Signature, int] = {}
+        self._stated_sig: dict[tuple[Any, ...], int] = {}  # signature fields as a line states them -> id
         self.templates: list[Template] = []
         self._template_ids: dict[Template, int] = {}
         self.keys: list[str] = []
@@ -192,22 +198,43 @@ class ManifestIndex:
         tail = fh.read(covered - max(0, covered - _EDGE))
         return hashlib.blake2b(head, digest_size=16).hexdigest(), hashlib.blake2b(tail, digest_size=16).hexdigest()
 
+    @classmethod
+    def uncovered(cls, manifest: str | os.PathLike[str]) -> int:
+        """Bytes of ``manifest`` its index file does not cover (all of them without a valid one): what a load
+        would have to read."""
+        index = cls(Path(manifest), ())
+        try:
+            size = os.stat(index.manifest).st_size
+            with open(index.path, "rb") as fh:
+                meta = index._meta(fh)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            return size if "size" in locals() else 0
+        return size - int(meta["covered"]) if meta is not None else size
+
+    def _meta(self, fh: Any) -> dict[str, Any] | None:
+        """The index file's description when it is ours and still describes the manifest's first bytes."""
+        if fh.read(len(_MAGIC)) != _MAGIC:
+            return None
+        (meta_len,) = struct.unpack("<Q", fh.read(8))
+        if meta_len > 1 << 30:
+            return None
+        meta = json.loads(fh.read(meta_len))
+        if not isinstance(meta, dict) or meta.get("version") != _VERSION:
+            return None
+        covered = int(meta["covered"])
+        with open(self.manifest, "rb") as mf:
+            if os.fstat(mf.fileno()).st_size < covered or self._edges(mf, covered) != tuple(meta["edges"]):
+                return None  # replaced, shortened or edited: read it again
+        return meta
+
     def _read_file(self) -> None:
         """Take the columns from the index file when it is ours, whole, and describes the manifest's first bytes."""
         try:
             with open(self.path, "rb") as fh:
-                if fh.read(len(_MAGIC)) != _MAGIC:
-                    return
-                (meta_len,) = struct.unpack("<Q", fh.read(8))
-                if meta_len > 1 << 30:
-                    return
-                meta = json.loads(fh.read(meta_len))
-                if meta.get("version") != _VERSION:
+                meta = self._meta(fh)
+                if meta is None:
                     return
                 covered = int(meta["covered"])
-                with open(self.manifest, "rb") as mf:
-                    if os.fstat(mf.fileno()).st_size < covered or self._edges(mf, covered) != tuple(meta["edges"]):
-                        return  # replaced, shortened or edited: read it again
                 pos = fh.tell()
                 arrays: dict[str, np.ndarray | bytearray] = {}
                 for name, dtype, count in meta["arrays"]:
@@ -251,11 +278,10 @@ class ManifestIndex:
             if data == {}:
                 continue  # a blank line
             read += 1
-            record = Record.from_json(data) if data is not None else None
-            if record is None:
+            if data is None:
                 self.unreadable += 1
                 continue
-            row = self._row(record, offset)
+            row = self._row(data, offset)
             seen = rows.get(row.name)
             if seen is not None:  # the newer line wins; its lines add up
                 row.values = (*row.values[:1], seen.values[1] + 1, *row.values[2:])
@@ -267,30 +293,55 @@ class ManifestIndex:
         self.lines_read += read
         return read
 
-    def _row(self, record: Record, offset: int) -> _Row:
-        name = record.name
-        output = record.output if isinstance(record.output, str) else None
-        key = record.key if isinstance(record.key, str) else None
+    def _row(self, data: dict[str, Any], offset: int) -> _Row:
+        """The columns of one line's object (what :meth:`Record.from_json` would read from it)."""
+        if "raw" in data:  # text that is not UTF-8: its exact bytes are in "raw"
+            record = Record.from_json(data)
+            assert record is not None
+            data = {f: getattr(record, f) for f in _ROW_FIELDS}
+        get = data.get
+        name: str = data["name"]
+        output, key, fmt = get("output"), get("key"), get("format")
+        output = output if isinstance(output, str) else None
+        output_size, size, mtime = get("output_size"), get("size"), get("mtime_ns")
         fast = (
-            record.format in FAST_FORMATS
-            and output is not None
-            and all(_is_int(v) for v in (record.output_size, record.size, record.mtime_ns))
-            and record.vectors is None
-            and record.vector_kinds is None
+            output is not None
+            and fmt in FAST_FORMATS
+            and type(output_size) is int
+            and type(size) is int
+            and type(mtime) is int
+            and get("vectors") is None
+            and get("vector_kinds") is None
         )
-        sha = record.sha256
+        stated = tuple(map(get, SIGNATURE_FIELDS))  # the common case: seen before, as stated
+        try:
+            sig = self._stated_sig.get(stated)
+        except TypeError:  # a list (vector_kinds): not hashable as stated
+            sig = None
+        if sig is None:
+            signature = tuple(
+                (get(f) or DEFAULT_STAGE) if f == "stage" else tuple(v) if isinstance(v := get(f), list) else v
+                for f in SIGNATURE_FIELDS
+            )
+            sig = self._id(self._sig_ids, self.signatures, signature)
+            with contextlib.suppress(TypeError):
+                self._stated_sig[stated] = sig
         values = (
             offset,
             1,
-            int(record.ok),
+            int(get("status") == "ok"),
             int(fast),
-            self._id(self._sig_ids, self.signatures, record.signature()),
+            sig,
             -1 if output is None else self._id(self._template_ids, self.templates, file_template(name, output)),
-            NO_KEY if key is None else KEY_IS_NAME if key == name else self._id(self._key_ids, self.keys, key),
-            _int(record.output_size),
-            _int(record.size),
-            _int(record.mtime_ns),
-            _sha_prefix(sha),
+            NO_KEY
+            if not isinstance(key, str)
+            else KEY_IS_NAME
+            if key == name
+            else self._id(self._key_ids, self.keys, key),
+            _int(output_size),
+            _int(size),
+            _int(mtime),
+            _sha_prefix(get("sha256")),
         )
         return _Row(values, exact_bytes(name))
 
@@ -471,18 +522,16 @@ def _lines_from(path: Path, start: int) -> Iterator[tuple[int, int, dict[str, An
                 yield begin, offset, {}
                 continue
             try:
-                data = json.loads(line)
-            except ValueError:
+                data = _decode(line.decode("utf-8"))
+            except ValueError:  # not JSON, or not UTF-8
                 data = None
             yield begin, offset, data if isinstance(data, dict) and isinstance(data.get("name"), str) else None
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _int(value: object) -> int:
-    return int(value) if _is_int(value) and NONE < int(value) < 1 << 63 else NONE  # type: ignore[call-overload]
+    if type(value) is int and NONE < value < 1 << 63:
+        return value
+    return NONE
 
 
 def _sha_prefix(sha: object) -> int:
