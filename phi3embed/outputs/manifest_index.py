@@ -162,6 +162,7 @@ class ManifestIndex:
         self.keys: list[str] = []
         self._key_ids: dict[str, int] = {}
         self.archives: dict[str, dict[str, Any]] = {}  # archive name -> its completion record
+        self.vectors = False  # some line names a vector row (encode --vectors)
         self.loaded_from_file = False
         self.lines_read = 0  # manifest lines parsed by this load (0: all came from the index file)
 
@@ -210,6 +211,19 @@ class ManifestIndex:
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             return size if "size" in locals() else 0
         return size - int(meta["covered"]) if meta is not None else size
+
+    @classmethod
+    def completed_archives(cls, manifest: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+        """The archives' completion records in ``manifest``'s index file (none without a valid one), read without
+        the columns: what listing consults before the output folder is opened."""
+        index = cls(Path(manifest), ())
+        try:
+            with open(index.path, "rb") as fh:
+                meta = index._meta(fh)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            return {}
+        archives = meta.get("archives") if meta is not None else None
+        return dict(archives) if isinstance(archives, dict) else {}
 
     def _meta(self, fh: Any) -> dict[str, Any] | None:
         """The index file's description when it is ours and still describes the manifest's first bytes."""
@@ -266,6 +280,7 @@ class ManifestIndex:
         self.keys = list(meta["keys"])
         self._key_ids = {k: i for i, k in enumerate(self.keys)}
         self.archives = dict(meta.get("archives") or {})
+        self.vectors = bool(meta.get("vectors"))
         self.loaded_from_file = True
 
     def update(self) -> int:
@@ -313,6 +328,8 @@ class ManifestIndex:
             and get("vectors") is None
             and get("vector_kinds") is None
         )
+        if get("vectors") is not None:
+            self.vectors = True
         stated = tuple(map(get, SIGNATURE_FIELDS))  # the common case: seen before, as stated
         try:
             sig = self._stated_sig.get(stated)
@@ -428,6 +445,7 @@ class ManifestIndex:
             "templates": [list(t) for t in self.templates],
             "keys": self.keys,
             "archives": self.archives,
+            "vectors": self.vectors,
             "arrays": [[name, a.dtype.str, int(a.size)] for name, a in arrays],
         }
         head = json.dumps(meta, ensure_ascii=True).encode()
@@ -449,6 +467,10 @@ class ManifestIndex:
         return True
 
     # ------------------------------------------------------------------ reading rows
+
+    def has_vectors(self) -> bool:
+        """Some line of the manifest names a vector row (``encode --vectors``)."""
+        return self.vectors
 
     def find(self, name: str) -> int | None:
         """The row of ``name``, or None."""

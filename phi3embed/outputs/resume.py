@@ -14,7 +14,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from phi3embed.outputs.manifest import MANIFEST
 from phi3embed.outputs.manifest_index import ManifestIndex
 from phi3embed.outputs.records import Record, Signature
 
+OutputOf = Callable[[str], "str | None"]  # the output an image name is expected at (None: any)
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -141,16 +142,53 @@ class ResumeIndex:
         self._recent.clear()
         return self.columns.unreadable
 
-    def save(self) -> bool:
-        """Bring the columns up to the manifest's end (this run's lines, and any another part appended) and write
-        the index file; False when it cannot be written (never an error: the manifest is the truth)."""
+    def save(self, archives: Mapping[str, tuple[str, int]] = {}, expected: OutputOf | None = None) -> bool:
+        """Bring the columns up to the manifest's end (this run's lines, and any another part appended), note the
+        completion record of each of ``archives`` (name -> (path, images listed)) whose every image is done now
+        (:meth:`archive_done`; others lose theirs) and write the index file. False when it cannot be written
+        (never an error: the manifest is the truth)."""
         if not self.columns.columns:
             return False
         try:
             self.columns.update()
         except OSError:
             return False
+        self._recent.clear()  # the columns hold them now
+        for name, (path, images) in archives.items():
+            try:
+                st = os.stat(path)
+            except OSError:
+                self.columns.set_archive(name, None)
+                continue
+            done = expected is not None and self.archive_done(name, images, st, expected)
+            record = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "images": images}
+            self.columns.set_archive(name, record if done else None)
         return self.columns.save()
+
+    def archive_done(self, name: str, images: int, st: os.stat_result, expected: OutputOf) -> bool:
+        """Every image of the archive named ``name`` (``images`` of them, the archive's ``stat`` ``st``) is done:
+        exactly what :meth:`is_done` says of each, judged from the columns (a row that needs its record, such as
+        a pack member's, makes this False: the archive is then listed as usual). ``expected``: the output a name
+        is expected at (the writer's rule)."""
+        if self.overwrite or self.vectors_present is not None or self._sig < 0 or self._recent:
+            return False
+        lo, hi = self.columns.archive_rows(name)
+        if hi - lo != images:
+            return False
+        cols = {c: a[lo:hi] for c, a in self.columns.cols.items()}
+        if not (
+            (cols["status"] == 1).all()
+            and (cols["sig"] == self._sig).all()
+            and (cols["fast"] == 1).all()
+            and (cols["size"] == st.st_size).all()
+            and (cols["mtime"] == st.st_mtime_ns).all()
+        ):
+            return False
+        for row, output_size in zip(range(lo, hi), cols["output_size"].tolist(), strict=True):
+            output = self.columns.output_at(row)
+            if output != expected(self.columns.name_at(row)) or not self.outputs.has_size(output, output_size):
+                return False
+        return True
 
     def note(self, record: Record) -> None:
         self._recent[record.name] = record
