@@ -8,7 +8,7 @@ what a per-image cost is:
 
     PYTHONPATH=$PWD python benchmarks/bench_plan_scale.py --sizes 20000 60000 --tree /tmp/plan_trees
 
-``--json`` plans with ``--json`` (the document) instead of the text table. The trees are kept under ``--tree``
+``--json`` plans with ``--json`` (the document) instead of the text table; ``--rows`` adds ``--rows``. The trees are kept under ``--tree``
 for reruns (they are made once; only hard links: a few MB of directory entries). ``--code DIR`` runs another
 version of phi3embed, e.g. ``git archive main | tar -x -C /tmp/before`` then ``--code /tmp/before``.
 """
@@ -44,10 +44,10 @@ def build_tree(root: Path, files: int) -> Path:
     return folder
 
 
-def run_plan(folder: Path, *, as_json: bool, code: Path) -> tuple[float, float, float, int]:
+def run_plan(folder: Path, *, flags: list[str], code: Path) -> tuple[float, float, float, int]:
     """``(peak RSS MiB, wall s, CPU s, exit code)`` of one plan run in a fresh process."""
     script = Path(sys.executable).with_name("phi3embed")
-    args = [str(script), "plan", str(folder), "--num-crops", "4", *(["--json"] if as_json else [])]
+    args = [str(script), "plan", str(folder), "--num-crops", "4", *flags]
     env = {**os.environ, "PYTHONPATH": str(code)}
     start = time.perf_counter()
     with open(os.devnull, "wb") as sink:
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs=2, default=[20_000, 60_000])
     parser.add_argument("--tree", type=Path, default=Path("/tmp/plan_trees"))
     parser.add_argument("--json", action="store_true", help="plan --json instead of the table")
+    parser.add_argument("--rows", action="store_true", help="plan --rows: every row printed (streamed)")
     parser.add_argument(
         "--code", type=Path, default=HERE.parent, help="the phi3embed tree to run (another version: its export)"
     )
@@ -71,7 +72,9 @@ def main() -> None:
     results = []
     for n in args.sizes:
         folder = build_tree(args.tree, n)
-        rss, wall, cpu, code = run_plan(folder, as_json=args.json, code=args.code)
+        rss, wall, cpu, code = run_plan(
+            folder, flags=[*(["--json"] if args.json else []), *(["--rows"] if args.rows else [])], code=args.code
+        )
         results.append((n, rss, wall, cpu))
         print(f"{n:>9,} images: peak RSS {rss:8.1f} MiB, wall {wall:7.1f} s, CPU {cpu:7.1f} s, exit {code}")
     (n0, rss0, _, cpu0), (n1, rss1, _, cpu1) = results
