@@ -691,3 +691,61 @@ def test_archive_members_travel_as_their_own_type_and_are_read_on_the_actor(
     for name, loose in (("a.tar/x.png", square), ("b.parquet/p", photo)):
         embedding = results[name].embedding
         assert results[name].ok and embedding is not None and torch.equal(embedding, expected(loose))
+
+
+# --------------------------------------------------------------------------- the driver's input, a block at a time
+
+
+def _sources(n: int) -> list[Source]:
+    from phi3embed.inputs.archives import TarMember
+
+    made = []
+    for i in range(n):
+        if i % 3 == 0:
+            member = TarMember("pack.tar", i, f"m{i}.png", offset=512 * i, size=9)
+            made.append(Source(f"pack.tar/m{i}.png", "pack.tar", "", member=member))
+        elif i % 3 == 1:
+            made.append(Source(f"caf\udce9{i}.png", f"dir/caf\udce9{i}.png", ""))  # not UTF-8: a pickled cell
+        else:
+            made.append(Source(f"{i}.png", f"/abs/{i}.png", ""))
+    return made
+
+
+def test_input_rows_come_in_blocks_as_the_sources_are_read() -> None:
+    from phi3embed.jobs.ray_engine import INPUT_BLOCKS, MAX_BLOCK_ROWS, rows_per_block
+    from phi3embed.jobs.ray_rows import source_row_blocks, source_rows
+
+    sources = _sources(11)
+    read: list[str] = []
+
+    def lazily() -> Iterator[Source]:
+        for s in sources:
+            read.append(s.name)
+            yield s
+
+    blocks = source_row_blocks(lazily(), 4)
+    first = next(blocks)
+    assert len(first) == 4 and len(read) == 4  # nothing read ahead of the block being made
+    rest = list(blocks)
+    assert [len(b) for b in rest] == [4, 3] and [first, *rest] == [source_rows(sources)[i : i + 4] for i in (0, 4, 8)]
+    assert [r["index"] for r in first] == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        next(source_row_blocks(sources, 0))
+    # a short job: one block per actor call; a long one: blocks of at most MAX_BLOCK_ROWS, about INPUT_BLOCKS
+    assert rows_per_block(10, 3) == 3 and rows_per_block(INPUT_BLOCKS * 50, 16) == 50
+    assert rows_per_block(10**7, 16) == MAX_BLOCK_ROWS
+
+
+@pytest.mark.e2e  # starts Ray
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own, on pickling its context
+def test_input_dataset_holds_the_rows_from_items_would(ray_instance: None) -> None:
+    import ray.data
+
+    from phi3embed.jobs.ray_engine import input_dataset
+    from phi3embed.jobs.ray_rows import source_rows
+
+    sources = _sources(23)
+    ds = input_dataset(iter(sources), rows_per_block=5)
+    assert ds.num_blocks() == 5
+    rows = ds.take_all()
+    assert rows == ray.data.from_items(source_rows(sources)).take_all() == source_rows(sources)

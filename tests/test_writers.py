@@ -16,6 +16,7 @@ import phi3embed
 from phi3embed.errors import ConfigError
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.manifest import MANIFEST, iter_manifest
+from phi3embed.outputs.manifest_index import INDEX_SUFFIX
 from phi3embed.outputs.publish import TMP_DIR, OutputError
 from phi3embed.outputs.records import ImageFacts, Record
 from phi3embed.outputs.store import OutputStore
@@ -41,6 +42,9 @@ def emb(i: int, tokens: int = 6, dim: int = 4) -> torch.Tensor:
     return torch.arange(tokens * dim, dtype=torch.float32).reshape(tokens, dim) * (i + 1) / 7
 
 
+INDEX = MANIFEST + INDEX_SUFFIX  # the manifest's columns, written when a store closes
+
+
 def listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
@@ -53,7 +57,7 @@ def test_npy_files_manifest_and_reader(tmp_path: Path, images: list[Source]) -> 
             store.write(src, facts_for(src, 6), emb(i))
         store.write_error(images[0], f"{images[0].path}: broken\nsecond line")
     assert listing(out) == sorted(
-        [MANIFEST, "a.jpg.npy", "b.png.npy", "e.webp.npy", "sub", "sub/c.jpg.npy", "sub/d.jpg.npy"]
+        [MANIFEST, INDEX, "a.jpg.npy", "b.png.npy", "e.webp.npy", "sub", "sub/c.jpg.npy", "sub/d.jpg.npy"]
     )
     np.testing.assert_array_equal(np.load(out / "sub" / "c.jpg.npy"), emb(2).numpy())
     records = list(iter_manifest(out / MANIFEST))
@@ -164,7 +168,7 @@ def test_packs_by_size_and_reader(tmp_path: Path, images: list[Source]) -> None:
             record = store.write(src, facts_for(src, 6), emb(i))
             assert record["output"] == f"emb-{i // 2:05d}.safetensors" and record["key"] == src.name
         assert not (out / "emb-00002.safetensors").exists()  # the last pack is written at close
-    assert listing(out) == ["emb-00000.safetensors", "emb-00001.safetensors", "emb-00002.safetensors", MANIFEST]
+    assert listing(out) == ["emb-00000.safetensors", "emb-00001.safetensors", "emb-00002.safetensors", MANIFEST, INDEX]
     with safe_open(str(out / "emb-00001.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == ["sub/c.jpg", "sub/d.jpg"]
         assert f.metadata()["format"] == "phi3embed-pack/1"
@@ -196,7 +200,7 @@ def test_pack_resume_after_kill_is_byte_identical_and_repairs_the_manifest(
     _pack_run(killed, images)
     assert listing(killed) == listing(full)
     for name in listing(full):
-        if name != MANIFEST:
+        if name not in (MANIFEST, INDEX):  # the index file holds the manifest's columns: its times differ
             assert (killed / name).read_bytes() == (full / name).read_bytes(), name
     records = [r for r in iter_manifest(killed / MANIFEST) if r["status"] == "ok"]
     assert sorted(r["name"] for r in records) == sorted(s.name for s in images)  # each exactly once

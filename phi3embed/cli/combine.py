@@ -71,7 +71,7 @@ def combine_command(
         "dirs": [str(d) for d in dirs],
         "listed": report.listed,
         "recorded": len(report.chosen),
-        "ok": len(report.ok),
+        "ok": report.ok_count,
         "failed": [{"name": n, "error": e} for n, e in failures.items()],
         "missing": report.missing,
         "lost": report.lost,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from phi3embed.core.config import PreprocessConfig, VisionConfig
@@ -107,8 +107,46 @@ class PlanTotals:
         return out
 
 
+class PlanTally:
+    """The totals of a plan, counted one row at a time: O(1) memory whatever the number of images."""
+
+    def __init__(self) -> None:
+        self.images = self.ok = self.errors = self.renamed = 0
+        self.crops = self.num_tokens = self.bytes = self.flops = 0
+        self.stage_bytes: dict[str, int] = dict.fromkeys(STAGES, 0)
+
+    def add(self, row: PlanRow) -> None:
+        self.images += 1
+        if not row.ok:
+            self.errors += 1
+            return
+        self.ok += 1
+        self.renamed += row.renamed is not None
+        self.crops += row.crops or 0
+        self.num_tokens += row.num_tokens or 0
+        self.bytes += row.bytes or 0
+        self.flops += row.flops or 0
+        for st, size in (row.stage_bytes or {}).items():
+            self.stage_bytes[st] += size
+
+    def totals(self) -> PlanTotals:
+        return PlanTotals(
+            images=self.images,
+            ok=self.ok,
+            errors=self.errors,
+            renamed=self.renamed,
+            crops=self.crops,
+            num_tokens=self.num_tokens,
+            bytes=self.bytes,
+            flops=self.flops,
+            stage_bytes=dict(self.stage_bytes),
+        )
+
+
 @dataclass(frozen=True)
-class PlanResult:
+class PlanSettings:
+    """What every row of a plan is computed under (the document's ``settings``), known before any image."""
+
     num_crops: int
     out_dtype: str
     hidden_size: int
@@ -116,27 +154,44 @@ class PlanResult:
     layers_total: int
     flops_per_crop: int
     flops_per_token: int
-    rows: list[PlanRow]
-    totals: PlanTotals
     stage: Stage = DEFAULT_STAGE
     output: str = "[tokens, D]"  # the chosen stage's shape, in words
 
-    def to_dict(self) -> dict[str, Any]:
+    def settings_dict(self) -> dict[str, Any]:
         return {
-            "settings": {
-                "num_crops": self.num_crops,
-                "stage": self.stage,
-                "output": self.output,
-                "out_dtype": self.out_dtype,
-                "hidden_size": self.hidden_size,
-                "clip_layers_run": self.layers_run,
-                "clip_layers_total": self.layers_total,
-                "gflop_per_crop": round(self.flops_per_crop / 1e9, 3),
-                "mflop_per_token": round(self.flops_per_token / 1e6, 3),
-            },
-            "images": [r.to_dict() for r in self.rows],
-            "totals": self.totals.to_dict(),
+            "num_crops": self.num_crops,
+            "stage": self.stage,
+            "output": self.output,
+            "out_dtype": self.out_dtype,
+            "hidden_size": self.hidden_size,
+            "clip_layers_run": self.layers_run,
+            "clip_layers_total": self.layers_total,
+            "gflop_per_crop": round(self.flops_per_crop / 1e9, 3),
+            "mflop_per_token": round(self.flops_per_token / 1e6, 3),
         }
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanResult(PlanSettings):
+    """A plan: its settings, its totals, the rows kept (all of them unless :func:`plan` was told to keep at
+    most so many) and the first error and renamed rows (all of them unless told otherwise)."""
+
+    rows: list[PlanRow]
+    totals: PlanTotals
+    rows_omitted: int = 0  # images whose rows were not kept (0, or every image: rows are kept whole or not at all)
+    first_errors: list[PlanRow] = field(default_factory=list)  # the first rows with an error, in input order
+    first_renamed: list[PlanRow] = field(default_factory=list)  # the first ok rows with ``renamed`` set
+
+    def to_dict(self) -> dict[str, Any]:
+        """The document: ``settings``, ``images`` (the rows; left out, with ``rows_omitted``, when not kept)
+        and ``totals``."""
+        doc: dict[str, Any] = {"settings": self.settings_dict()}
+        if self.rows_omitted:
+            doc["rows_omitted"] = self.rows_omitted
+        else:
+            doc["images"] = [r.to_dict() for r in self.rows]
+        doc["totals"] = self.totals.to_dict()
+        return doc
 
 
 #: How much of a tar member ``plan`` reads first: image headers (EXIF included) nearly always fit.
@@ -157,7 +212,7 @@ def _image_size(source: Source, *, exif_transpose: bool) -> tuple[int, int]:
     return image_size_of(io.BytesIO(data), label=source.label, exif_transpose=exif_transpose)
 
 
-def _plan_row(
+def plan_row(
     source: Source,
     *,
     vision: VisionConfig,
@@ -198,23 +253,11 @@ def _plan_row(
     )
 
 
-def plan(
-    sources: Sequence[Source],
-    *,
-    vision: VisionConfig,
-    preprocess: PreprocessConfig,
-    out_dtype: str = "float32",
-    exif_transpose: bool = False,
-    stage: Stage = DEFAULT_STAGE,
-    output_format: str = "npy",
-) -> PlanResult:
-    """Predict, per source, what encoding it would produce and cost; read headers only.
-
-    ``vision`` and ``preprocess`` are the checkpoint's configs (``preprocess.num_crops`` already the one
-    encode would use): crop and patch size, layers run, projection and output width. Unreadable or
-    untileable images become rows with ``error`` set. ``output_format`` (``npy``, ``safetensors``, ``pack``)
-    decides the outputs (and pack keys) the rows name.
-    """
+def plan_settings(
+    *, vision: VisionConfig, preprocess: PreprocessConfig, out_dtype: str = "float32", stage: Stage = DEFAULT_STAGE
+) -> PlanSettings:
+    """The settings a plan runs under; ConfigError for a preprocessing geometry the model does not have or an
+    unknown dtype."""
     if preprocess.crop_size != vision.clip.image_size or preprocess.patch_size != vision.clip.patch_size:
         raise ConfigError(
             f"preprocess geometry {preprocess.crop_size}/{preprocess.patch_size} differs from the vision config's "
@@ -222,32 +265,7 @@ def plan(
         )
     if out_dtype not in OUT_DTYPE_ITEMSIZE:
         raise ConfigError(f"out dtype {out_dtype!r} is not one of {', '.join(OUT_DTYPE_ITEMSIZE)}")
-    itemsize = OUT_DTYPE_ITEMSIZE[out_dtype]
-    rows = [
-        _plan_row(
-            s,
-            vision=vision,
-            preprocess=preprocess,
-            itemsize=itemsize,
-            exif_transpose=exif_transpose,
-            stage=stage,
-            output_format=output_format,
-        )
-        for s in sources
-    ]
-    good = [r for r in rows if r.ok]
-    totals = PlanTotals(
-        images=len(rows),
-        ok=len(good),
-        errors=len(rows) - len(good),
-        renamed=sum(r.renamed is not None for r in good),
-        crops=sum(r.crops or 0 for r in good),
-        num_tokens=sum(r.num_tokens or 0 for r in good),
-        bytes=sum(r.bytes or 0 for r in good),
-        flops=sum(r.flops or 0 for r in good),
-        stage_bytes={st: sum((r.stage_bytes or {}).get(st, 0) for r in good) for st in STAGES},
-    )
-    return PlanResult(
+    return PlanSettings(
         num_crops=preprocess.num_crops,
         out_dtype=out_dtype,
         hidden_size=vision.lm_hidden_size,
@@ -255,10 +273,72 @@ def plan(
         layers_total=vision.clip.num_hidden_layers,
         flops_per_crop=crop_flops(vision.clip, layers=vision.layers_needed),
         flops_per_token=token_flops(vision),
-        rows=rows,
-        totals=totals,
         stage=stage,
         output=STAGE_SHAPES_IN_WORDS[stage].format(
             D=vision.lm_hidden_size, C4=vision.merged_dim, C=vision.clip.hidden_size, P=vision.clip.grid**2
         ),
+    )
+
+
+def plan(
+    sources: Iterable[Source],
+    *,
+    vision: VisionConfig,
+    preprocess: PreprocessConfig,
+    out_dtype: str = "float32",
+    exif_transpose: bool = False,
+    stage: Stage = DEFAULT_STAGE,
+    output_format: str = "npy",
+    keep_rows: int | None = None,
+    keep_notes: int | None = None,
+    on_row: Callable[[PlanRow], None] | None = None,
+) -> PlanResult:
+    """Predict, per source, what encoding it would produce and cost; read headers only.
+
+    ``vision`` and ``preprocess`` are the checkpoint's configs (``preprocess.num_crops`` already the one
+    encode would use): crop and patch size, layers run, projection and output width. Unreadable or
+    untileable images become rows with ``error`` set. ``output_format`` (``npy``, ``safetensors``, ``pack``)
+    decides the outputs (and pack keys) the rows name.
+
+    One pass over ``sources`` (any iterable: a lazy listing is read once, in order); the totals are counted
+    as the rows are made. ``keep_rows``: the rows are kept while there are at most that many images; past
+    it none is (``rows_omitted`` counts them), so memory stays bounded whatever the input. ``keep_notes``:
+    how many of the first error rows and renamed rows are kept (their totals count them all). None keeps
+    everything. ``on_row`` sees every row as it is made, in input order (to stream them out).
+    """
+    settings = plan_settings(vision=vision, preprocess=preprocess, out_dtype=out_dtype, stage=stage)
+    itemsize = OUT_DTYPE_ITEMSIZE[out_dtype]
+    tally = PlanTally()
+    rows: list[PlanRow] = []
+    first_errors: list[PlanRow] = []
+    first_renamed: list[PlanRow] = []
+    for source in sources:
+        row = plan_row(
+            source,
+            vision=vision,
+            preprocess=preprocess,
+            itemsize=itemsize,
+            exif_transpose=exif_transpose,
+            stage=stage,
+            output_format=output_format,
+        )
+        tally.add(row)
+        if on_row is not None:
+            on_row(row)
+        if keep_rows is None or tally.images <= keep_rows:
+            rows.append(row)
+        elif rows:
+            rows = []  # past keep_rows: none is kept (a partial table would read as the whole job)
+        if not row.ok and (keep_notes is None or len(first_errors) < keep_notes):
+            first_errors.append(row)
+        elif row.ok and row.renamed and (keep_notes is None or len(first_renamed) < keep_notes):
+            first_renamed.append(row)
+    omitted = tally.images if keep_rows is not None and tally.images > keep_rows else 0
+    return PlanResult(
+        **{f.name: getattr(settings, f.name) for f in fields(PlanSettings)},
+        rows=rows,
+        totals=tally.totals(),
+        rows_omitted=omitted,
+        first_errors=first_errors,
+        first_renamed=first_renamed,
     )

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,7 @@ from phi3embed.jobs.ray_rows import (
     decode_rows,
     embedding_bytes,
     embedding_from_bytes,
-    source_rows,
+    source_row_blocks,
 )
 from phi3embed.jobs.runtime import EngineOptions, decide, engine_info
 from phi3embed.outputs.formats import dtype_name
@@ -208,6 +208,43 @@ def default_images_per_batch(todo: int, actors: int) -> int:
     return max(1, min(16, -(-todo // (4 * actors))))
 
 
+#: Input blocks of a job: about as many as Ray Data's own ``from_items`` makes (its ``read_op_min_num_blocks``
+#: default), each at least one actor call and at most MAX_BLOCK_ROWS rows.
+INPUT_BLOCKS = 200
+MAX_BLOCK_ROWS = 10_000
+
+
+def rows_per_block(todo: int, images_per_batch: int) -> int:
+    """Rows per input block for ``todo`` images: a short job gets a block per actor call (each call can go to
+    another actor, as ``from_items`` spreads a short list one row per block), a long one blocks of at most
+    :data:`MAX_BLOCK_ROWS` (the driver builds one at a time)."""
+    return max(images_per_batch, min(MAX_BLOCK_ROWS, -(-todo // INPUT_BLOCKS)))
+
+
+def input_dataset(sources: Iterable[Source], *, rows_per_block: int) -> ray.data.Dataset:
+    """The dataset of the input rows of ``sources`` (:func:`phi3embed.jobs.ray_rows.source_row`), built a block at
+    a time as ``sources`` is read: each block is converted as ``ray.data.from_items`` converts its rows, put in
+    the object store and dropped. The driver keeps an object reference per block, never a row per image (a
+    ``from_items`` list would hold a dict and an absolute path per image for the whole job)."""
+    import pyarrow
+    import ray
+    import ray.data
+    from ray.data._internal.delegating_block_builder import DelegatingBlockBuilder
+    from ray.data.block import BlockAccessor
+
+    refs: list[Any] = []
+    for rows in source_row_blocks(sources, rows_per_block):
+        builder = DelegatingBlockBuilder()
+        for row in rows:
+            builder.add(row)
+        block = builder.build()
+        if not isinstance(block, pyarrow.Table):  # a Ray that fell back to pandas for some cell
+            block = BlockAccessor.for_block(block).to_arrow()
+        refs.append(ray.put(block))
+        del rows, builder, block
+    return ray.data.from_arrow_refs(refs)
+
+
 def plan(options: EngineOptions, *, announce: Callable[[str], None] = lambda line: None) -> RayEngine:
     """Size the job from the options and the cluster: device, dtypes, actors; the vision weights are hashed
     here on the driver (every actor must find the same). Connects to ``options.address`` now (its resources
@@ -354,11 +391,10 @@ class RayEngine:
             return
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # input order: packs as the local engine's
-        rows = source_rows(todo)
         per_batch = self.images_per_batch or default_images_per_batch(len(todo), self.actors)
         actors = min(self.actors, -(-len(todo) // per_batch))  # no actor without a batch to encode
         dataset = build_pipeline(
-            ray.data.from_items(rows),
+            input_dataset(todo, rows_per_block=rows_per_block(len(todo), per_batch)),
             self.spec,
             actors=actors,
             images_per_batch=per_batch,

@@ -1,6 +1,6 @@
 """The rows Ray Data carries between the driver and the actors: image facts and embeddings as plain columns.
 
-The driver sends one row per image (:func:`source_rows`: ``path``, the name errors use, where the image lies
+The driver sends one row per image (:func:`source_row`: ``path``, the name errors use, where the image lies
 inside an archive); an actor (:class:`phi3embed.jobs.ray_actor.RayEncoder`) reads the cells back
 (:func:`read_inputs`) and returns one :class:`ResultRow` per image as RESULT_COLUMNS (:func:`result_batch`);
 the driver rebuilds them (:func:`decode_rows`). Embeddings travel as raw bytes + dtype + shape, because numpy (and
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -211,13 +211,30 @@ def result_batch(batch: Mapping[str, np.ndarray], rows: Sequence[ResultRow]) -> 
     return out
 
 
-def source_rows(sources: Sequence[Source]) -> list[dict[str, Any]]:
-    """The driver's input rows for ``sources``: absolute paths (the actors may run elsewhere), the listed
+def source_row(source: Source, index: int) -> dict[str, Any]:
+    """The driver's input row for one source: its absolute path (the actors may run elsewhere), the listed
     path as the label, the member, and ``index`` (the source's place, which comes back with the result)."""
-    return [
-        {PATH: os.path.abspath(s.path), LABEL: s.path, MEMBER: member_cell(s.member), "index": i}
-        for i, s in enumerate(sources)
-    ]
+    return {PATH: os.path.abspath(source.path), LABEL: source.path, MEMBER: member_cell(source.member), "index": index}
+
+
+def source_rows(sources: Iterable[Source]) -> list[dict[str, Any]]:
+    """The input rows of ``sources``, indexed from 0 (:func:`source_row`)."""
+    return [source_row(s, i) for i, s in enumerate(sources)]
+
+
+def source_row_blocks(sources: Iterable[Source], rows_per_block: int) -> Iterator[list[dict[str, Any]]]:
+    """The input rows of ``sources`` (:func:`source_row`, indexed from 0) in lists of ``rows_per_block`` (the
+    last one shorter), made as ``sources`` is read: the driver holds one block of rows at a time."""
+    if rows_per_block < 1:
+        raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
+    block: list[dict[str, Any]] = []
+    for i, source in enumerate(sources):
+        block.append(source_row(source, i))
+        if len(block) == rows_per_block:
+            yield block
+            block = []
+    if block:
+        yield block
 
 
 @dataclass

@@ -13,14 +13,19 @@ writes the chosen records as one manifest whose ``output`` paths are relative to
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
-from phi3embed.outputs.manifest import MANIFEST, encode_lines, latest_records
+from phi3embed.outputs.manifest import MANIFEST, encode_lines
+from phi3embed.outputs.manifest_index import ManifestIndex
+from phi3embed.outputs.names import exact_bytes, from_bytes
 from phi3embed.outputs.records import Record, Signature
 from phi3embed.outputs.resume import OutputCheck
 
@@ -34,21 +39,76 @@ class Found:
     output_ok: bool  # an ok record whose output file exists
 
 
+class Chosen(Mapping[str, Found]):
+    """Name -> the record chosen for it, names sorted by their bytes: each choice is kept as (directory, row of
+    that directory's :class:`ManifestIndex`), about a dozen bytes per image; its :class:`Found` (and record) is
+    read back from the manifest when asked."""
+
+    def __init__(self, roots: Sequence[Path], indexes: Sequence[ManifestIndex]) -> None:
+        self.roots, self.indexes = roots, indexes
+        self.dirs = array("h")
+        self.rows = array("q")
+        self.output_ok = array("b")
+
+    def add(self, d: int, row: int, output_ok: bool) -> None:
+        self.dirs.append(d)
+        self.rows.append(row)
+        self.output_ok.append(output_ok)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def key_at(self, i: int) -> bytes:
+        return self.indexes[self.dirs[i]].names[self.rows[i]]
+
+    def name_at(self, i: int) -> str:
+        return self.indexes[self.dirs[i]].name_at(self.rows[i])
+
+    def found_at(self, i: int) -> Found:
+        d = self.dirs[i]
+        return Found(self.indexes[d].record_at(self.rows[i]), self.roots[d], bool(self.output_ok[i]))
+
+    def position(self, name: str) -> int | None:
+        key = exact_bytes(name)
+        lo, hi = 0, len(self)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.key_at(mid) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo if lo < len(self) and self.key_at(lo) == key else None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.position(name) is not None
+
+    def __getitem__(self, name: str) -> Found:
+        i = self.position(name)
+        if i is None:
+            raise KeyError(name)
+        return self.found_at(i)
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.name_at(i) for i in range(len(self)))
+
+
 @dataclass
 class CombineReport:
     dirs: list[Path]
     listed: int | None  # images in the full input list (None when no input list was given)
-    chosen: dict[str, Found] = field(default_factory=dict)  # name -> best record across dirs
+    chosen: Chosen  # name -> best record across dirs
     missing: list[str] = field(default_factory=list)  # listed, never attempted in any dir
     failed: list[str] = field(default_factory=list)  # latest attempts all errors
     lost: list[str] = field(default_factory=list)  # ok record, but the output is gone or not whole
     stale: list[str] = field(default_factory=list)  # recorded, but no longer among the inputs (a note)
     unreadable: int = 0  # manifest lines that cannot be read (not JSON records), skipped
     signatures: dict[Signature, int] = field(default_factory=dict)  # settings of ok records -> count
+    ok_count: int = 0
 
     @property
     def ok(self) -> list[str]:
-        return [name for name, f in self.chosen.items() if f.output_ok]
+        chosen = self.chosen
+        return [chosen.name_at(i) for i in range(len(chosen)) if chosen.output_ok[i]]
 
     @property
     def mixed_settings(self) -> bool:
@@ -61,34 +121,67 @@ class CombineReport:
 
 def check_outputs(dirs: Sequence[str | os.PathLike[str]], sources: Sequence[Source] | None = None) -> CombineReport:
     """Check that the outputs in ``dirs`` cover ``sources`` (the full, unsharded input list); without
-    ``sources``, every recorded image is judged."""
+    ``sources``, every recorded image is judged. One pass over the directories' manifest columns in name order
+    (:mod:`phi3embed.outputs.manifest_index`; their index files are written where they were missing or stale): a
+    record is read from its manifest only where the columns cannot judge it or two directories hold the name."""
     roots = [Path(d) for d in dirs]
-    report = CombineReport(dirs=roots, listed=None if sources is None else len(sources))
-    listed = None if sources is None else {s.name for s in sources}
     for root in roots:
-        outputs = OutputCheck(root)
-        unreadable: list[int] = []
-        for name, record in latest_records(root, unreadable).items():
-            if listed is not None and name not in listed:
-                report.stale.append(name)
-                continue
-            found = Found(record, root, record.ok and outputs.whole(record))
-            best = report.chosen.get(name)
-            if best is None or _better(found, best):
-                report.chosen[name] = found
-        report.unreadable += len(unreadable)
-    report.stale = sorted(set(report.stale))
-    for name, found in sorted(report.chosen.items()):
-        if found.output_ok:
-            sig = found.record.signature()
-            report.signatures[sig] = report.signatures.get(sig, 0) + 1
-        elif found.record.ok:
+        if not (root / MANIFEST).is_file():
+            raise Phi3EmbedError("no manifest.jsonl here: not a phi3embed output directory", path=root)
+    indexes = [ManifestIndex.load(root / MANIFEST, save=True) for root in roots]
+    chosen = Chosen(roots, indexes)
+    report = CombineReport(dirs=roots, listed=None if sources is None else len(sources), chosen=chosen)
+    report.unreadable = sum(ix.unreadable for ix in indexes)
+    listed = None if sources is None else {s.name for s in sources}
+    checks = [OutputCheck(root) for root in roots]
+    stale: list[str] = []
+    entries = heapq.merge(*(_rows(ix, d) for d, ix in enumerate(indexes)))
+    for key, group in itertools.groupby(entries, key=lambda e: e[0]):
+        name = from_bytes(bytes(key))
+        if listed is not None and name not in listed:
+            stale.append(name)
+            continue
+        candidates = [(d, r) for _, d, r in group]
+        judged = [(d, r, _output_ok(indexes[d], checks[d], r)) for d, r in candidates]
+        d, r, output_ok = judged[0]
+        if len(judged) > 1:
+            best = Found(indexes[d].record_at(r), roots[d], output_ok)
+            for d2, r2, ok2 in judged[1:]:
+                found = Found(indexes[d2].record_at(r2), roots[d2], ok2)
+                if _better(found, best):
+                    best, d, r, output_ok = found, d2, r2, ok2
+        chosen.add(d, r, output_ok)
+        ix = indexes[d]
+        if output_ok:
+            sig = ix.cols["sig"][r]
+            signature = ix.signatures[sig] if sig >= 0 else ix.record_at(r).signature()
+            report.signatures[signature] = report.signatures.get(signature, 0) + 1
+            report.ok_count += 1
+        elif ix.cols["status"][r]:
             report.lost.append(name)
         else:
             report.failed.append(name)
+    report.stale = sorted(set(stale))
     if sources is not None:
-        report.missing = sorted(s.name for s in sources if s.name not in report.chosen)
+        report.missing = sorted(s.name for s in sources if s.name not in chosen)
     return report
+
+
+def _rows(index: ManifestIndex, d: int) -> Iterator[tuple[bytes, int, int]]:
+    """``(name bytes, d, row)`` of every row of ``index``, in name order."""
+    names = index.names
+    for row in range(len(names)):
+        yield names[row], d, row
+
+
+def _output_ok(index: ManifestIndex, check: OutputCheck, row: int) -> bool:
+    """Row ``row`` is an ok record whose output is whole (from the columns where they can tell)."""
+    cols = index.cols
+    if not cols["status"][row]:
+        return False
+    if cols["fast"][row]:
+        return check.has_size(index.output_at(row), int(cols["output_size"][row]))
+    return check.whole(index.record_at(row))
 
 
 def _better(a: Found, b: Found) -> bool:
@@ -99,10 +192,12 @@ def _better(a: Found, b: Found) -> bool:
 
 
 def write_combined(report: CombineReport, path: str | os.PathLike[str]) -> int:
-    """Write the chosen record of every image (names sorted) to ``path``, outputs relative to its folder.
+    """Write the chosen record of every image (names sorted) to ``path``, outputs relative to its folder, and
+    its index file beside it.
 
     Refuses to replace the manifest of one of the checked directories. Written to a temporary file and
-    renamed into place. Returns the number of records written.
+    renamed into place; records are read one at a time (a job's vector rows, when it has them, are gathered
+    first). Returns the number of records written.
     """
     target = Path(path)
     real = os.path.realpath(target)
@@ -110,27 +205,43 @@ def write_combined(report: CombineReport, path: str | os.PathLike[str]) -> int:
         if real == os.path.realpath(root / MANIFEST):
             raise Phi3EmbedError(f"is the manifest of {root}; write the combined one elsewhere", path=target)
     folder = target.parent
-    records = []
-    for name in sorted(report.chosen):
-        found = report.chosen[name]
+    chosen = report.chosen
+
+    def relative(found: Found) -> Record:
         record = found.record
         if record.output:
             record = replace(record, output=Path(os.path.relpath(found.root / record.output, folder)).as_posix())
-        records.append(record)
+        return record
+
+    def records() -> Iterator[Record]:
+        for i in range(len(chosen)):
+            yield relative(chosen.found_at(i))
+
     folder.mkdir(parents=True, exist_ok=True)
-    if any(f.record.vectors is not None for f in report.chosen.values()):  # encode --vectors: rows beside it
+    stream: Iterable[Record] = records()
+    if any(ix.has_vectors() for ix in chosen.indexes):  # encode --vectors: rows beside it
         from phi3embed.outputs.vectors import combine_vectors
 
-        roots = [report.chosen[name].root for name in sorted(report.chosen)]
-        records = combine_vectors(list(zip(records, roots, strict=True)), folder)
+        found = [chosen.found_at(i) for i in range(len(chosen))]
+        stream = combine_vectors([(relative(f), f.root) for f in found], folder)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    written = 0
     try:
         with open(tmp, "wb") as fh:
-            fh.write(encode_lines(records))
+            batch: list[Record] = []
+            for record in stream:
+                batch.append(record)
+                if len(batch) >= 4096:
+                    fh.write(encode_lines(batch))
+                    written += len(batch)
+                    batch = []
+            fh.write(encode_lines(batch))
+            written += len(batch)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise Phi3EmbedError(f"cannot write the combined manifest: {exc.strerror or exc}", path=target) from None
-    return len(records)
+    ManifestIndex.load(target, save=True)  # its index file, for phi3embed.open
+    return written

@@ -79,22 +79,19 @@ def _now() -> str:
 class ManifestLog:
     """The open manifest of one run: stamps ``attempt`` / ``time`` and appends.
 
-    ``sync_first`` runs before every fsync of the manifest (the publisher's folder sync); ``attempts`` holds
-    how many records each name had when the log was opened (:meth:`count`).
+    ``sync_first`` runs before every fsync of the manifest (the publisher's folder sync); ``attempts_before``
+    says how many records a name had when the log was opened (the store's index), so that ``attempt`` counts on.
     """
 
     def __init__(self, root: Path, *, sync_first: Callable[[], None], fsync_interval: float = 2.0) -> None:
         self.path = root / MANIFEST
         self.sync_first = sync_first
         self.fsync_interval = fsync_interval
-        self._attempts: dict[str, int] = {}
+        self._attempts: dict[str, int] = {}  # records of each name appended by this log, and those before
+        self.attempts_before: Callable[[str], int] = lambda name: 0  # records a name had when the log opened
         self._fd: int | None = None
         self._last_sync = 0.0
         self._torn = False  # the last append failed part way: the next one starts with a newline
-
-    def count(self, record: Record) -> None:
-        """Count an existing record's attempt (while the caller reads the manifest at open)."""
-        self._attempts[record.name] = self._attempts.get(record.name, 0) + 1
 
     def open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -115,7 +112,8 @@ class ManifestLog:
         assert self._fd is not None, "manifest is not open"
         stamped = []
         for record in records:
-            self._attempts[record.name] = self._attempts.get(record.name, 0) + 1
+            before = self._attempts.get(record.name)
+            self._attempts[record.name] = (self.attempts_before(record.name) if before is None else before) + 1
             stamped.append(record.stamped(self._attempts[record.name], _now()))
         data = encode_lines(stamped)
         if self._torn:

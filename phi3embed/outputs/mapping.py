@@ -1,13 +1,14 @@
 """Random access to what ``phi3embed encode`` wrote: ``store = phi3embed.open("emb/"); store["a/b.jpg"]``.
 
-:func:`open_outputs` reads the manifest once and keeps, per image whose latest record is ``ok``, only what it
-takes to find its tensor: the name (all names in one sorted byte blob, looked up by bisection), the
-manifest line's offset (:meth:`EmbeddingStore.record` reads it again when asked) and small codes for the
-output file and the tensor key (per-image outputs are ``<prefix><name><suffix>``, or ``<prefix>`` and the
-storable form of the name (:func:`phi3embed.outputs.names.output_path`), so no path is stored per
-image). That is a few dozen bytes per image and no Python object per image, so a million-image store opens
-in seconds, stays small, and DataLoader workers forked from it do not copy it page by page (reference
-counts of per-image objects would).
+:func:`open_outputs` takes the manifest's columns (:mod:`phi3embed.outputs.manifest_index`: the index file
+``manifest.jsonl.idx`` encode and combine write beside it, plus any lines written after it; rebuilt and written
+back when it is missing or stale) and keeps, per image, only what it takes to find its tensor: the name (all
+names in one sorted byte blob, looked up by bisection), the manifest line's offset (:meth:`EmbeddingStore.record`
+reads it again when asked), its status, and small codes for the output file and the tensor key (per-image
+outputs are ``<prefix><name><suffix>``, or ``<prefix>`` and the storable form of the name
+(:func:`phi3embed.outputs.names.output_path`), so no path is stored per image). That is about 55 bytes per image
+and no Python object per image, so a million-image store opens in a fraction of a second, stays small, and
+DataLoader workers forked from it do not copy it page by page (reference counts of per-image objects would).
 
 Reading is a positioned read of exactly the tensor's bytes into a new tensor (``os.preadv``): the file's
 header (npy, or the safetensors header of a per-image file or a pack) is parsed once per process and the
@@ -23,16 +24,14 @@ manifest at opening: reopen it after another run on the same folder.
 
 from __future__ import annotations
 
-import bisect
 import io
 import json
 import math
 import os
 import struct
 import threading
-from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +41,17 @@ import torch
 from phi3embed.core.safetensors_io import SafetensorsFormatError, read_header_with
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.outputs.formats import OUTPUT_DTYPES
-from phi3embed.outputs.manifest import MANIFEST, iter_manifest, iter_manifest_lines
-from phi3embed.outputs.names import exact_bytes, from_bytes, output_path
-from phi3embed.outputs.records import Record, exact_field
+from phi3embed.outputs.manifest import MANIFEST, iter_manifest
+from phi3embed.outputs.manifest_index import KEY_IS_NAME, LITERAL, NO_KEY, OPEN_COLUMNS, PLAIN, ManifestIndex
+from phi3embed.outputs.names import from_bytes, output_path
+from phi3embed.outputs.records import Record
+
+#: An opening that has to read this many bytes of the manifest (no index file, or an old one) writes the index file.
+REBUILD_SAVE_BYTES = 4 << 20
 
 MAX_NDIM = 4  # stored tensors have 2 (projected, hd) or 3 (clip) dimensions
 _NPY_DTYPES = {np.dtype("<f4"): torch.float32, np.dtype("<f2"): torch.float16}
-_NO_KEY, _KEY_IS_NAME = -1, -2  # key codes besides indices into the interned keys
 _OPEN_FILES = 64  # descriptors kept open per process (pack files are read again and again)
-
-
-class _SortedNames(Sequence[bytes]):
-    """The names' exact bytes (:func:`phi3embed.outputs.names.exact_bytes`) in one blob with offsets, sorted by
-    those bytes: a sequence :mod:`bisect` can search."""
-
-    def __init__(self, blob: bytes, offsets: np.ndarray) -> None:
-        self.blob, self.offsets = blob, offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]
-        return self.blob[self.offsets[i] : self.offsets[i + 1]]
-
-    def find(self, name: str) -> int | None:
-        """The position of ``name``, or None."""
-        key = exact_bytes(name)
-        i = bisect.bisect_left(self, key)
-        return i if i < len(self) and self[i] == key else None
 
 
 class EmbeddingStore(Mapping[str, torch.Tensor]):
@@ -94,53 +76,39 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
     # ------------------------------------------------------------------ opening
 
     def _load(self) -> None:
-        index: dict[str, int] = {}  # name -> row, while reading (dropped after sorting)
-        line_off, out_id, key_id = array("q"), array("i"), array("i")
-        failed: dict[str, int] = {}  # name -> line offset of its latest (error) record
-        files: dict[_Template, int] = {}  # how outputs are found from names (_file_template) -> id
-        keys: dict[str, int] = {}
-        for offset, data in iter_manifest_lines(self.manifest):
-            name = exact_field(data, "name")
-            if data.get("status") != "ok":
-                failed[name] = offset
-                continue
-            failed.pop(name, None)
-            row = index.setdefault(name, len(index))
-            if row == len(line_off):
-                line_off.append(0)
-                out_id.append(-1)
-                key_id.append(_NO_KEY)
-            line_off[row] = offset
-            output, key = exact_field(data, "output"), exact_field(data, "key")
-            out_id[row] = files.setdefault(_file_template(name, output), len(files)) if isinstance(output, str) else -1
-            key_id[row] = (
-                _NO_KEY
-                if not isinstance(key, str)
-                else _KEY_IS_NAME
-                if key == name
-                else keys.setdefault(key, len(keys))
-            )
-        for name in failed:  # an ok record followed by an error: the image is failed now
-            index.pop(name, None)
-        encoded = sorted(exact_bytes(n) for n in index)
-        rows = np.fromiter((index[from_bytes(b)] for b in encoded), dtype=np.int64, count=len(encoded))
-        del index
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
-        self._names = _SortedNames(b"".join(encoded), offsets)
-        del encoded
-        self._line_off = np.frombuffer(line_off, dtype=np.int64)[rows].copy()
-        self._out_id = np.frombuffer(out_id, dtype=np.int32)[rows].copy()
-        self._key_id = np.frombuffer(key_id, dtype=np.int32)[rows].copy()
-        self._files = [template for template, _ in sorted(files.items(), key=lambda kv: kv[1])]
-        self._keys = [key for key, _ in sorted(keys.items(), key=lambda kv: kv[1])]
-        self._failed = dict(sorted(failed.items()))
-        n = len(rows)
-        # where each tensor is, once its file's header has been read (offset -1: not yet)
-        self._loc_off = np.full(n, -1, dtype=np.int64)
+        if ManifestIndex.uncovered(self.manifest) >= REBUILD_SAVE_BYTES:  # no (or an old) index file: all
+            index = ManifestIndex.load(self.manifest, save=True)  # columns, written for the next opening
+        else:
+            index = ManifestIndex.load(self.manifest, columns=OPEN_COLUMNS)
+        cols = index.cols
+        self._names = index.names  # every name, failed ones too (their records can be asked for)
+        self._status = cols["status"]
+        self._line_off = cols["line"]
+        ok = self._status == 1
+        self._ok_rows: np.ndarray | None = None if ok.all() else np.flatnonzero(ok)  # position -> row
+        rows = slice(None) if self._ok_rows is None else self._ok_rows
+        self._out_id = cols["out_id"][rows]
+        self._key_id = cols["key_id"][rows]
+        self._files = index.templates
+        self._keys = index.keys
+        self._len = len(self._out_id)
+        n = self._len
+        # where each tensor is, once its file's header has been read (ndim 0: not yet); zeros are not resident
+        # until written, so a store costs these columns only for the images it reads
+        self._loc_off = np.zeros(n, dtype=np.int64)
         self._loc_dtype = np.zeros(n, dtype=np.int8)
         self._loc_shape = np.zeros((n, MAX_NDIM), dtype=np.int64)
         self._loc_ndim = np.zeros(n, dtype=np.int8)
+
+    def _row(self, i: int) -> int:
+        return i if self._ok_rows is None else int(self._ok_rows[i])
+
+    def _position(self, name: str) -> int | None:
+        """The position of ``name`` among the ok names, or None (unknown, or failed)."""
+        row = self._names.find(name)
+        if row is None or not self._status[row]:
+            return None
+        return row if self._ok_rows is None else int(np.searchsorted(self._ok_rows, row))
 
     def _init_process_state(self) -> None:
         self._root = str(self.root)
@@ -163,44 +131,45 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
     # ------------------------------------------------------------------ the mapping
 
     def __len__(self) -> int:
-        return len(self._names)
+        return self._len
 
     def __iter__(self) -> Iterator[str]:
-        for i in range(len(self._names)):
-            yield from_bytes(self._names[i])
+        for i in range(self._len):
+            yield self.name_at(i)
 
     def __contains__(self, name: object) -> bool:
         name = from_bytes(name) if isinstance(name, bytes) else name
-        return isinstance(name, str) and self._names.find(name) is not None
+        return isinstance(name, str) and self._position(name) is not None
 
     def __getitem__(self, name: str | bytes) -> torch.Tensor:
         return self.tensor_at(self.index(name))
 
     def __repr__(self) -> str:
-        return f"<EmbeddingStore {str(self.root)!r}: {len(self)} images, {len(self._failed)} failed>"
+        return f"<EmbeddingStore {str(self.root)!r}: {len(self)} images, {len(self._names) - len(self)} failed>"
 
     def index(self, name: str | bytes) -> int:
         """The position of ``name`` in sorted order; KeyError when it has no ``ok`` latest record."""
         name = from_bytes(name) if isinstance(name, bytes) else name
-        i = self._names.find(name) if isinstance(name, str) else None
+        i = self._position(name) if isinstance(name, str) else None
         if i is None:
-            why = "its latest record is an error" if name in self._failed else "not in the manifest"
+            row = self._names.find(name) if isinstance(name, str) else None
+            why = "its latest record is an error" if row is not None else "not in the manifest"
             raise KeyError(f"{name!r}: {why}")
         return i
 
     def name_at(self, i: int) -> str:
         """The ``i``-th name in sorted order."""
-        return from_bytes(self._names[i])
+        return from_bytes(self._names[self._row(i)])
 
     def tensor_at(self, i: int) -> torch.Tensor:
         """The tensor of the ``i``-th name in sorted order (what a Dataset indexes)."""
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} images")
         whole = None
-        if self._loc_off[i] < 0:
+        if self._loc_ndim[i] == 0:
             # a per-image file is read whole, header included, in one call (one trip to the disk, as the
             # raw read of its tensor would take); a pack's header once, then only the tensors asked for
-            if self._out_id[i] >= 0 and self._files[self._out_id[i]][2] != _LITERAL:
+            if self._out_id[i] >= 0 and self._files[self._out_id[i]][2] != LITERAL:
                 whole = self._read_whole(i)
             self._locate(i, whole)
         shape = self._loc_shape[i, : self._loc_ndim[i]].tolist()
@@ -224,13 +193,10 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
     def record(self, name: str | bytes) -> Record:
         """The latest manifest record of ``name`` (ok or error), read again from the manifest."""
         name = from_bytes(name) if isinstance(name, bytes) else name
-        i = self._names.find(name)
-        if i is not None:
-            offset = int(self._line_off[i])
-        elif name in self._failed:
-            offset = self._failed[name]
-        else:
+        row = self._names.find(name)
+        if row is None:
             raise KeyError(f"{name!r}: not in the manifest")
+        offset = int(self._line_off[row])
         fd = self._fd(str(self.manifest))
         line = bytearray()
         while not line.endswith(b"\n"):
@@ -245,7 +211,7 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
     @property
     def failed(self) -> list[str]:
         """Names whose latest record is an error (sorted)."""
-        return list(self._failed)
+        return [from_bytes(self._names[row]) for row in np.flatnonzero(self._status == 0).tolist()]
 
     def path_at(self, i: int) -> Path:
         """The output file of the ``i``-th name."""
@@ -256,15 +222,15 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         if out < 0:
             raise Phi3EmbedError(f"the ok record of {self.name_at(i)} names no output", path=self.manifest)
         prefix, suffix, how = self._files[out]
-        if how == _LITERAL:
+        if how == LITERAL:
             return os.path.join(self._root, prefix)
         name = self.name_at(i)
-        return os.path.join(self._root, prefix + (name + suffix if how == _PLAIN else output_path(name, suffix)))
+        return os.path.join(self._root, prefix + (name + suffix if how == PLAIN else output_path(name, suffix)))
 
     def key_at(self, i: int) -> str | None:
         """The safetensors key of the ``i``-th name's tensor (None for npy)."""
         code = int(self._key_id[i])
-        return None if code == _NO_KEY else self.name_at(i) if code == _KEY_IS_NAME else self._keys[code]
+        return None if code == NO_KEY else self.name_at(i) if code == KEY_IS_NAME else self._keys[code]
 
     # ------------------------------------------------------------------ files
 
@@ -323,7 +289,7 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
             raise Phi3EmbedError(f"no tensor {key!r} (the embeddings of {self.name_at(i)})", path=path)
         out = int(self._out_id[i])
         for k, info in header.tensors.items():  # a pack: every image of it this store reads from this file
-            j = i if k == key else self._names.find(k)
+            j = i if k == key else self._position(k)
             if j is not None and self._out_id[j] == out and self.key_at(j) == k:
                 if info.torch_dtype not in OUTPUT_DTYPES:
                     raise Phi3EmbedError(f"tensor {k!r} is {info.dtype}, not an embedding", path=path)
@@ -368,26 +334,6 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
             self.close()
-
-
-_PLAIN, _STORED, _LITERAL = 0, 1, 2  # output = prefix + name + suffix / prefix + output_path(name, suffix) / prefix
-_Template = tuple[str, str, int]
-
-
-def _file_template(name: str, output: str) -> _Template:
-    """How ``output`` follows from ``name`` (per-image files, also under a combined manifest's ``../part-3/``):
-    ``(prefix, suffix, _PLAIN)`` around the name, ``(prefix, suffix, _STORED)`` around the storable form of a
-    name that could not be stored as it is, else ``(output, "", _LITERAL)`` (a pack file)."""
-    dot = output.rfind(".")
-    stem = output[:dot] if dot >= 0 else output
-    if stem.endswith(name):
-        return output[: len(stem) - len(name)], output[len(stem) :], _PLAIN
-    if "~" in output:  # every storable form has one (a pack file's name has none)
-        suffix = output[dot:] if dot >= 0 else ""
-        stored = output_path(name, suffix)
-        if output.endswith(stored) and stored != name + suffix:
-            return output[: len(output) - len(stored)], suffix, _STORED
-    return output, "", _LITERAL
 
 
 def _parse_npy_header(head: bytes, read: Callable[[int], bytes]) -> tuple[int, torch.dtype, tuple[int, ...]]:

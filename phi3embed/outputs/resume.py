@@ -14,15 +14,18 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from phi3embed.inputs.listing import Source
+from phi3embed.outputs.manifest import MANIFEST
+from phi3embed.outputs.manifest_index import ManifestIndex
 from phi3embed.outputs.records import Record, Signature
 
+OutputOf = Callable[[str], "str | None"]  # the output an image name is expected at (None: any)
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -67,6 +70,16 @@ class OutputCheck:
             return st.st_size == npy_size(shape, record.dtype)
         return st.st_size >= math.prod(shape) * _ITEMSIZE[record.dtype] + 16  # safetensors: 8-byte length, header
 
+    def has_size(self, output: str | None, size: int) -> bool:
+        """A per-image output file is there, a regular file of ``size`` bytes (one ``stat``)."""
+        if not output:
+            return False
+        try:
+            st = os.stat(self.root / output)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == size
+
     def _pack_ends(self, output: str, st: os.stat_result) -> dict[str, int] | None:
         """Where each tensor of a pack file ends (from its header), or None when it is not a readable one."""
         key = (output, st.st_size, st.st_mtime_ns)
@@ -99,7 +112,10 @@ def _safetensors_ends(path: Path) -> dict[str, int] | None:
 
 
 class ResumeIndex:
-    """Latest record per image name, kept current as records are appended."""
+    """Latest record per image name: the manifest's columns as they were when the run opened it
+    (:class:`phi3embed.outputs.manifest_index.ManifestIndex`, about 100 bytes per image, no object per image) and
+    the records this run noted since. Records of earlier runs are read back from the manifest only when one is
+    asked for, or when its row cannot be judged from the columns (packs, vector rows, lines of old versions)."""
 
     def __init__(
         self,
@@ -111,46 +127,136 @@ class ResumeIndex:
     ) -> None:
         self.root, self.signature, self.overwrite = root, signature, overwrite
         self.vectors_present = vectors_present  # with encode --vectors: is the record's vector row on disk
-        self._latest: dict[str, Record] = {}
+        self.columns = ManifestIndex(root / MANIFEST, ())  # empty until load()
+        self._sig = -1  # this run's settings' id among the columns' signatures
+        self._recent: dict[str, Record] = {}  # noted by this run (newer than the columns)
         self.outputs = OutputCheck(root)
-        self._by_sha256: dict[str, str] | None = None  # sha256 -> a name with an ok record; built on first use
+        self._by_sha256: dict[str, str] | None = None  # this run's ok records by sha256, once asked
+        self._sha_order: np.ndarray | None = None  # rows of the columns sorted by sha256 prefix, once asked
+
+    def load(self, *, save: bool | int = False) -> int:
+        """Read the manifest's columns (its index file, and the lines after it); returns the lines that are not
+        records (skipped). ``save``: as :meth:`ManifestIndex.load`."""
+        self.columns = ManifestIndex.load(self.root / MANIFEST, save=save)
+        self._sig = self.columns.signature_id(self.signature)
+        self._recent.clear()
+        return self.columns.unreadable
+
+    def save(self, archives: Mapping[str, tuple[str, int]] = {}, expected: OutputOf | None = None) -> bool:
+        """Bring the columns up to the manifest's end (this run's lines, and any another part appended), note the
+        completion record of each of ``archives`` (name -> (path, images listed)) whose every image is done now
+        (:meth:`archive_done`; others lose theirs) and write the index file. False when it cannot be written
+        (never an error: the manifest is the truth)."""
+        if not self.columns.columns:
+            return False
+        try:
+            self.columns.update()
+        except OSError:
+            return False
+        self._recent.clear()  # the columns hold them now
+        for name, (path, images) in archives.items():
+            try:
+                st = os.stat(path)
+            except OSError:
+                self.columns.set_archive(name, None)
+                continue
+            done = expected is not None and self.archive_done(name, images, st, expected)
+            record = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "images": images}
+            self.columns.set_archive(name, record if done else None)
+        return self.columns.save()
+
+    def archive_done(self, name: str, images: int, st: os.stat_result, expected: OutputOf) -> bool:
+        """Every image of the archive named ``name`` (``images`` of them, the archive's ``stat`` ``st``) is done:
+        exactly what :meth:`is_done` says of each, judged from the columns (a row that needs its record, such as
+        a pack member's, makes this False: the archive is then listed as usual). ``expected``: the output a name
+        is expected at (the writer's rule)."""
+        if self.overwrite or self.vectors_present is not None or self._sig < 0 or self._recent:
+            return False
+        lo, hi = self.columns.archive_rows(name)
+        if hi - lo != images:
+            return False
+        cols = {c: a[lo:hi] for c, a in self.columns.cols.items()}
+        if not (
+            (cols["status"] == 1).all()
+            and (cols["sig"] == self._sig).all()
+            and (cols["fast"] == 1).all()
+            and (cols["size"] == st.st_size).all()
+            and (cols["mtime"] == st.st_mtime_ns).all()
+        ):
+            return False
+        for row, output_size in zip(range(lo, hi), cols["output_size"].tolist(), strict=True):
+            output = self.columns.output_at(row)
+            if output != expected(self.columns.name_at(row)) or not self.outputs.has_size(output, output_size):
+                return False
+        return True
 
     def note(self, record: Record) -> None:
-        self._latest[record.name] = record
+        self._recent[record.name] = record
         if self._by_sha256 is not None:
             self._index_sha256(record)
 
+    def attempts(self, name: str) -> int:
+        """How many records ``name`` had when the manifest was loaded."""
+        row = self.columns.find(name)
+        return 0 if row is None else int(self.columns.cols["attempts"][row])
+
     def latest_records(self) -> dict[str, Record]:
-        """A copy of name -> latest record."""
-        return dict(self._latest)
+        """Name -> latest record of every image (this run's included), read from the manifest: costs a
+        positioned read and a record per image (``encode --vectors`` reconciles its rows with it)."""
+        latest = {record.name: record for record in self.columns.records()}
+        latest.update(self._recent)
+        return latest
 
     def latest(self, name: str) -> Record | None:
         """The latest record of ``name`` (this run's included), or None."""
-        return self._latest.get(name)
+        seen = self._recent.get(name)
+        if seen is not None:
+            return seen
+        row = self.columns.find(name)
+        return None if row is None else self.columns.record_at(row)
 
     def identical(self, sha256: str) -> Record | None:
         """An ok record made with the same settings from a source with these bytes whose output still
         exists (None under ``overwrite``): what a duplicate of those bytes may share instead of being encoded.
-
-        Uses the index of :meth:`index_sha256` (built here when it was not)."""
+        An encoded original is preferred over a duplicate of it, this run's records over earlier ones."""
         if self.overwrite:
             return None
-        by_sha256 = self.index_sha256()
-        name = by_sha256.get(sha256)
-        seen = self._latest.get(name) if name is not None else None
-        if seen is None or not self._usable(seen) or seen.sha256 != sha256:
-            return None  # that name has a newer record since (failed, or other bytes)
-        return seen if self._present(seen) else None
+        self.index_sha256()
+        assert self._by_sha256 is not None and self._sha_order is not None
+        candidates: list[Record] = []
+        name = self._by_sha256.get(sha256)
+        if name is not None:
+            candidates.append(self._recent[name])
+        prefix = _sha_prefix(sha256)
+        cols = self.columns.cols
+        if prefix and len(self._sha_order):
+            shas = cols["sha"][self._sha_order]
+            lo, hi = np.searchsorted(shas, prefix, "left"), np.searchsorted(shas, prefix, "right")
+            rows = sorted(self._sha_order[lo:hi].tolist(), key=lambda r: -int(cols["line"][r]))  # newest first
+            for row in rows:
+                record = self.columns.record_at(row)
+                if record.name not in self._recent:
+                    candidates.append(record)
+        candidates.sort(key=lambda r: r.duplicate_of is not None)  # stable: originals first
+        for seen in candidates:
+            if self._usable(seen) and seen.sha256 == sha256 and self._present(seen):
+                return seen
+        return None
 
-    def index_sha256(self) -> dict[str, str]:
-        """Index every ok record by sha256, once (one dict entry per image, about 30 bytes: the strings are
-        the records' own); records noted later are indexed as they come. Call it before other threads
-        note records."""
+    def index_sha256(self) -> None:
+        """Prepare :meth:`identical`: this run's records by sha256, the columns' rows by sha256 prefix (16 bytes
+        per image). Call it before other threads note records."""
         if self._by_sha256 is None:
             self._by_sha256 = {}
-            for record in self._latest.values():
+            for record in self._recent.values():
                 self._index_sha256(record)
-        return self._by_sha256
+        if self._sha_order is None:
+            cols = self.columns.cols
+            if "sha" in cols and len(cols["sha"]) and self._sig >= 0:
+                candidates = np.flatnonzero((cols["status"] == 1) & (cols["sig"] == self._sig) & (cols["sha"] != 0))
+                self._sha_order = candidates[np.argsort(cols["sha"][candidates], kind="stable")]
+            else:
+                self._sha_order = np.zeros(0, dtype=np.int64)
 
     def _index_sha256(self, record: Record) -> None:
         """Note ``record`` under its sha256 if usable; an encoded original wins over a duplicate of it."""
@@ -174,15 +280,44 @@ class ResumeIndex:
         """The rule of the module docstring; ``expected_output`` None accepts any output (packs)."""
         if self.overwrite:
             return False
-        seen = self._latest.get(source.name)
-        if seen is None or not seen.ok or seen.signature() != self.signature:
+        seen = self._recent.get(source.name)
+        if seen is None:
+            row = self.columns.find(source.name)
+            if row is None:
+                return False
+            cols = self.columns.cols
+            if self._sig < 0 or not cols["status"][row] or cols["sig"][row] != self._sig:
+                return False  # (no record has this run's settings: -1)
+            if not cols["fast"][row] or self.vectors_present is not None:
+                return self._done(self.columns.record_at(row), source, expected_output)
+            output = self.columns.output_at(row)
+            if expected_output is not None and output != expected_output:
+                return False
+            if not self.outputs.has_size(output, int(cols["output_size"][row])):
+                return False
+            return _source_unchanged(source, int(cols["size"][row]), int(cols["mtime"][row]))
+        return self._done(seen, source, expected_output)
+
+    def _done(self, seen: Record, source: Source, expected_output: str | None) -> bool:
+        if not seen.ok or seen.signature() != self.signature:
             return False
         if expected_output is not None and seen.output != expected_output:
             return False
         if not self._present(seen):
             return False
-        try:
-            st = os.stat(source.path)
-        except OSError:
-            return False
-        return st.st_size == seen.size and st.st_mtime_ns == seen.mtime_ns
+        return _source_unchanged(source, seen.size, seen.mtime_ns)
+
+
+def _source_unchanged(source: Source, size: int | None, mtime_ns: int | None) -> bool:
+    try:
+        st = os.stat(source.path)
+    except OSError:
+        return False
+    return st.st_size == size and st.st_mtime_ns == mtime_ns
+
+
+def _sha_prefix(sha256: str) -> int:
+    try:
+        return int(sha256[:16], 16) if len(sha256) >= 16 else 0
+    except ValueError:
+        return 0

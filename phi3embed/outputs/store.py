@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,12 +26,16 @@ import torch
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.files import FileWriter
-from phi3embed.outputs.manifest import ManifestLog, iter_manifest
+from phi3embed.outputs.manifest import MANIFEST, ManifestLog, iter_manifest
+from phi3embed.outputs.manifest_index import ManifestIndex
 from phi3embed.outputs.packs import PackWriter
 from phi3embed.outputs.publish import OutputError, Publisher, output_failure
 from phi3embed.outputs.records import NO_STAGE, ImageFacts, OutputSettings, Record, error_record
 from phi3embed.outputs.resume import ResumeIndex
 from phi3embed.outputs.vectors import VECTORS_DIR, VectorOnlyWriter, VectorShards, require_pyarrow
+
+#: A rebuilt index file is written at once (not only when the run ends) when it took this many manifest lines.
+LOAD_SAVE_LINES = 10_000
 
 
 class EmbeddingWriter(Protocol):
@@ -77,6 +81,7 @@ class OutputStore:
         self.unreadable_lines = 0  # manifest lines that are not JSON records, skipped at open
         self.vectors_moved = 0  # vector rows rewritten to agree with the manifest (outputs/vectors.py)
         self._waiting_vectors: dict[str, dict[str, np.ndarray]] = {}  # name -> vectors, until its record commits
+        self._archives: dict[str, tuple[str, int]] = {}  # archive name -> (path, images asked about by is_done)
         self._build()
 
     def __enter__(self) -> OutputStore:
@@ -90,11 +95,8 @@ class OutputStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.publisher.open()
-            unreadable: list[int] = []
-            for record in iter_manifest(self.manifest.path, unreadable):
-                self.manifest.count(record)
-                self.index.note(record)
-            self.unreadable_lines = len(unreadable)
+            self.unreadable_lines = self.index.load(save=LOAD_SAVE_LINES)
+            self.manifest.attempts_before = self.index.attempts
             self.manifest.open()
             if isinstance(self.writer, PackWriter):
                 missing = self.writer.recover(iter_manifest(self.manifest.path))
@@ -155,6 +157,8 @@ class OutputStore:
                     self.manifest.close()
                 except OSError as exc:
                     failure = failure or output_failure(exc, self.root, "syncing manifest.jsonl")
+                if failure is None:  # the columns for the next run (a cache: failing to write it is no failure)
+                    self.index.save(self._archives, self._expected_output)
         finally:
             self.publisher.close()
         if failure is not None:
@@ -170,8 +174,38 @@ class OutputStore:
     # ------------------------------------------------------------------ resume
 
     def is_done(self, source: Source) -> bool:
-        """True when the image need not be encoded again (:mod:`phi3embed.outputs.resume`)."""
+        """True when the image need not be encoded again (:mod:`phi3embed.outputs.resume`). The images of
+        archives asked about are counted: when the run ends, an archive whose every image is done gets a
+        completion record (:meth:`finished_archives`)."""
+        member = source.member
+        if member is not None:
+            _, seen = self._archives.get(member.archive, ("", 0))
+            self._archives[member.archive] = (source.path, seen + 1)
         return self.index.is_done(source, self.writer.expected_output(source))
+
+    def _expected_output(self, name: str) -> str | None:
+        return self.writer.expected_output(Source(name, "", ""))
+
+    @staticmethod
+    def completed_archives(root: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+        """The completion records in DIR (name -> record with the archive's absolute ``path``, ``size``,
+        ``mtime_ns`` and ``images``), read before the store is opened so that listing can leave those archives
+        unread: each must still be confirmed by :meth:`confirm_archives` once the store is open."""
+        return ManifestIndex.completed_archives(Path(root) / MANIFEST)
+
+    def confirm_archives(self, finished: Mapping[str, tuple[str, int]]) -> list[str]:
+        """Of the archives listing left unread (name -> (path, images)), those whose images are NOT all done with
+        this run's settings (they must be listed after all); the others count as listed and done."""
+        failed = []
+        for name, (path, images) in finished.items():
+            try:
+                st = os.stat(path)
+            except OSError:
+                failed.append(name)
+                continue
+            if not self.index.archive_done(name, images, st, self._expected_output):
+                failed.append(name)
+        return failed
 
     # ------------------------------------------------------------------ writing
 
