@@ -16,7 +16,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -317,23 +317,40 @@ def _check_vectors(opts: _EncodeOptions) -> None:
 
 def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
     """List, check, load and run; the exit code. A problem found before the job starts raises (exit code 2)."""
-    from phi3embed.inputs.listing import list_inputs, select_shard
+    from phi3embed.inputs.listing import Listing, list_inputs, select_shard
 
-    try:
-        listing = list_inputs(
-            inputs,
-            exclude=[str(opts.out)],
-            image_column=opts.image_column,
-            finished_archive=None,  # the output store's per-archive completion records, once it keeps them
-            shard=opts.shard_spec,
-        )
-    except OSError as exc:
-        raise UsageError(f"cannot read the inputs: {exc}") from None
-    sources = listing.sources
+    completed = {} if opts.overwrite else _completed_archives(opts.out)
+
+    def list_now(refused: frozenset[str] = frozenset()) -> tuple[Listing, Sequence[Any]]:
+        """The listing, archives with a completion record in DIR left unread (but those ``refused``: the store
+        found them not done after all), and this shard's sources."""
+
+        def finished(path: str, name: str, st: os.stat_result) -> int | None:
+            record = completed.get(name)
+            if record is None or name in refused or record.get("path") != path:
+                return None
+            same = record.get("size") == st.st_size and record.get("mtime_ns") == st.st_mtime_ns
+            images = record.get("images")
+            return images if same and isinstance(images, int) else None
+
+        try:
+            listing = list_inputs(
+                inputs,
+                exclude=[str(opts.out)],
+                image_column=opts.image_column,
+                finished_archive=finished if completed else None,
+                shard=opts.shard_spec,
+            )
+        except OSError as exc:
+            raise UsageError(f"cannot read the inputs: {exc}") from None
+        sources = listing.sources
+        if opts.shard_spec is not None:
+            sources = select_shard(sources, *opts.shard_spec)
+        return listing, sources
+
+    listing, sources = list_now()
     done = listing.finished_images  # finished archives (of this shard): listed, every image skipped
-    listed = len(sources) + done
-    if opts.shard_spec is not None:
-        sources = select_shard(sources, *opts.shard_spec)
+    listed = len(listing.sources) + done
 
     from rich.console import Console
 
@@ -361,7 +378,16 @@ def _encode(inputs: list[str], opts: _EncodeOptions) -> int:
         announce=lambda line: None if opts.quiet else say(console, f"phi3embed encode: {line}"),
         loading=loading,
     )
-    return _run(engine, sources, opts, console=console, special=listing.special, notes=notes, already_done=done)
+    return _run(
+        engine, sources, opts, console=console, special=listing.special, notes=notes, listing=listing, relist=list_now
+    )
+
+
+def _completed_archives(out: Path) -> dict[str, dict[str, Any]]:
+    """The completion records of archives in DIR (none when it holds no index file yet)."""
+    from phi3embed.outputs.store import OutputStore
+
+    return OutputStore.completed_archives(out)
 
 
 def _run(
@@ -372,12 +398,14 @@ def _run(
     console: Any,
     special: int = 0,
     notes: Sequence[str] = (),
-    already_done: int = 0,
+    listing: Any = None,
+    relist: Callable[[frozenset[str]], tuple[Any, Sequence[Any]]] | None = None,
 ) -> int:
     """Open the store, run the job, render the summary (``special``: special files the listing skipped;
-    ``notes``: its other lines about the listing; ``already_done``: images of finished archives, not
-    listed one by one); the exit code."""
-    from phi3embed.cli.progress import ProgressReporter, RunInfo, manifest_note, render_summary, say
+    ``notes``: its other lines about the listing; ``listing``: the listing, whose finished archives (not listed
+    image by image) the store confirms: any it finds not all done after all are listed by ``relist``); the
+    exit code."""
+    from phi3embed.cli.progress import ProgressReporter, RunInfo, listing_notes, manifest_note, render_summary, say
     from phi3embed.jobs.core import run_job
     from phi3embed.outputs.formats import dtype_name
     from phi3embed.outputs.publish import OutputError
@@ -395,6 +423,14 @@ def _run(
         ).open()
         closing: OutputError | None = None
         try:
+            already_done = 0
+            if listing is not None and listing.finished_archives:
+                finished = {n: (listing.finished_paths[n], k) for n, k in listing.finished_archives.items()}
+                refused = store.confirm_archives(finished)
+                if refused and relist is not None:  # an output removed since, other settings...: list those
+                    listing, sources = relist(frozenset(refused))
+                    notes = listing_notes(listing)
+                already_done = listing.finished_images
             reporter = ProgressReporter(console, show_progress=not quiet)
             summary = run_job(
                 sources, store, engine, reporter=reporter, dedup=not opts.no_dedup, already_done=already_done

@@ -154,6 +154,7 @@ class ResumeIndex:
         except OSError:
             return False
         self._recent.clear()  # the columns hold them now
+        self._sig = self.columns.signature_id(self.signature)  # (a first run's settings are new to the columns)
         for name, (path, images) in archives.items():
             try:
                 st = os.stat(path)
