@@ -46,7 +46,8 @@ class Duplicates:
 
     def __init__(self, index: ResumeIndex, todo: Sequence[Source]) -> None:
         self._index = index
-        index.index_sha256()  # now, before the writer thread notes records
+        if todo:
+            index.index_sha256()  # now, before the writer thread notes records (nothing to encode: no need)
         self._todo = frozenset(s.name for s in todo)  # their earlier outputs are being redone: not shareable
         self._firsts: dict[bytes, str] = {}  # digest -> first name in this job
         self._earlier: dict[bytes, str] = {}  # digest -> name of an earlier run's ok output

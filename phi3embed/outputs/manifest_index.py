@@ -164,6 +164,7 @@ class ManifestIndex:
         self.archives: dict[str, dict[str, Any]] = {}  # archive name -> its completion record
         self.vectors = False  # some line names a vector row (encode --vectors)
         self.loaded_from_file = False
+        self.file_covered = -1  # manifest bytes the index file on disk covers (-1: no valid file)
         self.lines_read = 0  # manifest lines parsed by this load (0: all came from the index file)
 
     # ------------------------------------------------------------------ loading
@@ -282,6 +283,7 @@ class ManifestIndex:
         self.archives = dict(meta.get("archives") or {})
         self.vectors = bool(meta.get("vectors"))
         self.loaded_from_file = True
+        self.file_covered = covered
 
     def update(self) -> int:
         """Read the manifest lines written since the columns were made (all of them the first time) into the
@@ -464,6 +466,7 @@ class ManifestIndex:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             return False
+        self.file_covered = self.covered
         return True
 
     # ------------------------------------------------------------------ reading rows

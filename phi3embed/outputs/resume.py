@@ -155,6 +155,7 @@ class ResumeIndex:
             return False
         self._recent.clear()  # the columns hold them now
         self._sig = self.columns.signature_id(self.signature)  # (a first run's settings are new to the columns)
+        before = dict(self.columns.archives)
         for name, (path, images) in archives.items():
             try:
                 st = os.stat(path)
@@ -164,6 +165,8 @@ class ResumeIndex:
             done = expected is not None and self.archive_done(name, images, st, expected)
             record = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "images": images}
             self.columns.set_archive(name, record if done else None)
+        if self.columns.file_covered == self.columns.covered and self.columns.archives == before:
+            return True  # the file already says all this
         return self.columns.save()
 
     def archive_done(self, name: str, images: int, st: os.stat_result, expected: OutputOf) -> bool:
