@@ -144,8 +144,14 @@ def test_ray_engine_writes_the_local_engines_vectors_alone_from_a_tar_file(tmp_p
     def files(out: Path) -> dict[str, bytes]:
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
-    shards = {name: data for name, data in files(tmp_path / "ray").items() if name != "manifest.jsonl"}
-    assert shards == {n: d for n, d in files(tmp_path / "local").items() if n != "manifest.jsonl"}
+    shards = {
+        name: data
+        for name, data in files(tmp_path / "ray").items()
+        if name not in ("manifest.jsonl", "manifest.jsonl.idx")
+    }
+    assert shards == {
+        n: d for n, d in files(tmp_path / "local").items() if n not in ("manifest.jsonl", "manifest.jsonl.idx")
+    }
     assert all(name.startswith("vectors/") for name in shards) and len(shards) == 6  # 3 kinds x (npy + parquet)
     volatile = ("time", "device")
     assert {n: {k: v for k, v in r.items() if k not in volatile} for n, r in records(ray).items()} == {

@@ -229,7 +229,9 @@ def invoke(args: list[str], *, cwd: Path) -> Any:
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` except the manifest (whose records carry times), with its bytes."""
     return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".idx")
     }
 
 
@@ -340,7 +342,10 @@ def test_jsonl_stdout_holds_only_the_records(ws: Workspace) -> None:
 def test_stdin_glob_and_packs_read_back_exactly(ws: Workspace) -> None:
     b = ws.runs["B"].wait()
     out = ws.out("B")
-    assert sorted(p.name for p in out.iterdir()) == [f"emb-{i:05d}.safetensors" for i in range(7)] + [MANIFEST]
+    assert sorted(p.name for p in out.iterdir()) == [f"emb-{i:05d}.safetensors" for i in range(7)] + [
+        MANIFEST,
+        MANIFEST + ".idx",
+    ]
     got = list(phi3embed.read(out))
     pngs = sorted(p.name for p in IMAGES.glob("*.png"))
     assert [r["name"] for r, _ in got] == sorted(STDIN_JPEGS + pngs)

@@ -96,7 +96,7 @@ def files_of(out: Path) -> dict[bytes, bytes]:
     for folder, _, names in os.walk(root):
         for name in names:
             path = os.path.join(folder, name)
-            if name != MANIFEST.encode():
+            if name not in (MANIFEST.encode(), MANIFEST.encode() + b".idx"):
                 with open(path, "rb") as fh:
                     found[os.path.relpath(path, root)] = fh.read()
     return found

@@ -45,7 +45,7 @@ def outputs(out: Path) -> dict[str, bytes]:
     return {
         p.relative_to(out).as_posix(): p.read_bytes()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != "manifest.jsonl" and ".phi3embed-tmp" not in p.parts
+        if p.is_file() and p.name not in ("manifest.jsonl", "manifest.jsonl.idx") and ".phi3embed-tmp" not in p.parts
     }
 
 
