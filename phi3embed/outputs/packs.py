@@ -137,12 +137,14 @@ class PackWriter:
         if not indices:
             return []
         self._next = max(indices) + 1
-        referenced: dict[int, set[str]] = {}
-        for record in manifest:
+        last, have_last = -1, set[str]()  # the highest pack the manifest names, and the names it gives it (only
+        for record in manifest:  # that pack and later ones can lack lines: the names of earlier ones are not kept)
             index = self.pack_index(record.output or "")
-            if index is not None:
-                referenced.setdefault(index, set()).add(record.name)
-        last = max(referenced, default=-1)
+            if index is not None and index >= last:
+                if index > last:
+                    last, have_last = index, set()
+                have_last.add(record.name)
+        referenced = {last: have_last}
         missing: list[Record] = []
         for index in sorted(i for i in indices if i >= last):
             try:
