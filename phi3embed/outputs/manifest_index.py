@@ -164,6 +164,8 @@ class ManifestIndex:
         self.archives: dict[str, dict[str, Any]] = {}  # archive name -> its completion record
         self.vectors = False  # some line names a vector row (encode --vectors)
         self.loaded_from_file = False
+        self._fd: int | None = None  # the manifest, for record_at
+        self._fd_pid = 0
         self.file_covered = -1  # manifest bytes the index file on disk covers (-1: no valid file)
         self.lines_read = 0  # manifest lines parsed by this load (0: all came from the index file)
 
@@ -492,8 +494,32 @@ class ManifestIndex:
         return None if out < 0 else template_output(self.templates[out], self.name_at(row))
 
     def record_at(self, row: int) -> Record:
-        """The latest record of ``row``, read again from the manifest."""
-        return read_record(self.manifest, int(self.cols["line"][row]))
+        """The latest record of ``row``, read again from the manifest (positioned reads: any thread may ask)."""
+        fd = self._fd
+        if fd is None or self._fd_pid != os.getpid():
+            fd = self._fd = os.open(self.manifest, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fd_pid = os.getpid()
+        offset = int(self.cols["line"][row])
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = os.pread(fd, 1 << 12 if not line else 1 << 16, offset + len(line))
+            if not chunk:
+                break
+            cut = chunk.find(b"\n")
+            line += chunk if cut < 0 else chunk[: cut + 1]
+        record = Record.from_json(json.loads(line))
+        assert record is not None, (self.manifest, offset)
+        return record
+
+    def close(self) -> None:
+        """Close the manifest descriptor :meth:`record_at` keeps."""
+        if self._fd is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def records(self) -> Iterator[Record]:
         """Every name's latest record, names sorted (one positioned read each)."""

@@ -14,7 +14,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -204,12 +204,10 @@ class ResumeIndex:
         row = self.columns.find(name)
         return 0 if row is None else int(self.columns.cols["attempts"][row])
 
-    def latest_records(self) -> dict[str, Record]:
-        """Name -> latest record of every image (this run's included), read from the manifest: costs a
-        positioned read and a record per image (``encode --vectors`` reconciles its rows with it)."""
-        latest = {record.name: record for record in self.columns.records()}
-        latest.update(self._recent)
-        return latest
+    def latest_records(self) -> Mapping[str, Record]:
+        """Name -> latest record (this run's included), each read from the manifest when looked up (``encode
+        --vectors`` reconciles its rows with it): no record is held."""
+        return _Latest(self)
 
     def latest(self, name: str) -> Record | None:
         """The latest record of ``name`` (this run's included), or None."""
@@ -310,6 +308,27 @@ class ResumeIndex:
         if not self._present(seen):
             return False
         return _source_unchanged(source, seen.size, seen.mtime_ns)
+
+
+class _Latest(Mapping[str, Record]):
+    """:meth:`ResumeIndex.latest_records`: a view, records read when looked up."""
+
+    def __init__(self, index: ResumeIndex) -> None:
+        self.index = index
+
+    def __getitem__(self, name: str) -> Record:
+        found = self.index.latest(name)
+        if found is None:
+            raise KeyError(name)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        columns, recent = self.index.columns, self.index._recent
+        yield from (n for n in (columns.name_at(i) for i in range(len(columns))) if n not in recent)
+        yield from list(recent)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _source_unchanged(source: Source, size: int | None, mtime_ns: int | None) -> bool:
