@@ -47,6 +47,7 @@ class OutputCheck:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root = str(root)
         self._packs: dict[tuple[str, int, int], dict[str, int] | None] = {}  # (file, size, mtime) -> key: end
 
     def whole(self, record: Record) -> bool:
@@ -75,7 +76,7 @@ class OutputCheck:
         if not output:
             return False
         try:
-            st = os.stat(self.root / output)
+            st = os.stat(os.path.join(self._root, output))
         except OSError:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_size == size
