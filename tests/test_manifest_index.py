@@ -18,6 +18,7 @@ import torch
 from conftest import output_settings
 
 from phi3embed.inputs.listing import Source
+from phi3embed.outputs import resume
 from phi3embed.outputs.manifest import MANIFEST
 from phi3embed.outputs.manifest_index import INDEX_SUFFIX, ManifestIndex
 from phi3embed.outputs.names import exact_bytes, output_path
@@ -90,6 +91,8 @@ def _run(out: Path, settings: OutputSettings, sources: list[Source], rng: random
 
 def _check(out: Path, settings: OutputSettings, sources: list[Source]) -> None:
     latest, counts, unreadable = plain_latest(out / MANIFEST)
+    for name, record in latest.items():  # every record's attempt counts on from the lines before it
+        assert record.attempt is None or record.attempt == counts[name], name
     with OutputStore(out, settings) as store:
         assert store.unreadable_lines == unreadable
         for src in sources:
@@ -100,7 +103,13 @@ def _check(out: Path, settings: OutputSettings, sources: list[Source]) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_resume_decisions_equal_the_plain_rule_over_random_histories(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize("fold", [None, 3])
+def test_resume_decisions_equal_the_plain_rule_over_random_histories(
+    tmp_path: Path, seed: int, fold: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fold``: a run folds its records into the columns every few records (as a long first run does)."""
+    if fold is not None:
+        monkeypatch.setattr(resume, "FOLD_RECORDS", fold)
     rng = random.Random(seed)
     sources = _sources(tmp_path / "imgs")
     out = tmp_path / "emb"

@@ -93,6 +93,10 @@ class ManifestLog:
         self._last_sync = 0.0
         self._torn = False  # the last append failed part way: the next one starts with a newline
 
+    def forget_attempts(self) -> None:
+        """The counts of this log's names are in ``attempts_before`` now (the store folded its records)."""
+        self._attempts.clear()
+
     def open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if os.fstat(self._fd).st_size:

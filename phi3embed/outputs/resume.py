@@ -14,6 +14,7 @@ import math
 import os
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +27,8 @@ from phi3embed.outputs.manifest_index import ManifestIndex
 from phi3embed.outputs.records import Record, Signature
 
 OutputOf = Callable[[str], "str | None"]  # the output an image name is expected at (None: any)
+#: Records of this run held before they are folded into the columns (:meth:`ResumeIndex.note`).
+FOLD_RECORDS = 50_000
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -131,9 +134,12 @@ class ResumeIndex:
         self.columns = ManifestIndex(root / MANIFEST, ())  # empty until load()
         self._sig = -1  # this run's settings' id among the columns' signatures
         self._recent: dict[str, Record] = {}  # noted by this run (newer than the columns)
+        self._lock = threading.RLock()  # the writer thread notes (and folds) while the job's thread asks
+        self.on_fold: Callable[[], None] | None = None  # after this run's records were folded into the columns
         self.outputs = OutputCheck(root)
         self._by_sha256: dict[str, str] | None = None  # this run's ok records by sha256, once asked
         self._sha_order: np.ndarray | None = None  # rows of the columns sorted by sha256 prefix, once asked
+        self._sha_sorted = np.zeros(0, dtype=np.uint64)  # their sha256 prefixes, in that order
 
     def load(self, *, save: bool | int = False) -> int:
         """Read the manifest's columns (its index file, and the lines after it); returns the lines that are not
@@ -196,14 +202,34 @@ class ResumeIndex:
         return True
 
     def note(self, record: Record) -> None:
-        self._recent[record.name] = record
+        """Take a record this run appended to the manifest. Past :data:`FOLD_RECORDS` (or a sixteenth of the
+        columns' rows) the records noted so far are folded into the columns (read back from the manifest's
+        new lines): a long first run holds a bounded number of records, not one per image it wrote."""
+        with self._lock:
+            self._recent[record.name] = record
+            if self._by_sha256 is not None:
+                self._index_sha256(record)
+            if len(self._recent) >= max(FOLD_RECORDS, len(self.columns) // 16) and self.columns.columns:
+                self._fold()
+
+    def _fold(self) -> None:
+        try:
+            self.columns.update()
+        except OSError:
+            return  # the records stay as they are: the manifest cannot be read now
+        self._sig = self.columns.signature_id(self.signature)
+        self._recent.clear()
         if self._by_sha256 is not None:
-            self._index_sha256(record)
+            self._by_sha256 = {}  # the columns' sha256 order covers them now
+        self._sha_order = None
+        if self.on_fold is not None:
+            self.on_fold()
 
     def attempts(self, name: str) -> int:
-        """How many records ``name`` had when the manifest was loaded."""
-        row = self.columns.find(name)
-        return 0 if row is None else int(self.columns.cols["attempts"][row])
+        """How many records ``name`` has in the columns (when the manifest was loaded, or last folded)."""
+        with self._lock:
+            row = self.columns.find(name)
+            return 0 if row is None else int(self.columns.cols["attempts"][row])
 
     def latest_records(self) -> Mapping[str, Record]:
         """Name -> latest record (this run's included), each read from the manifest when looked up (``encode
@@ -212,11 +238,12 @@ class ResumeIndex:
 
     def latest(self, name: str) -> Record | None:
         """The latest record of ``name`` (this run's included), or None."""
-        seen = self._recent.get(name)
-        if seen is not None:
-            return seen
-        row = self.columns.find(name)
-        return None if row is None else self.columns.record_at(row)
+        with self._lock:
+            seen = self._recent.get(name)
+            if seen is not None:
+                return seen
+            row = self.columns.find(name)
+            return None if row is None else self.columns.record_at(row)
 
     def identical(self, sha256: str) -> Record | None:
         """An ok record made with the same settings from a source with these bytes whose output still
@@ -224,7 +251,11 @@ class ResumeIndex:
         An encoded original is preferred over a duplicate of it, this run's records over earlier ones."""
         if self.overwrite:
             return None
-        self.index_sha256()
+        with self._lock:
+            return self._identical(sha256)
+
+    def _identical(self, sha256: str) -> Record | None:
+        self._prepare_sha256()
         assert self._by_sha256 is not None and self._sha_order is not None
         candidates: list[Record] = []
         name = self._by_sha256.get(sha256)
@@ -233,7 +264,7 @@ class ResumeIndex:
         prefix = _sha_prefix(sha256)
         cols = self.columns.cols
         if prefix and len(self._sha_order):
-            shas = cols["sha"][self._sha_order]
+            shas = self._sha_sorted
             lo, hi = np.searchsorted(shas, prefix, "left"), np.searchsorted(shas, prefix, "right")
             rows = sorted(self._sha_order[lo:hi].tolist(), key=lambda r: -int(cols["line"][r]))  # newest first
             for row in rows:
@@ -248,7 +279,11 @@ class ResumeIndex:
 
     def index_sha256(self) -> None:
         """Prepare :meth:`identical`: this run's records by sha256, the columns' rows by sha256 prefix (16 bytes
-        per image). Call it before other threads note records."""
+        per image)."""
+        with self._lock:
+            self._prepare_sha256()
+
+    def _prepare_sha256(self) -> None:
         if self._by_sha256 is None:
             self._by_sha256 = {}
             for record in self._recent.values():
@@ -260,6 +295,7 @@ class ResumeIndex:
                 self._sha_order = candidates[np.argsort(cols["sha"][candidates], kind="stable")]
             else:
                 self._sha_order = np.zeros(0, dtype=np.int64)
+            self._sha_sorted = cols["sha"][self._sha_order] if len(self._sha_order) else np.zeros(0, np.uint64)
 
     def _index_sha256(self, record: Record) -> None:
         """Note ``record`` under its sha256 if usable; an encoded original wins over a duplicate of it."""
@@ -283,6 +319,10 @@ class ResumeIndex:
         """The rule of the module docstring; ``expected_output`` None accepts any output (packs)."""
         if self.overwrite:
             return False
+        with self._lock:
+            return self._is_done(source, expected_output)
+
+    def _is_done(self, source: Source, expected_output: str | None) -> bool:
         seen = self._recent.get(source.name)
         if seen is None:
             row = self.columns.find(source.name)

@@ -97,6 +97,7 @@ class OutputStore:
             self.publisher.open()
             self.unreadable_lines = self.index.load(save=LOAD_SAVE_LINES)
             self.manifest.attempts_before = self.index.attempts
+            self.index.on_fold = self.manifest.forget_attempts
             self.manifest.open()
             if isinstance(self.writer, PackWriter):
                 missing = self.writer.recover(iter_manifest(self.manifest.path))
