@@ -222,3 +222,21 @@ def test_open_reads_the_index_file_and_writes_it_when_it_had_to_read_the_manifes
         assert list(store) == ok and store.failed == sorted(n for n, r in latest.items() if not r.ok)
         for name in ok:
             assert torch.equal(store[name], with_file[name]) and store.record(name) == latest[name]
+
+
+def test_a_rebuild_in_small_chunks_gives_the_same_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long manifest is read a chunk of names at a time (bounded memory): the columns do not depend on it."""
+    from phi3embed.outputs import manifest_index
+
+    rng = random.Random(7)
+    sources = _sources(tmp_path / "imgs")
+    out = tmp_path / "emb"
+    for _ in range(4):
+        _run(out, rng.choice([output_settings(), output_settings(num_crops=8)]), rng.sample(sources, 5), rng)
+    whole = ManifestIndex.load(out / MANIFEST)
+    (out / (MANIFEST + INDEX_SUFFIX)).unlink()
+    monkeypatch.setattr(manifest_index, "_CHUNK", 2)
+    chunked = ManifestIndex.load(out / MANIFEST)
+    assert not chunked.loaded_from_file and chunked.names.blob == whole.names.blob
+    for column in whole.cols:
+        assert (chunked.cols[column] == whole.cols[column]).all(), column

@@ -27,8 +27,8 @@ import hashlib
 import json
 import os
 import struct
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +136,25 @@ class SortedNames(Sequence[bytes]):
         return lo, hi
 
 
-@dataclass
-class _Row:
-    """One name's latest record while lines are read (before it joins the columns)."""
+class _Chunk:
+    """Lines read but not yet in the columns: each name's slot, and the newest values per column (one
+    ``array`` per column, no object per line), its line count in ``attempts``."""
 
-    values: tuple[int, ...]  # in COLUMNS order, ``attempts`` the lines read now
-    name: bytes
+    def __init__(self) -> None:
+        self.slots: dict[bytes, int] = {}
+        self.values = [array("Q" if c == "sha" else "q") for c in COLUMNS]
+
+    def add(self, key: bytes, values: tuple[int, ...]) -> None:
+        slot = self.slots.get(key)
+        if slot is None:
+            self.slots[key] = len(self.values[0])
+            for column, value in zip(self.values, values, strict=True):
+                column.append(value)
+            return
+        lines = self.values[1][slot] + 1  # the newer line wins; its lines add up
+        for column, value in zip(self.values, values, strict=True):
+            column[slot] = value
+        self.values[1][slot] = lines
 
 
 class ManifestIndex:
@@ -290,7 +303,7 @@ class ManifestIndex:
     def update(self) -> int:
         """Read the manifest lines written since the columns were made (all of them the first time) into the
         columns; returns how many lines were read."""
-        rows: dict[bytes, _Row] = {}
+        chunk = _Chunk()
         read = 0
         for offset, end, data in _lines_from(self.manifest, self.covered):
             self.covered = end
@@ -300,19 +313,16 @@ class ManifestIndex:
             if data is None:
                 self.unreadable += 1
                 continue
-            row = self._row(data, offset)
-            seen = rows.get(row.name)
-            if seen is not None:  # the newer line wins; its lines add up
-                row.values = (*row.values[:1], seen.values[1] + 1, *row.values[2:])
-            rows[row.name] = row
-            if len(rows) >= _CHUNK:
-                self._merge(rows)
-                rows = {}
-        self._merge(rows)
+            key, values = self._row(data, offset)
+            chunk.add(key, values)
+            if len(chunk.slots) >= _CHUNK:
+                self._merge(chunk)
+                chunk = _Chunk()
+        self._merge(chunk)
         self.lines_read += read
         return read
 
-    def _row(self, data: dict[str, Any], offset: int) -> _Row:
+    def _row(self, data: dict[str, Any], offset: int) -> tuple[bytes, tuple[int, ...]]:
         """The columns of one line's object (what :meth:`Record.from_json` would read from it)."""
         if "raw" in data:  # text that is not UTF-8: its exact bytes are in "raw"
             record = Record.from_json(data)
@@ -364,7 +374,7 @@ class ManifestIndex:
             _int(mtime),
             _sha_prefix(get("sha256")),
         )
-        return _Row(values, exact_bytes(name))
+        return exact_bytes(name), values
 
     @staticmethod
     def _id(ids: dict[Any, int], table: list[Any], value: Any) -> int:
@@ -377,41 +387,42 @@ class ManifestIndex:
             table.append(value)
         return found
 
-    def _merge(self, rows: dict[bytes, _Row]) -> None:
-        """Put ``rows`` into the columns: names already there get the newer values (their line counts added),
-        new names are inserted in sorted order."""
-        if not rows:
+    def _merge(self, chunk: _Chunk) -> None:
+        """Put a chunk of rows into the columns: names already there get the newer values (their line counts
+        added), new names are inserted in sorted order."""
+        if not chunk.slots:
             return
         all_cols = list(COLUMNS)
         wanted = [(all_cols.index(c), c) for c in self.columns]
-        new: list[_Row] = []
-        for key, row in rows.items():
+        got = [np.frombuffer(a, dtype=np.dtype(a.typecode)) for a in chunk.values]
+        new: list[tuple[bytes, int]] = []
+        for key, slot in chunk.slots.items():
             i = self.names.find_bytes(key)
             if i is None:
-                new.append(row)
+                new.append((key, slot))
                 continue
             for j, c in wanted:
                 col = self.cols[c]
                 if not col.flags.writeable:
                     col = self.cols[c] = col.copy()
-                col[i] = col[i] + row.values[j] if c == "attempts" else row.values[j]
+                col[i] = col[i] + got[j][slot] if c == "attempts" else got[j][slot]
         if not new:
             return
-        new.sort(key=lambda r: r.name)
-        positions = self._insertion_points([r.name for r in new])
+        new.sort()
+        positions = self._insertion_points([k for k, _ in new])
+        slots = np.fromiter((slot for _, slot in new), dtype=np.int64, count=len(new))
         old_off = self.names.offsets
         lengths = np.diff(old_off)
-        new_lengths = np.fromiter((len(r.name) for r in new), dtype=np.int64, count=len(new))
+        new_lengths = np.fromiter((len(k) for k, _ in new), dtype=np.int64, count=len(new))
         blob = np.frombuffer(self.names.blob, dtype=np.uint8) if len(self.names.blob) else np.zeros(0, np.uint8)
-        inserted = np.frombuffer(b"".join(r.name for r in new), dtype=np.uint8)
+        inserted = np.frombuffer(b"".join(k for k, _ in new), dtype=np.uint8)
         merged = np.insert(blob, np.repeat(old_off[positions], new_lengths), inserted)
         offsets = np.zeros(len(lengths) + len(new) + 1, dtype=np.int64)
         np.cumsum(np.insert(lengths, positions, new_lengths), out=offsets[1:])
         self.names = SortedNames(bytearray(merged.tobytes()), offsets)
         del merged
         for j, c in wanted:
-            values = np.fromiter((r.values[j] for r in new), dtype=COLUMNS[c], count=len(new))
-            self.cols[c] = np.insert(self.cols[c], positions, values)
+            self.cols[c] = np.insert(self.cols[c], positions, got[j][slots].astype(COLUMNS[c]))
 
     def _insertion_points(self, keys: list[bytes]) -> np.ndarray:
         """Where each of the sorted ``keys`` (none present) goes among the names (``np.insert`` positions)."""
