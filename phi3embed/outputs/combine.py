@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+import posixpath
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -207,10 +208,12 @@ def write_combined(report: CombineReport, path: str | os.PathLike[str]) -> int:
     folder = target.parent
     chosen = report.chosen
 
-    def relative(found: Found) -> Record:
+    bases = {root: Path(os.path.relpath(root, folder)).as_posix() for root in chosen.roots}
+
+    def relative(found: Found) -> Record:  # outputs are relative, without "..": joining the parts is enough
         record = found.record
         if record.output:
-            record = replace(record, output=Path(os.path.relpath(found.root / record.output, folder)).as_posix())
+            record = replace(record, output=posixpath.normpath(posixpath.join(bases[found.root], record.output)))
         return record
 
     def records() -> Iterator[Record]:
