@@ -46,7 +46,7 @@ _MAGIC = b"PHI3EMBED-INDEX\n"
 _VERSION = 1
 _decode = json.JSONDecoder().decode
 _EDGE = 4096  # bytes hashed at each end of the covered manifest
-_CHUNK = 250_000  # new names merged into the columns at a time (bounds the memory of a rebuild)
+_CHUNK = 65_536  # new names merged into the columns at a time (bounds the memory of a rebuild: ~50 MB)
 NONE = np.iinfo(np.int64).min  # an integer field the record does not have
 
 PLAIN, STORED, LITERAL = 0, 1, 2  # output = prefix + name + suffix / prefix + output_path(name, suffix) / prefix
@@ -427,6 +427,8 @@ class ManifestIndex:
     def _insertion_points(self, keys: list[bytes]) -> np.ndarray:
         """Where each of the sorted ``keys`` (none present) goes among the names (``np.insert`` positions)."""
         names, n = self.names, len(self.names)
+        if n == 0 or keys[0] > names[n - 1]:  # all after the last: a manifest written in name order
+            return np.full(len(keys), n, dtype=np.int64)
         if len(keys) * 24 < n:
             return np.fromiter((bisect.bisect_left(names, k) for k in keys), dtype=np.int64, count=len(keys))
         points = np.empty(len(keys), dtype=np.int64)
