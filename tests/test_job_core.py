@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -203,3 +204,25 @@ def test_an_early_result_is_written_before_the_engine_yields_again(tmp_path: Pat
         summary = run_job(srcs, st, EarlyThenStopped())
     assert summary.interrupted == "SIGTERM" and summary.failed == 1
     assert [(r.name, r.status) for r in iter_manifest(tmp_path / "out" / MANIFEST)] == [("a-bad.png", "error")]
+
+
+def test_what_is_left_of_a_lazy_listing_is_kept_as_positions(tmp_path: Path) -> None:
+    """run_job keeps the images to encode of a lazy listing as positions (8 bytes each), not Source objects;
+    reading them gives the same sources, in order, as the plain list."""
+    from phi3embed.inputs.listing import list_inputs
+    from phi3embed.jobs.core import Picked, _not_done
+
+    for i in range(7):
+        (tmp_path / "imgs" / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "imgs" / f"d{i % 2}" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(8))
+    sources = list_inputs([str(tmp_path / "imgs")]).sources
+
+    class Done:
+        def is_done(self, source: Any) -> bool:
+            return source.name.endswith(("1.png", "4.png"))
+
+    todo = _not_done(sources, Done())  # type: ignore[arg-type]
+    plain = [s for s in list(sources) if not Done().is_done(s)]
+    assert isinstance(todo, Picked) and len(todo.positions) == len(plain) == 5
+    assert list(todo) == plain and [todo[i] for i in range(len(todo))] == plain and todo[1:3] == plain[1:3]
+    assert _not_done(list(sources), Done()) == plain  # type: ignore[arg-type]
