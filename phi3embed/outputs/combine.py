@@ -13,6 +13,7 @@ writes the chosen records as one manifest whose ``output`` paths are relative to
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import os
@@ -71,14 +72,8 @@ class Chosen(Mapping[str, Found]):
 
     def position(self, name: str) -> int | None:
         key = exact_bytes(name)
-        lo, hi = 0, len(self)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.key_at(mid) < key:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo if lo < len(self) and self.key_at(lo) == key else None
+        i = bisect.bisect_left(range(len(self)), key, key=self.key_at)
+        return i if i < len(self) and self.key_at(i) == key else None
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.position(name) is not None
@@ -222,7 +217,7 @@ def write_combined(report: CombineReport, path: str | os.PathLike[str]) -> int:
 
     folder.mkdir(parents=True, exist_ok=True)
     stream: Iterable[Record] = records()
-    if any(ix.has_vectors() for ix in chosen.indexes):  # encode --vectors: rows beside it
+    if any(ix.vectors for ix in chosen.indexes):  # encode --vectors: rows beside it
         from phi3embed.outputs.vectors import combine_vectors
 
         found = [chosen.found_at(i) for i in range(len(chosen))]

@@ -175,7 +175,7 @@ class ManifestIndex:
         self.keys: list[str] = []
         self._key_ids: dict[str, int] = {}
         self.archives: dict[str, dict[str, Any]] = {}  # archive name -> its completion record
-        self.vectors = False  # some line names a vector row (encode --vectors)
+        self.vectors = False  # some line of the manifest names a vector row (encode --vectors)
         self.loaded_from_file = False
         self._fd: int | None = None  # the manifest, for record_at
         self._fd_pid = 0
@@ -219,27 +219,30 @@ class ManifestIndex:
     def uncovered(cls, manifest: str | os.PathLike[str]) -> int:
         """Bytes of ``manifest`` its index file does not cover (all of them without a valid one): what a load
         would have to read."""
-        index = cls(Path(manifest), ())
         try:
-            size = os.stat(index.manifest).st_size
-            with open(index.path, "rb") as fh:
-                meta = index._meta(fh)
-        except (OSError, ValueError, KeyError, TypeError, struct.error):
-            return size if "size" in locals() else 0
+            size = os.stat(manifest).st_size
+        except OSError:
+            return 0
+        meta = cls._stored_meta(manifest)
         return size - int(meta["covered"]) if meta is not None else size
 
     @classmethod
     def completed_archives(cls, manifest: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
         """The archives' completion records in ``manifest``'s index file (none without a valid one), read without
         the columns: what listing consults before the output folder is opened."""
+        meta = cls._stored_meta(manifest)
+        archives = meta.get("archives") if meta is not None else None
+        return dict(archives) if isinstance(archives, dict) else {}
+
+    @classmethod
+    def _stored_meta(cls, manifest: str | os.PathLike[str]) -> dict[str, Any] | None:
+        """The description in ``manifest``'s index file (:meth:`_meta`), without its columns; None without one."""
         index = cls(Path(manifest), ())
         try:
             with open(index.path, "rb") as fh:
-                meta = index._meta(fh)
+                return index._meta(fh)
         except (OSError, ValueError, KeyError, TypeError, struct.error):
-            return {}
-        archives = meta.get("archives") if meta is not None else None
-        return dict(archives) if isinstance(archives, dict) else {}
+            return None
 
     def _meta(self, fh: Any) -> dict[str, Any] | None:
         """The index file's description when it is ours and still describes the manifest's first bytes."""
@@ -372,7 +375,7 @@ class ManifestIndex:
             _int(output_size),
             _int(size),
             _int(mtime),
-            _sha_prefix(get("sha256")),
+            sha_prefix(get("sha256")),
         )
         return exact_bytes(name), values
 
@@ -486,10 +489,6 @@ class ManifestIndex:
 
     # ------------------------------------------------------------------ reading rows
 
-    def has_vectors(self) -> bool:
-        """Some line of the manifest names a vector row (``encode --vectors``)."""
-        return self.vectors
-
     def find(self, name: str) -> int | None:
         """The row of ``name``, or None."""
         return self.names.find(name)
@@ -512,17 +511,7 @@ class ManifestIndex:
         if fd is None or self._fd_pid != os.getpid():
             fd = self._fd = os.open(self.manifest, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             self._fd_pid = os.getpid()
-        offset = int(self.cols["line"][row])
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = os.pread(fd, 1 << 12 if not line else 1 << 16, offset + len(line))
-            if not chunk:
-                break
-            cut = chunk.find(b"\n")
-            line += chunk if cut < 0 else chunk[: cut + 1]
-        record = Record.from_json(json.loads(line))
-        assert record is not None, (self.manifest, offset)
-        return record
+        return record_at_offset(fd, int(self.cols["line"][row]))
 
     def close(self) -> None:
         """Close the manifest descriptor :meth:`record_at` keeps."""
@@ -533,12 +522,6 @@ class ManifestIndex:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
-
-    def records(self) -> Iterator[Record]:
-        """Every name's latest record, names sorted (one positioned read each)."""
-        with open(self.manifest, "rb") as fh:
-            for row in range(len(self)):
-                yield _record_from(fh, int(self.cols["line"][row]))
 
     # ------------------------------------------------------------------ archives
 
@@ -554,15 +537,17 @@ class ManifestIndex:
             self.archives[archive_name] = completion
 
 
-def read_record(manifest: str | os.PathLike[str], offset: int) -> Record:
-    """The record whose line starts at ``offset`` of ``manifest``."""
-    with open(manifest, "rb") as fh:
-        return _record_from(fh, offset)
-
-
-def _record_from(fh: Any, offset: int) -> Record:
-    fh.seek(offset)
-    record = Record.from_json(json.loads(fh.readline()))
+def record_at_offset(fd: int, offset: int) -> Record:
+    """The record whose manifest line starts at byte ``offset`` of the open manifest ``fd`` (positioned reads:
+    any thread may ask)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.pread(fd, 1 << 12 if not line else 1 << 16, offset + len(line))
+        if not chunk:
+            break
+        cut = chunk.find(b"\n")
+        line += chunk if cut < 0 else chunk[: cut + 1]
+    record = Record.from_json(json.loads(line))
     assert record is not None, offset
     return record
 
@@ -598,7 +583,8 @@ def _int(value: object) -> int:
     return NONE
 
 
-def _sha_prefix(sha: object) -> int:
+def sha_prefix(sha: object) -> int:
+    """The first 8 bytes of a sha256 hex digest as an integer (0: none, or not a digest)."""
     if not isinstance(sha, str) or len(sha) < 16:
         return 0
     try:

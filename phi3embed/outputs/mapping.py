@@ -25,7 +25,6 @@ manifest at opening: reopen it after another run on the same folder.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import struct
@@ -42,7 +41,15 @@ from phi3embed.core.safetensors_io import SafetensorsFormatError, read_header_wi
 from phi3embed.errors import Phi3EmbedError
 from phi3embed.outputs.formats import OUTPUT_DTYPES
 from phi3embed.outputs.manifest import MANIFEST, iter_manifest
-from phi3embed.outputs.manifest_index import KEY_IS_NAME, LITERAL, NO_KEY, OPEN_COLUMNS, PLAIN, ManifestIndex
+from phi3embed.outputs.manifest_index import (
+    KEY_IS_NAME,
+    LITERAL,
+    NO_KEY,
+    OPEN_COLUMNS,
+    PLAIN,
+    ManifestIndex,
+    record_at_offset,
+)
 from phi3embed.outputs.names import from_bytes, output_path
 from phi3embed.outputs.records import Record
 
@@ -197,15 +204,8 @@ class EmbeddingStore(Mapping[str, torch.Tensor]):
         if row is None:
             raise KeyError(f"{name!r}: not in the manifest")
         offset = int(self._line_off[row])
-        fd = self._fd(str(self.manifest))
-        line = bytearray()
-        while not line.endswith(b"\n"):
-            chunk = os.pread(fd, 1 << 16, offset + len(line))
-            if not chunk:
-                break
-            line += chunk[: chunk.find(b"\n") + 1] if b"\n" in chunk else chunk
-        record = Record.from_json(json.loads(line))
-        assert record is not None and record.name == name, (name, offset)
+        record = record_at_offset(self._fd(str(self.manifest)), offset)
+        assert record.name == name, (name, offset)
         return record
 
     @property

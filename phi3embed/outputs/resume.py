@@ -23,7 +23,7 @@ import numpy as np
 
 from phi3embed.inputs.listing import Source
 from phi3embed.outputs.manifest import MANIFEST
-from phi3embed.outputs.manifest_index import ManifestIndex
+from phi3embed.outputs.manifest_index import ManifestIndex, sha_prefix
 from phi3embed.outputs.records import Record, Signature
 
 OutputOf = Callable[[str], "str | None"]  # the output an image name is expected at (None: any)
@@ -261,7 +261,7 @@ class ResumeIndex:
         name = self._by_sha256.get(sha256)
         if name is not None:
             candidates.append(self._recent[name])
-        prefix = _sha_prefix(sha256)
+        prefix = sha_prefix(sha256)
         cols = self.columns.cols
         if prefix and len(self._sha_order):
             shas = self._sha_sorted
@@ -378,10 +378,3 @@ def _source_unchanged(source: Source, size: int | None, mtime_ns: int | None) ->
     except OSError:
         return False
     return st.st_size == size and st.st_mtime_ns == mtime_ns
-
-
-def _sha_prefix(sha256: str) -> int:
-    try:
-        return int(sha256[:16], 16) if len(sha256) >= 16 else 0
-    except ValueError:
-        return 0
