@@ -23,6 +23,7 @@ from phi3embed.core.config import (
     default_batch_size,
     parse_configs,
 )
+from phi3embed.core.cpu import pack_linears, packing_wanted
 from phi3embed.core.model import Phi3VisionModel
 from phi3embed.core.preprocess import AlphaMode, ImageInput, Preprocessed, image_geometry, preprocess_image
 from phi3embed.core.stages import DEFAULT_STAGE, Stage, parse_stage, stage_shape
@@ -125,6 +126,8 @@ class Phi3VisionEmbedder:
         ``batch_size`` is the number of crops per forward pass (``None``: ``DEFAULT_BATCH_SIZE`` for the device).
         ``compile=True`` runs the encoder layers through ``torch.compile`` (the first batches of each shape
         pay the compilation; numbers agree to float rounding, see benchmarks/RESULTS.md for when it pays).
+        In bfloat16 on the CPU (not ``plain``, not ``compile``), the linear weights are prepacked for oneDNN
+        (:mod:`phi3embed.core.cpu`: same bits, faster; ``PHI3EMBED_BF16_PACKING=0`` turns it off).
         ``tune_allocator=True`` (CPU devices only) makes glibc keep large freed blocks for reuse, so the
         encoder's activations stop faulting in fresh pages (about 13% faster per layer on CPU). It is off by
         default because it changes the whole host process and cannot be undone (phi3embed/core/allocator.py);
@@ -153,8 +156,11 @@ class Phi3VisionEmbedder:
             full_depth=plain,
             attn=attn or ("eager" if plain else "sdpa"),
         )
+        batch = batch_size if batch_size is not None else default_batch_size(dev.type)
         if compile:
             model.compile_encoder()
+        elif not plain and packing_wanted():
+            model.pack_for_cpu(crops_per_batch=batch)  # bfloat16 on the CPU only (core/cpu.py)
         return cls(
             model,
             vision_config=vcfg,
@@ -162,7 +168,7 @@ class Phi3VisionEmbedder:
             checkpoint=ckpt,
             fingerprint=fingerprint,
             image_options=ImageOptions(alpha=alpha, exif_transpose=exif_transpose),
-            batch_size=batch_size if batch_size is not None else default_batch_size(dev.type),
+            batch_size=batch,
             plain=plain,
             stage=parse_stage(stage),
         )
@@ -257,6 +263,9 @@ class Phi3VisionEmbedder:
                 device=self.device,
                 attn="eager" if self.plain else "sdpa",
             )
+            if not self.plain and packing_wanted() and self.dtype == torch.bfloat16 and self.device.type == "cpu":
+                tokens = self.vision_config.clip.grid * self.vision_config.clip.grid + 1
+                pack_linears(self._vector_head, rows_hint=self.batch_size * tokens)
         return self._vector_head
 
     def embed_vectors_stream(

@@ -99,6 +99,16 @@ class Phi3VisionModel(nn.Module):
         assert isinstance(layers, nn.ModuleList)
         return layers
 
+    def pack_for_cpu(self, *, crops_per_batch: int) -> int:
+        """bfloat16 on the CPU: prepack every linear weight for oneDNN (:mod:`phi3embed.core.cpu`; same bits,
+        less time per call). Returns how many linears were packed (0 where this CPU or dtype does not apply)."""
+        from phi3embed.core.cpu import pack_linears
+
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+            return 0
+        tokens = self.cfg.clip.grid * self.cfg.clip.grid + 1
+        return pack_linears(self, rows_hint=crops_per_batch * tokens)
+
     def compile_encoder(self) -> None:
         """``torch.compile`` every encoder layer (elementwise ops fused around the matmuls).
 

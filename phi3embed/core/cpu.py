@@ -1,0 +1,250 @@
+"""The CPU's bfloat16 matrix units, and the bfloat16 CPU path built for them.
+
+Many current CPUs multiply bfloat16 matrices several times faster than float32 ones: Intel's AMX tiles
+(``amx_bf16``, Sapphire Rapids and later), AVX512-BF16 dot products (``avx512_bf16``: Cooper Lake, AMD Zen 4
+and later) and Arm's BF16 extension (``bf16``: Neoverse V1/N2, Graviton 3 and later). PyTorch reaches them
+through oneDNN. :func:`matrix_units` says which ones this CPU has; :func:`measure_speed` times one encoder
+layer of a checkpoint's real shape in both dtypes on this CPU, which is what ``info``, ``plan`` and the encode
+summary quote when they tell the user what ``--dtype bfloat16`` would give.
+
+The float32 path is not touched here: its numbers are the reference numbers. In bfloat16 on the CPU, every
+linear layer of the encoder and the projection is swapped for a :class:`PackedLinear`, whose weight oneDNN
+reorders once into the blocked layout its kernels read (instead of on every call); the bfloat16 weight it was
+made from is dropped, so the weights stay one bfloat16 copy. The packed product gives the same bits as
+``torch.nn.functional.linear`` on the same bfloat16 tensors (checked when packing, and by the tests), so
+packing changes speed only. Attention is PyTorch's fused CPU kernel in bfloat16 (``sdpa``) and layer norms run
+in bfloat16 with float32 accumulation, as PyTorch's CPU kernels do for bfloat16.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CPUINFO = Path("/proc/cpuinfo")
+
+#: Per-token cosine against float32 that ``--dtype bfloat16`` is held to (tests/test_cpu_bf16.py on the golden
+#: checkpoints; benchmarks/bench_cpu_dtype.py on the real-size model).
+BF16_MIN_COSINE = 0.999
+
+
+# ----------------------------------------------------------------------------------------------- what the CPU has
+
+
+@dataclass(frozen=True)
+class MatrixUnits:
+    """The bfloat16 matrix instructions of this CPU, as the kernel reports them."""
+
+    model: str  # "model name" of /proc/cpuinfo, or platform.processor()
+    amx_bf16: bool  # Intel AMX tiles with bfloat16 (the 7x class)
+    avx512_bf16: bool  # AVX512-BF16 dot products (x86)
+    arm_bf16: bool  # Arm's BF16 extension (BFMMLA / BFDOT)
+
+    @property
+    def any(self) -> bool:
+        return self.amx_bf16 or self.avx512_bf16 or self.arm_bf16
+
+    @property
+    def label(self) -> str:
+        """``"AMX-BF16 + AVX512-BF16"``, ``"AVX512-BF16"``, ``"Arm BF16"`` or ``"none"``."""
+        names = [n for n, ok in (("AMX-BF16", self.amx_bf16), ("AVX512-BF16", self.avx512_bf16),
+                                 ("Arm BF16", self.arm_bf16)) if ok]  # fmt: skip
+        return " + ".join(names) or "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "label": self.label}
+
+
+def parse_cpuinfo(text: str) -> MatrixUnits:
+    """:class:`MatrixUnits` from the text of ``/proc/cpuinfo`` (x86 ``flags`` or Arm ``Features`` lines)."""
+    flags: set[str] = set()
+    model = ""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip().lower()
+        if key in ("flags", "features"):
+            flags |= set(value.split())
+        elif key == "model name" and not model:
+            model = value.strip()
+    return MatrixUnits(
+        model=model,
+        amx_bf16="amx_bf16" in flags,
+        avx512_bf16="avx512_bf16" in flags,
+        arm_bf16="bf16" in flags and platform.machine().lower() in ("aarch64", "arm64"),
+    )
+
+
+def matrix_units(cpuinfo: Path = CPUINFO) -> MatrixUnits:
+    """This CPU's bfloat16 matrix units: from ``/proc/cpuinfo`` on Linux, else from what PyTorch detects."""
+    try:
+        return parse_cpuinfo(cpuinfo.read_text(errors="replace"))
+    except OSError:
+        pass
+    cpu = getattr(torch, "cpu", None)
+
+    def probe(name: str) -> bool:
+        fn = getattr(cpu, name, None)
+        try:
+            return bool(fn()) if fn is not None else False
+        except RuntimeError:
+            return False
+
+    return MatrixUnits(
+        model=platform.processor() or platform.machine(),
+        amx_bf16=probe("_is_amx_tile_supported"),
+        avx512_bf16=probe("_is_avx512_bf16_supported"),
+        arm_bf16=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- packed linears
+
+
+def packing_wanted() -> bool:
+    """False when ``PHI3EMBED_BF16_PACKING`` says no (0, false, no, off): for measuring, or a PyTorch whose
+    packed kernels misbehave."""
+    return os.environ.get("PHI3EMBED_BF16_PACKING", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def packing_available() -> bool:
+    """Whether this PyTorch can prepack bfloat16 linear weights for oneDNN on this CPU."""
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear(nn.Module):
+    """A bfloat16 ``nn.Linear`` on the CPU whose weight oneDNN has reordered once into its kernels' layout.
+
+    Same bits as the linear it replaces; saves the per-call reorder of the weight. Inference only: the packed
+    weight is an opaque oneDNN tensor, not a parameter (``state_dict`` does not hold it).
+    """
+
+    def __init__(self, linear: nn.Linear, *, rows_hint: int) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bfloat16, packed"
+
+
+def _same_as_linear(packed: PackedLinear, linear: nn.Linear) -> bool:
+    """The packed product equals ``F.linear`` on a few random rows (the check made once per layer)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, linear.in_features, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        return torch.equal(packed(x), nn.functional.linear(x, linear.weight, linear.bias))
+
+
+def pack_linears(module: nn.Module, *, rows_hint: int) -> int:
+    """Swap every bfloat16 CPU ``nn.Linear`` inside ``module`` for a :class:`PackedLinear`; the count swapped.
+
+    ``rows_hint``: the rows a typical call multiplies (crops per batch x tokens per crop), which oneDNN uses
+    to choose the layout. A linear whose packed product does not give the same bits as ``F.linear`` on this
+    CPU (none seen) is left as it is. Nothing is done where oneDNN cannot pack bfloat16.
+    """
+    if not packing_available():
+        return 0
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            w = child.weight
+            if w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.is_meta:
+                continue
+            try:
+                packed = PackedLinear(child, rows_hint=rows_hint)
+            except RuntimeError:
+                continue
+            if _same_as_linear(packed, child):
+                setattr(parent, name, packed)
+                swapped += 1
+    return swapped
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class DtypeSpeed:
+    """One encoder layer of a checkpoint's shape, timed on this CPU in float32 and in bfloat16."""
+
+    float32_ms: float  # per crop, best of the repeats
+    bfloat16_ms: float
+    seconds: float  # what the measurement took, building included
+
+    @property
+    def factor(self) -> float:
+        """How many times faster bfloat16 ran."""
+        return self.float32_ms / self.bfloat16_ms if self.bfloat16_ms > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "factor": round(self.factor, 3)}
+
+
+def _best_ms(fn: Callable[[], Any], repeat: int) -> float:
+    fn()  # warm-up: kernel choice, allocations
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def measure_speed(vision: Any, *, crops: int = 1, repeat: int = 2) -> DtypeSpeed:
+    """Time one CLIP encoder layer of ``vision`` (a :class:`~phi3embed.core.config.VisionConfig`; random
+    weights) on ``crops`` crops, in float32 and in bfloat16 as encode runs them (bfloat16 linears packed).
+
+    The encoder's layers are nearly all of encode's work on the CPU, so the ratio is what ``--dtype bfloat16``
+    gives on this host. About 0.5 s for the real ViT-L/14-336 shape on a 2-core CPU.
+    """
+    from phi3embed.core.model import build_clip
+
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    clip = vision.clip
+    tokens = clip.grid * clip.grid + 1
+    x32 = torch.randn(crops, tokens, clip.hidden_size, generator=gen)
+    times = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build_clip(vision, num_layers=1, attn="sdpa", lean=True).eval().to(dtype)
+            if dtype == torch.bfloat16:
+                pack_linears(model, rows_hint=crops * tokens)
+            layers = model.get_submodule("vision_model.encoder" if hasattr(model, "vision_model") else "encoder")
+            layer = layers.layers[0]
+            x = x32.to(dtype)
+
+            def run(layer: nn.Module = layer, x: torch.Tensor = x) -> None:
+                try:
+                    layer(x, None, None)
+                except TypeError:  # transformers 5 takes the attention mask alone
+                    layer(x, None)
+
+            times[dtype] = _best_ms(run, repeat) / crops
+    return DtypeSpeed(times[torch.float32], times[torch.bfloat16], time.perf_counter() - start)
