@@ -4,7 +4,8 @@ real-size CLIP ViT-L/14-336 encoder layer turns into speed.
 Prints, in one process: the CPU's bf16-related flags (``amx_bf16``, ``avx512_bf16``), the GEMM rate of both
 dtypes (``--gemm`` cubed, best of ``--repeat``), and the time of one encoder layer of the real shape (hidden
 1024, MLP 4096, 16 heads, 577 tokens, quick-GELU; random weights) on ``--crops`` crops, with eager and SDPA
-attention, in both dtypes, as GFLOP/s and as the bf16 / float32 speed ratio. The layer is where the model
+attention (and SDPA with the bf16 linears prepacked, as encode runs bf16 on the CPU), in both dtypes, as GFLOP/s
+and as the bf16 / float32 speed ratio. The layer is where the model
 spends its time (24 of them per crop), so its ratio bounds what ``encode --dtype bfloat16`` can gain here.
 
     python benchmarks/bench_cpu_bf16.py [--crops 4] [--gemm 2048] [--repeat 3] [--json FILE]
@@ -53,7 +54,7 @@ def layer_flops(crops: int, tokens: int = 577, hidden: int = 1024, mlp: int = 40
     return crops * 2 * (4 * tokens * hidden * hidden + 2 * tokens * hidden * mlp + 2 * tokens * tokens * hidden)
 
 
-def layer_seconds(attn: str, dtype: torch.dtype, crops: int, repeat: int) -> float:
+def layer_seconds(attn: str, dtype: torch.dtype, crops: int, repeat: int, *, packed: bool = False) -> float:
     from transformers import CLIPVisionConfig
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
@@ -69,6 +70,11 @@ def layer_seconds(attn: str, dtype: torch.dtype, crops: int, repeat: int) -> flo
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     layer = CLIPEncoderLayer(cfg).eval().to(dtype)
+    if packed and dtype == torch.bfloat16:  # encode's bfloat16 CPU path: linear weights prepacked for oneDNN (phi3embed/core/cpu.py)
+        from phi3embed.core.cpu import pack_linears
+
+        if not pack_linears(layer, rows_hint=crops * 577):
+            raise SystemExit("this PyTorch cannot pack bfloat16 linears for oneDNN")
     x = torch.randn(crops, 577, 1024, dtype=dtype)
 
     def run() -> None:
@@ -97,8 +103,11 @@ def main() -> None:
           f"({ratio:.2f}x)")  # fmt: skip
     flops = layer_flops(args.crops)
     report["layer"] = {}
-    for attn in ("eager", "sdpa"):
-        secs = {str(d): layer_seconds(attn, d, args.crops, args.repeat) for d in (torch.float32, torch.bfloat16)}
+    for attn in ("eager", "sdpa", "sdpa+packed"):
+        secs = {
+            str(d): layer_seconds(attn.split("+")[0], d, args.crops, args.repeat, packed="packed" in attn)
+            for d in (torch.float32, torch.bfloat16)
+        }
         report["layer"][attn] = secs
         f32, bf16 = secs["torch.float32"], secs["torch.bfloat16"]
         print(

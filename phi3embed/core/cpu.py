@@ -132,7 +132,9 @@ def packing_available() -> bool:
 class PackedLinear(nn.Module):
     """A bfloat16 ``nn.Linear`` on the CPU whose weight oneDNN has reordered once into its kernels' layout.
 
-    Same bits as the linear it replaces; saves the per-call reorder of the weight. Inference only: the packed
+    Same bits as the linear it replaces on contiguous input, which is what the encoder gives it (on a strided
+    3-D view ``F.linear`` rounds the product to bfloat16 before adding the bias, where the packed product adds it
+    in float32 first, whatever the layout); saves the per-call reorder of the weight. Inference only: the packed
     weight is an opaque oneDNN tensor, not a parameter (``state_dict`` does not hold it).
     """
 

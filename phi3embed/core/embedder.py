@@ -89,6 +89,7 @@ class Phi3VisionEmbedder:
         batch_size: int = 8,
         plain: bool = False,
         stage: Stage = DEFAULT_STAGE,
+        pack: bool = False,
     ) -> None:
         self.model = model
         self.vision_config = vision_config
@@ -99,6 +100,7 @@ class Phi3VisionEmbedder:
         self.batch_size = batch_size
         self.plain = plain
         self.stage = parse_stage(stage)
+        self.pack = pack  # bfloat16 CPU linears prepacked (core/cpu.py): the encoder's, and the vector head's
         self._vector_head: VectorHead | None = None
 
     @classmethod
@@ -157,9 +159,10 @@ class Phi3VisionEmbedder:
             attn=attn or ("eager" if plain else "sdpa"),
         )
         batch = batch_size if batch_size is not None else default_batch_size(dev.type)
+        pack = not plain and not compile and packing_wanted()
         if compile:
             model.compile_encoder()
-        elif not plain and packing_wanted():
+        elif pack:
             model.pack_for_cpu(crops_per_batch=batch)  # bfloat16 on the CPU only (core/cpu.py)
         return cls(
             model,
@@ -171,6 +174,7 @@ class Phi3VisionEmbedder:
             batch_size=batch,
             plain=plain,
             stage=parse_stage(stage),
+            pack=pack,
         )
 
     # ------------------------------------------------------------------ small facts
@@ -263,7 +267,7 @@ class Phi3VisionEmbedder:
                 device=self.device,
                 attn="eager" if self.plain else "sdpa",
             )
-            if not self.plain and packing_wanted() and self.dtype == torch.bfloat16 and self.device.type == "cpu":
+            if self.pack and self.dtype == torch.bfloat16 and self.device.type == "cpu":
                 tokens = self.vision_config.clip.grid * self.vision_config.clip.grid + 1
                 pack_linears(self._vector_head, rows_hint=self.batch_size * tokens)
         return self._vector_head
