@@ -236,7 +236,7 @@ def measure_speed(vision: Any, *, crops: int = 1, repeat: int = 2) -> DtypeSpeed
     with torch.inference_mode():
         for dtype in (torch.float32, torch.bfloat16):
             model = build_clip(vision, num_layers=1, attn="sdpa", lean=True).eval().to(dtype)
-            if dtype == torch.bfloat16:
+            if dtype == torch.bfloat16 and packing_wanted():
                 pack_linears(model, rows_hint=crops * tokens)
             layers = model.get_submodule("vision_model.encoder" if hasattr(model, "vision_model") else "encoder")
             layer = layers.layers[0]
