@@ -102,14 +102,15 @@ def measure_option(default: str) -> Any:
     )
 
 
-def cpu_advice(vision: "VisionConfig", measure: bool | None) -> "Bf16Advice":
-    """What ``--dtype bfloat16`` would give encode on this CPU, for ``vision``'s shape; encode's ``--device auto``
-    runs on the CPU unless CUDA is available."""
+def cpu_advice(vision: "VisionConfig", measure: bool | None, *, not_asked: str = "--no-measure") -> "Bf16Advice":
+    """What ``--dtype bfloat16`` would give encode on this CPU, for ``vision``'s shape (``measure``: as
+    :func:`phi3embed.core.cpu.bf16_advice` takes it); encode's ``--device auto`` runs on the CPU unless CUDA is
+    available."""
     import torch
 
     from phi3embed.core.cpu import bf16_advice
 
-    return bf16_advice(vision, measure=measure, on_cpu=not torch.cuda.is_available(), not_asked="--no-measure")
+    return bf16_advice(vision, measure=measure, on_cpu=not torch.cuda.is_available(), not_asked=not_asked)
 
 
 def human_bytes(n: int) -> str:

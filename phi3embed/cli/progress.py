@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # importing jobs pulls in torch: not needed to print a line
+    from phi3embed.core.cpu import Bf16Advice
     from phi3embed.inputs.listing import Listing
     from phi3embed.jobs.core import EngineInfo, JobSummary
     from phi3embed.outputs.records import Record
@@ -181,6 +182,13 @@ def listing_notes(listing: Listing) -> list[str]:
             f"archive: kept under <name>#2, #3... (e.g. {listing.repeated[0]})"
         )
     return notes
+
+
+def cpu_note(advice: Bf16Advice, measure_hint: str = "") -> str:
+    """The note on ``--dtype bfloat16`` (plan and encode): the CPU's bf16 matrix units, then the advice."""
+    units = advice.units
+    has = f"has bf16 matrix units ({units.label})" if units.any else "has no bf16 matrix units"
+    return f"this CPU {has}: {advice.line(measure_hint=measure_hint)}"
 
 
 def manifest_note(count: int, path: str) -> str:

@@ -288,9 +288,9 @@ class Bf16Advice:
                     f"{factor:.1f}x the float32 speed per encoder layer on this CPU ({took}): not faster for this shape"
                 )
         elif self.units.any:
-            said = f"usually faster on these units, {tested} (not measured: {self.not_measured}{hint})"
+            said = f"not measured ({self.not_measured}{hint}); usually faster on these units, {tested}"
         else:
-            said = f"not expected to be faster without bf16 matrix units (not measured: {self.not_measured}{hint})"
+            said = f"not expected to be faster without bf16 matrix units (not measured{hint})"
         return f"{where}--dtype bfloat16: {said}; the default stays float32"
 
     def to_dict(self) -> dict[str, Any]:
