@@ -141,6 +141,7 @@ class RunInfo:
     exit_code: int
     special: int = 0  # special files (pipes, sockets, devices) the listing skipped
     notes: tuple[str, ...] = ()  # what else was skipped or renamed (listing_notes, manifest_note): one row each
+    dtype_note: str | None = None  # what --dtype bfloat16 would give on this CPU (cpu_note), after the setup
 
 
 def _s(count: int) -> str:
@@ -255,6 +256,8 @@ def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, byte
         f"{engine.device} {compute}, num_crops {engine.num_crops}, batch {engine.batch_size} crops, "
         f"{engine.workers} worker{'s' if engine.workers != 1 else ''}",
     )
+    if info.dtype_note:
+        table.add_row("note", info.dtype_note)
     table.add_row(
         "time",
         f"preprocess {summary.preprocess_s:.1f} s CPU (all workers), encoder waited for input "
