@@ -8,6 +8,7 @@ shape with random weights, what ``--dtype bfloat16`` would give encode here.
 # No ``from __future__ import annotations``: Typer reads these annotations at runtime.
 
 import json
+import platform
 import sys
 from typing import Annotated, Any
 
@@ -93,7 +94,7 @@ def info_command(
             )
         )
     units = advice.units
-    rows.append(("CPU", f"{units.model or 'unknown'}; bf16 matrix units: {units.label}"))
+    rows.append(("CPU", f"{units.model or platform.machine() or 'unknown'}; bf16 matrix units: {units.label}"))
     rows.append(("  bfloat16", advice.line(measure_hint="--measure times it")))
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")

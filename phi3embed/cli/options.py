@@ -97,7 +97,7 @@ def measure_option(default: str) -> Any:
     return typer.Option(
         "--measure/--no-measure",
         help="Time one encoder layer of the checkpoint's shape in float32 and in bfloat16 on this CPU (random "
-        f"weights, under 1 s for the released models) to say what --dtype bfloat16 would give. Default: {default}.",
+        f"weights, 1-2 s for the released models) to say what --dtype bfloat16 would give. Default: {default}.",
         show_default=False,
     )
 

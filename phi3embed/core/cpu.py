@@ -314,7 +314,7 @@ def bf16_advice(
 ) -> Bf16Advice:
     """The advice for a checkpoint of ``vision``'s shape on this CPU.
 
-    ``measure``: True times one layer (:func:`measure_speed`, under 1 s for the real shape), False does not
+    ``measure``: True times one layer (:func:`measure_speed`, 1-2 s for the real shape), False does not
     (``not_asked`` says why), None times it only where it can matter: the CPU has bf16 matrix units and encode
     would run on it (``on_cpu``). A timing that fails (a PyTorch without bfloat16 CPU kernels) is reported,
     never raised: the advice must not stop the command that gives it.
