@@ -15,6 +15,7 @@ left on device, disk quota exceeded, read-only file system, the folder removed; 
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -126,9 +127,13 @@ def encode_command(
         int | None, typer.Option(min=1, help="Max 336 px crops per image (default: the checkpoint's).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[DType, typer.Option(help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = DType[
-        "auto"
-    ],
+    dtype: Annotated[
+        DType,
+        typer.Option(
+            help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA). auto stays float32 on every CPU, bf16 "
+            "units or not, so every host gives the reference numbers; phi3embed info says what bfloat16 gives here."
+        ),
+    ] = DType["auto"],
     out_dtype: Annotated[
         DType,
         typer.Option(
@@ -469,10 +474,44 @@ def _run(
             exit_code=code,
             special=special,
             notes=tuple(notes),
+            dtype_note=_bf16_note(engine, opts, summary),
         )
         written = store.publisher
         render_summary(console, summary, run, bytes_written=written.bytes_written, files=written.files_written)
     return code
+
+
+#: The encode summary times ``--dtype bfloat16`` (one encoder layer: 0.8 s on a quiet 2-core host, 2 s on a busy
+#: one) only after a job at least this long, where that is a few per cent at most; after a shorter job its note
+#: points to ``phi3embed info``.
+MEASURE_AFTER_S = 60.0
+
+
+def _bf16_note(engine: Any, opts: _EncodeOptions, summary: Any) -> str | None:
+    """The summary's note on ``--dtype bfloat16``, for a job this process ran on the CPU in float32 because
+    ``--dtype`` was left to auto, on a CPU with bf16 matrix units; None otherwise (a chosen dtype is the user's
+    choice made; Ray's actors may run on other CPUs; a stopped job's summary is about what stopped it)."""
+    from phi3embed.jobs.local import LocalEngine
+    from phi3embed.outputs.formats import dtype_name
+
+    info = engine.info
+    if not isinstance(engine, LocalEngine) or opts.dtype != "auto" or info.device != "cpu":
+        return None
+    if dtype_name(info.compute_dtype) != "float32" or summary.interrupted or summary.fatal or not summary.todo:
+        return None
+    from phi3embed.cli.progress import cpu_note
+    from phi3embed.core.cpu import bf16_advice, matrix_units
+
+    units = matrix_units()
+    if not units.any:
+        return None
+    advice = bf16_advice(
+        engine.embedder.vision_config,
+        measure=summary.wall_s >= MEASURE_AFTER_S,
+        units=units,
+        not_asked=f"the job took under {MEASURE_AFTER_S:.0f} s",
+    )
+    return cpu_note(advice, measure_hint=f"phi3embed info --model {shlex.quote(opts.model)} measures it")
 
 
 def _check_writable(out: Path) -> None:

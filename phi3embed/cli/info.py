@@ -1,11 +1,14 @@
 """``phi3embed info``: describe a checkpoint from its configs and weight headers (:mod:`phi3embed.core.info`).
 
-stdout carries the table, or one JSON document with ``--json``; no tensor data is read.
+stdout carries the table, or one JSON document with ``--json``; no tensor data is read. It also says what this
+CPU offers (:mod:`phi3embed.core.cpu`): its bf16 matrix units and, measured on one layer of the checkpoint's
+shape with random weights, what ``--dtype bfloat16`` would give encode here.
 """
 
 # No ``from __future__ import annotations``: Typer reads these annotations at runtime.
 
 import json
+import platform
 import sys
 from typing import Annotated, Any
 
@@ -15,7 +18,16 @@ from rich.table import Table
 from rich.text import Text
 
 from phi3embed.cli.errors import one_line_errors
-from phi3embed.cli.options import DEFAULT_MODEL, MODEL_ENV, AsJson, Revision, human_bytes, model_source
+from phi3embed.cli.options import (
+    DEFAULT_MODEL,
+    MODEL_ENV,
+    AsJson,
+    Revision,
+    cpu_advice,
+    human_bytes,
+    measure_option,
+    model_source,
+)
 
 
 @one_line_errors
@@ -31,13 +43,18 @@ def info_command(
     num_crops: Annotated[int | None, typer.Option("--num-crops", min=1, help="Report for this num_crops.")] = None,
     revision: Revision = None,
     as_json: AsJson = False,
+    measure: Annotated[
+        bool | None, measure_option("when encode would run on this CPU and it has bf16 matrix units")
+    ] = None,
 ) -> None:
-    """Describe a checkpoint from its configs and weight headers (no tensor data is read)."""
+    """Describe a checkpoint from its configs and weight headers (no tensor data is read), and what
+    --dtype bfloat16 would give on this CPU."""
     from phi3embed.core.info import model_info
 
     info = model_info(model_source(model), num_crops=num_crops, revision=revision)
+    advice = cpu_advice(info.vision, measure)
     if as_json:
-        typer.echo(json.dumps(info.to_dict(), indent=2))
+        typer.echo(json.dumps({**info.to_dict(), "cpu": advice.to_dict()}, indent=2))
         return
     clip = info.clip
     rows: list[tuple[str, Any]] = [
@@ -76,6 +93,9 @@ def info_command(
                 f"{info.whole_files_bytes:,})",
             )
         )
+    units = advice.units
+    rows.append(("CPU", f"{units.model or platform.machine() or 'unknown'}; bf16 matrix units: {units.label}"))
+    rows.append(("  bfloat16", advice.line(measure_hint="--measure times it")))
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")

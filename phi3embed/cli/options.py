@@ -8,7 +8,7 @@ The same thing has the same option name in every command (``--model``, ``--num-c
 
 import os
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,6 +16,7 @@ from phi3embed.errors import Phi3EmbedError
 
 if TYPE_CHECKING:  # the configs import nothing heavy, but --help should not even load them
     from phi3embed.core.config import PreprocessConfig, VisionConfig
+    from phi3embed.core.cpu import Bf16Advice
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
 MODEL_ENV = "PHI3EMBED_MODEL"
@@ -89,6 +90,27 @@ def model_settings(model: str | None, num_crops: int | None) -> "tuple[VisionCon
         typer.echo(f"warning: {exc}; using the released models' configuration (hidden size 3072)", err=True)
         return VisionConfig(), PreprocessConfig(num_crops=num_crops), "released-model defaults"
     return vision, pre if num_crops is None else replace(pre, num_crops=num_crops), source
+
+
+def measure_option(default: str) -> Any:
+    """``--measure/--no-measure`` of ``info`` and ``plan`` (None when not given); ``default`` says what then."""
+    return typer.Option(
+        "--measure/--no-measure",
+        help="Time one encoder layer of the checkpoint's shape in float32 and in bfloat16 on this CPU (random "
+        f"weights, 1-2 s for the released models) to say what --dtype bfloat16 would give. Default: {default}.",
+        show_default=False,
+    )
+
+
+def cpu_advice(vision: "VisionConfig", measure: bool | None, *, not_asked: str = "--no-measure") -> "Bf16Advice":
+    """What ``--dtype bfloat16`` would give encode on this CPU, for ``vision``'s shape (``measure``: as
+    :func:`phi3embed.core.cpu.bf16_advice` takes it); encode's ``--device auto`` runs on the CPU unless CUDA is
+    available."""
+    import torch
+
+    from phi3embed.core.cpu import bf16_advice
+
+    return bf16_advice(vision, measure=measure, on_cpu=not torch.cuda.is_available(), not_asked=not_asked)
 
 
 def human_bytes(n: int) -> str:

@@ -29,10 +29,12 @@ from phi3embed.cli.options import (
     ImageColumn,
     NumCrops,
     OutDType,
+    cpu_advice,
     human_bytes,
+    measure_option,
     model_settings,
 )
-from phi3embed.cli.progress import listing_notes, skipped_special
+from phi3embed.cli.progress import cpu_note, listing_notes, skipped_special
 from phi3embed.core.stages import DEFAULT_STAGE, STAGES
 from phi3embed.inputs.listing import InputError, Source, list_inputs, parse_shard, shard_of
 from phi3embed.outputs.names import printable, readable, readable_json
@@ -110,6 +112,10 @@ def plan_command(
             f"images list, rows_omitted says how many).",
         ),
     ] = False,
+    measure: Annotated[
+        bool | None,
+        measure_option("not measured (plan reads headers only); the CPU's bf16 matrix units are still reported"),
+    ] = None,
 ) -> None:
     """Predict crop grids, token counts, output sizes and GFLOP of encoding INPUT. Reads image headers only.
 
@@ -155,6 +161,13 @@ def plan_command(
         on_row=stream.row if stream is not None else None,
     )
     long_job = result.totals.images > SHORT_JOB
+    advice = cpu_advice(
+        vision,
+        bool(measure),
+        not_asked="--no-measure" if measure is False else "plan --measure or phi3embed info times it",
+    )
+    if not as_json and (advice.speed is not None or (advice.units.any and advice.on_cpu)):
+        typer.echo(f"note: {cpu_note(advice)}", err=True)
     if special:  # pipes, sockets, devices in the folders: encode skips them too
         typer.echo(f"note: {skipped_special(special)}", err=True)
     for note in listing_notes(listing):  # the same lines as encode's summary
@@ -162,11 +175,12 @@ def plan_command(
     if as_json:
         totals = {**result.totals.to_dict(), **extra_totals}
         if isinstance(stream, _JsonStream):
-            stream.end(totals)
+            stream.end(totals, advice.to_dict())
         else:
             doc = result.to_dict()
             doc["settings"] = {"model": label, **doc["settings"]}
             doc["totals"] = totals
+            doc["cpu"] = advice.to_dict()
             typer.echo(json.dumps(readable_json(doc), indent=2))
         for line in error_lines(result, shown=ERRORS_SHOWN if long_job else None):
             typer.echo(line, err=True)
@@ -189,7 +203,8 @@ def plan_command(
 
 class _JsonStream:
     """The ``--json`` document written as the rows are planned, byte for byte what ``json.dumps(doc,
-    indent=2)`` writes for the whole document: ``settings``, then each row of ``images``, then ``totals``."""
+    indent=2)`` writes for the whole document: ``settings``, then each row of ``images``, then ``totals`` and
+    ``cpu``."""
 
     def __init__(self, label: str, settings: "PlanSettings") -> None:
         self.rows = 0
@@ -200,9 +215,10 @@ class _JsonStream:
         sys.stdout.write(("," if self.rows else "") + "\n    " + _nested(readable_json(row.to_dict()), 2))
         self.rows += 1
 
-    def end(self, totals: dict[str, object]) -> None:
+    def end(self, totals: dict[str, object], cpu: dict[str, object]) -> None:
         close = "\n  ]" if self.rows else "]"
-        sys.stdout.write(close + ',\n  "totals": ' + _nested(readable_json(totals), 1) + "\n}\n")
+        sys.stdout.write(close + ',\n  "totals": ' + _nested(readable_json(totals), 1))
+        sys.stdout.write(',\n  "cpu": ' + _nested(cpu, 1) + "\n}\n")
         sys.stdout.flush()
 
 

@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # importing jobs pulls in torch: not needed to print a line
+    from phi3embed.core.cpu import Bf16Advice
     from phi3embed.inputs.listing import Listing
     from phi3embed.jobs.core import EngineInfo, JobSummary
     from phi3embed.outputs.records import Record
@@ -140,6 +141,7 @@ class RunInfo:
     exit_code: int
     special: int = 0  # special files (pipes, sockets, devices) the listing skipped
     notes: tuple[str, ...] = ()  # what else was skipped or renamed (listing_notes, manifest_note): one row each
+    dtype_note: str | None = None  # what --dtype bfloat16 would give on this CPU (cpu_note), after the setup
 
 
 def _s(count: int) -> str:
@@ -181,6 +183,13 @@ def listing_notes(listing: Listing) -> list[str]:
             f"archive: kept under <name>#2, #3... (e.g. {listing.repeated[0]})"
         )
     return notes
+
+
+def cpu_note(advice: Bf16Advice, measure_hint: str = "") -> str:
+    """The note on ``--dtype bfloat16`` (plan and encode): the CPU's bf16 matrix units, then the advice."""
+    units = advice.units
+    has = f"has bf16 matrix units ({units.label})" if units.any else "has no bf16 matrix units"
+    return f"this CPU {has}: {advice.line(measure_hint=measure_hint)}"
 
 
 def manifest_note(count: int, path: str) -> str:
@@ -247,6 +256,8 @@ def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, byte
         f"{engine.device} {compute}, num_crops {engine.num_crops}, batch {engine.batch_size} crops, "
         f"{engine.workers} worker{'s' if engine.workers != 1 else ''}",
     )
+    if info.dtype_note:
+        table.add_row("note", info.dtype_note)
     table.add_row(
         "time",
         f"preprocess {summary.preprocess_s:.1f} s CPU (all workers), encoder waited for input "

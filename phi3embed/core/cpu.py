@@ -250,3 +250,86 @@ def measure_speed(vision: Any, *, crops: int = 1, repeat: int = 2) -> DtypeSpeed
 
             times[dtype] = _best_ms(run, repeat) / crops
     return DtypeSpeed(times[torch.float32], times[torch.bfloat16], time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------- telling the user
+
+#: A measured factor under this is reported as "not faster": one layer timed twice on a shared host drifts by
+#: several per cent, and a gain that small is not worth numbers that differ from the reference.
+FASTER = 1.1
+
+
+@dataclass(frozen=True)
+class Bf16Advice:
+    """What ``--dtype bfloat16`` would give encode on this CPU, as ``info``, ``plan`` and the encode summary say it.
+
+    The default stays float32 everywhere (``--dtype auto`` never picks bfloat16 on a CPU): its numbers are the
+    reference numbers and the same on every host of a job; this only tells the user what the choice is worth.
+    """
+
+    units: MatrixUnits
+    speed: DtypeSpeed | None = None  # None: not measured
+    not_measured: str | None = None  # why not (or why the timing failed), when ``speed`` is None
+    on_cpu: bool = True  # encode's --device auto runs here on the CPU (False: on CUDA; the advice is for --device cpu)
+
+    def line(self, *, measure_hint: str = "") -> str:
+        """One sentence, e.g. ``--dtype bfloat16: 1.9x faster per encoder layer on this CPU (measured now, 0.8 s),
+        outputs within per-token cosine 0.999 of float32 (tested); the default stays float32``.
+
+        ``measure_hint`` says how to get the factor when it was not measured (e.g. ``phi3embed info measures it``).
+        """
+        where = "" if self.on_cpu else "with --device cpu, "
+        tested = f"outputs within per-token cosine {BF16_MIN_COSINE} of float32 (tested)"
+        hint = f"; {measure_hint}" if measure_hint else ""
+        if self.speed is not None:
+            factor, took = self.speed.factor, f"measured now, {self.speed.seconds:.2g} s"
+            if factor >= FASTER:
+                said = f"{factor:.1f}x faster per encoder layer on this CPU ({took}), {tested}"
+            else:
+                said = (
+                    f"{factor:.1f}x the float32 speed per encoder layer on this CPU ({took}): not faster for this shape"
+                )
+        elif self.units.any:
+            said = f"not measured ({self.not_measured}{hint}); usually faster on these units, {tested}"
+        else:
+            said = f"not expected to be faster without bf16 matrix units (not measured{hint})"
+        return f"{where}--dtype bfloat16: {said}; the default stays float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.units.to_dict(),
+            "encode_device": "cpu" if self.on_cpu else "cuda",
+            "bfloat16": None if self.speed is None else self.speed.to_dict(),
+            "not_measured": self.not_measured,
+            "bfloat16_min_cosine": BF16_MIN_COSINE,
+            "advice": self.line(),
+        }
+
+
+def bf16_advice(
+    vision: Any,
+    *,
+    measure: bool | None = None,
+    on_cpu: bool = True,
+    units: MatrixUnits | None = None,
+    not_asked: str = "not asked",
+) -> Bf16Advice:
+    """The advice for a checkpoint of ``vision``'s shape on this CPU.
+
+    ``measure``: True times one layer (:func:`measure_speed`, 1-2 s for the real shape), False does not
+    (``not_asked`` says why), None times it only where it can matter: the CPU has bf16 matrix units and encode
+    would run on it (``on_cpu``). A timing that fails (a PyTorch without bfloat16 CPU kernels) is reported,
+    never raised: the advice must not stop the command that gives it.
+    """
+    units = units if units is not None else matrix_units()
+    why = not_asked
+    if measure is None:
+        measure = units.any and on_cpu
+        why = "no bf16 matrix units" if not units.any else "encode runs on CUDA here"
+    if not measure:
+        return Bf16Advice(units, None, why, on_cpu)
+    try:
+        return Bf16Advice(units, measure_speed(vision), None, on_cpu)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Bf16Advice(units, None, f"timing failed: {first}", on_cpu)

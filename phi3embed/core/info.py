@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3embed.core.checkpoint import Checkpoint, check_vision_tensors, module_to_checkpoint_key, resolve
-from phi3embed.core.config import ClipConfig, find_preset, parse_configs, presets
+from phi3embed.core.config import ClipConfig, VisionConfig, find_preset, parse_configs, presets
 from phi3embed.core.cost import crop_flops
 from phi3embed.errors import ConfigError, Phi3EmbedError
 
@@ -61,9 +61,10 @@ class ModelInfo:
     whole_files_bytes: int  # the weight files holding vision tensors, whole (what downloading them moves)
     bytes_read: int  # tensor payload bytes read to produce this report (0)
     checkpoint: Checkpoint = field(repr=False, compare=False)
+    vision: VisionConfig = field(repr=False, compare=False)  # the parsed config (``clip`` and the rest above)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "checkpoint"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "vision")}
         out["clip"] = asdict(self.clip)
         return out
 
@@ -171,4 +172,5 @@ def model_info(
         whole_files_bytes=sum(w.size for w in weight_files),
         bytes_read=ckpt.bytes_read,
         checkpoint=ckpt,
+        vision=vision,
     )
