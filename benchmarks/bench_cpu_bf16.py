@@ -70,7 +70,9 @@ def layer_seconds(attn: str, dtype: torch.dtype, crops: int, repeat: int, *, pac
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     layer = CLIPEncoderLayer(cfg).eval().to(dtype)
-    if packed and dtype == torch.bfloat16:  # encode's bfloat16 CPU path: linear weights prepacked for oneDNN (phi3embed/core/cpu.py)
+    if (
+        packed and dtype == torch.bfloat16
+    ):  # encode's bfloat16 CPU path: linear weights prepacked for oneDNN (phi3embed/core/cpu.py)
         from phi3embed.core.cpu import pack_linears
 
         if not pack_linears(layer, rows_hint=crops * 577):

@@ -196,6 +196,15 @@ def encode_command(
             show_default=False,
         ),
     ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the encoder layers before the first image (local engine; needs a C++ compiler on "
+            "CPU, else it runs eagerly and says why). Costs ~20-80 s per process, reported in the summary; it "
+            "measured no faster on this project's CPU host (benchmarks/RESULTS.md): time it on yours.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     jsonl: Annotated[
         bool, typer.Option("--jsonl", help="Print each manifest record to stdout as it is written.")
@@ -258,6 +267,7 @@ class _EncodeOptions:
     image_column: str | None = None  # of parquet INPUTs (None: the first of the usual names)
     no_dedup: bool = False  # encode copies of identical bytes too
     vectors: str | None = None  # --vectors as given (a comma list of kinds)
+    compile: bool = False  # torch.compile the encoder layers at start (local engine)
 
     @property
     def vector_kinds(self) -> tuple[str, ...]:
@@ -276,7 +286,7 @@ class _EncodeOptions:
 
         same_names = (
             "model", "revision", "device", "dtype", "out_dtype", "output_format", "num_crops", "alpha",
-            "exif_transpose", "batch_size", "workers", "image_timeout", "engine", "actors",
+            "exif_transpose", "batch_size", "workers", "image_timeout", "engine", "actors", "compile",
         )  # fmt: skip
         return EngineOptions(
             **{name: getattr(self, name) for name in same_names},
@@ -304,6 +314,8 @@ def _options(*, shard: str | None, pack: str | None, format: "Format | None", **
         raise UsageError("--pack writes safetensors pack files: leave out --format npy")
     if opts.fmt == "npy" and opts.out_dtype == "bfloat16":
         raise UsageError("npy cannot store bfloat16: use --format safetensors, or --out-dtype float32/float16")
+    if opts.compile and opts.engine == "ray":
+        raise UsageError("--compile is for the local engine: Ray's actors run the encoder eagerly")
     _check_vectors(opts)
     return opts
 

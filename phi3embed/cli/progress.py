@@ -256,6 +256,8 @@ def render_summary(console: Console, summary: JobSummary, info: RunInfo, *, byte
         f"{engine.device} {compute}, num_crops {engine.num_crops}, batch {engine.batch_size} crops, "
         f"{engine.workers} worker{'s' if engine.workers != 1 else ''}",
     )
+    if engine.compile_note:
+        table.add_row("compile", engine.compile_note)
     if info.dtype_note:
         table.add_row("note", info.dtype_note)
     table.add_row(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -64,6 +65,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     elif dev.type != "cpu":
         raise ConfigError(f"device {device!r} is not supported (use auto, cpu, cuda or cuda:N)")
     return dev
+
+
+@dataclass(frozen=True)
+class CompileOutcome:
+    """What :meth:`Phi3VisionEmbedder.compile_now` did: seconds spent, and the error that made it fall back."""
+
+    seconds: float
+    error: str | None = None  # None: compiled; else why the encoder runs eagerly instead
+
+    def line(self) -> str:
+        """One line for a summary."""
+        if self.error is None:
+            return f"torch.compile of the encoder layers: {self.seconds:.1f} s at start, once per process"
+        return f"torch.compile failed after {self.seconds:.1f} s ({self.error}); the encoder ran eagerly"
 
 
 @dataclass(frozen=True)
@@ -176,6 +191,37 @@ class Phi3VisionEmbedder:
             stage=parse_stage(stage),
             pack=pack,
         )
+
+    def compile_now(self) -> CompileOutcome:
+        """Compile the encoder layers now, for every batch shape a job gives them, instead of during its first
+        batches: a batch of ``batch_size`` blank crops (the batch dimension dynamic) and one of a single crop
+        (which torch.compile specialises) go through the encoder, timed. Where compiling fails (no C++
+        compiler, an operation inductor cannot lower), the layers are made eager again (bfloat16 CPU linears
+        then packed, as without compile) and the outcome says why: a job never fails for it."""
+        if self.pack or self.plain:
+            raise ConfigError("compile_now needs an embedder loaded with compile=True (fast path)")
+        start = time.perf_counter()
+        self.model.compile_encoder(dynamic=True)
+        size = self.vision_config.clip.image_size
+        try:
+            with torch.inference_mode():
+                for crops in sorted({self.batch_size, 1}, reverse=True):
+                    blank = torch.zeros(crops, 3, size, size, dtype=self.dtype, device=self.device)
+                    self.model.crop_features(blank)
+        except Exception as exc:  # inductor and dynamo raise many kinds; none of them may stop the job
+            self.model.uncompile_encoder()
+            self.pack = packing_wanted()
+            if self.pack:
+                self.model.pack_for_cpu(crops_per_batch=self.batch_size)
+            root: BaseException = exc
+            while True:  # dynamo wraps what the backend raised (as inner_exception, or as the cause)
+                inner = getattr(root, "inner_exception", None) or root.__cause__
+                if not isinstance(inner, BaseException) or inner is root:
+                    break
+                root = inner
+            reason = (str(root).strip().splitlines() or [""])[0][:200]
+            return CompileOutcome(time.perf_counter() - start, f"{type(root).__name__}: {reason}")
+        return CompileOutcome(time.perf_counter() - start)
 
     # ------------------------------------------------------------------ small facts
 

@@ -109,14 +109,21 @@ class Phi3VisionModel(nn.Module):
         tokens = self.cfg.clip.grid * self.cfg.clip.grid + 1
         return pack_linears(self, rows_hint=crops_per_batch * tokens)
 
-    def compile_encoder(self) -> None:
+    def compile_encoder(self, *, dynamic: bool | None = None) -> None:
         """``torch.compile`` every encoder layer (elementwise ops fused around the matmuls).
 
         All layers run the same code with their weights as inputs, so one compiled graph serves them all;
         a new batch shape compiles once more (after the second shape, with a dynamic batch dimension).
+        ``dynamic=True`` makes the batch dimension dynamic from the first compile (a batch of 1 still gets a
+        graph of its own).
         """
         for layer in self.encoder_layers():
-            layer.compile()
+            layer.compile(dynamic=dynamic)
+
+    def uncompile_encoder(self) -> None:
+        """Undo :meth:`compile_encoder`: the layers run eagerly again."""
+        for layer in self.encoder_layers():
+            layer._compiled_call_impl = None
 
     # ------------------------------------------------------------------ stages
 

@@ -62,6 +62,7 @@ class EngineInfo:
     exif_transpose: bool = False
     stage: StoredStage = DEFAULT_STAGE  # the intermediate the results hold (phi3embed.core.stages); "none"
     vectors: tuple[str, ...] = ()  # the vector kinds the results carry (phi3embed.core.vectors)
+    compile_note: str | None = None  # --compile: what compiling cost, or why it fell back (not a setting)
 
     def output_settings(self, *, model: str, format: Format, pack_bytes: int | None) -> OutputSettings:
         """The settings the outputs record for this engine's results (``model``: what the user named)."""

@@ -75,6 +75,7 @@ class LocalEngine:
         image_timeout: float | None = None,
         vectors: Sequence[str] = (),
         store_tokens: bool = True,
+        compile_note: str | None = None,
     ) -> None:
         self.embedder, self.workers = embedder, workers
         self.vectors = parse_vectors(vectors) if vectors else ()  # and store_tokens False: --stage none
@@ -95,6 +96,7 @@ class LocalEngine:
             stage=embedder.stage if store_tokens or not self.vectors else NO_STAGE,
             vectors=self.vectors,
             workers=workers,
+            compile_note=compile_note,
         )
         preparer = Preparer(embedder.preprocess_config, alpha=options.alpha, exif_transpose=options.exif_transpose)
         self.pool: OrderedPool[Source, Prepared] = OrderedPool(
@@ -203,7 +205,9 @@ def plan(options: EngineOptions, *, loading: Callable[[], AbstractContextManager
             alpha=options.alpha,
             exif_transpose=options.exif_transpose,
             stage=options.stage,
+            compile=options.compile,
         )
+        compiled = embedder.compile_now() if options.compile else None
     timeout = DEFAULT_IMAGE_TIMEOUT if options.image_timeout is None else options.image_timeout
     return LocalEngine(
         embedder,
@@ -212,6 +216,7 @@ def plan(options: EngineOptions, *, loading: Callable[[], AbstractContextManager
         image_timeout=timeout or None,
         vectors=options.vectors,
         store_tokens=options.store_tokens,
+        compile_note=compiled.line() if compiled is not None else None,
     )
 
 

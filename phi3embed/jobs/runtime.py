@@ -63,6 +63,7 @@ class EngineOptions:
     actors: int | None = None  # Ray: default one per GPU of the cluster; without GPUs one per CPU
     vectors: tuple[str, ...] = ()  # vector kinds written beside the outputs (phi3embed.core.vectors)
     store_tokens: bool = True  # False: --stage none, only the vectors
+    compile: bool = False  # torch.compile the encoder layers at start (local engine)
 
 
 @dataclass(frozen=True)
@@ -126,9 +127,11 @@ def load_embedder(
     alpha: AlphaMode = "drop",
     exif_transpose: bool = False,
     stage: Stage = DEFAULT_STAGE,
+    compile: bool = False,
 ) -> Phi3VisionEmbedder:
     """The encoder an engine runs, loaded under ``runtime`` in a process the engine owns: on CPU glibc keeps
-    freed memory for reuse (``tune_allocator``; a library user decides for their own process)."""
+    freed memory for reuse (``tune_allocator``; a library user decides for their own process). ``compile``:
+    loaded for torch.compile (the engine then calls ``compile_now``)."""
     from phi3embed.core.embedder import Phi3VisionEmbedder
 
     return Phi3VisionEmbedder.from_pretrained(
@@ -142,6 +145,7 @@ def load_embedder(
         alpha=alpha,
         exif_transpose=exif_transpose,
         stage=stage,
+        compile=compile,
     )
 
 
@@ -154,6 +158,7 @@ def engine_info(
     stage: StoredStage,
     workers: int,
     vectors: tuple[str, ...] = (),
+    compile_note: str | None = None,
 ) -> EngineInfo:
     """What an engine running encoders under ``runtime`` states: its weights' ``fingerprint`` and
     ``num_crops``, how it reads images, and ``workers`` (decode workers of the local engine, Ray's actors)."""
@@ -171,6 +176,7 @@ def engine_info(
         exif_transpose=image.exif_transpose,
         stage=stage,
         vectors=vectors,
+        compile_note=compile_note,
     )
 
 
