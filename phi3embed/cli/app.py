@@ -201,8 +201,9 @@ def encode_command(
         typer.Option(
             "--compile",
             help="torch.compile the encoder layers before the first image (local engine; needs a C++ compiler on "
-            "CPU, else it runs eagerly and says why). Costs ~20-80 s per process, reported in the summary; it "
-            "measured no faster on this project's CPU host (benchmarks/RESULTS.md): time it on yours.",
+            "CPU, else it runs eagerly and says why). Costs ~20 s per process with the real-size model on 2 CPU "
+            "cores, reported in the summary; it measured no faster on this project's CPU host "
+            "(benchmarks/RESULTS.md): time it on yours.",
         ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
