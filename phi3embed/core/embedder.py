@@ -115,7 +115,7 @@ class Phi3VisionEmbedder:
         self.batch_size = batch_size
         self.plain = plain
         self.stage = parse_stage(stage)
-        self.pack = pack  # bfloat16 CPU linears prepacked (core/cpu.py): the encoder's, and the vector head's
+        self.pack = pack  # prepack bf16 CPU linears, encoder's and vector head's (core/cpu.py; no-op elsewhere)
         self._vector_head: VectorHead | None = None
 
     @classmethod
