@@ -68,6 +68,11 @@ class ClipConfig:
         """Patches per side of one crop (24 for 336/14)."""
         return self.image_size // self.patch_size
 
+    @property
+    def tokens(self) -> int:
+        """Tokens the encoder's layers see per crop: the patches and the class token (577 for 336/14)."""
+        return self.grid * self.grid + 1
+
     def to_hf_dict(self) -> dict[str, Any]:
         return {
             "hidden_size": self.hidden_size,

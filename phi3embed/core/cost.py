@@ -27,7 +27,7 @@ def crop_flops(clip: ClipConfig, *, layers: int) -> int:
     ``layer_idx = -2``, 381.92 GFLOP with all 24.
     """
     g = clip.grid
-    n = g * g + 1
+    n = clip.tokens
     c, i = clip.hidden_size, clip.intermediate_size
     patch = 2 * g * g * clip.num_channels * clip.patch_size**2 * c
     per_layer = 8 * n * c * c + 4 * n * n * c + 4 * n * c * i

@@ -216,12 +216,12 @@ def measure_speed(vision: Any, *, crops: int = 1, repeat: int = 3) -> DtypeSpeed
     The encoder's layers are nearly all of encode's work on the CPU, so the ratio is what ``--dtype bfloat16``
     gives on this host. About 0.8 s for the real ViT-L/14-336 shape on a 2-core CPU (more under load).
     """
-    from phi3embed.core.model import build_clip
+    from phi3embed.core.model import build_clip, clip_encoder_layers
 
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     clip = vision.clip
-    tokens = clip.grid * clip.grid + 1
+    tokens = clip.tokens
     x32 = torch.randn(crops, tokens, clip.hidden_size, generator=gen)
     runs: dict[torch.dtype, Callable[[], Any]] = {}
     with torch.inference_mode():
@@ -229,8 +229,7 @@ def measure_speed(vision: Any, *, crops: int = 1, repeat: int = 3) -> DtypeSpeed
             model = build_clip(vision, num_layers=1, attn="sdpa", lean=True).eval().to(dtype)
             if dtype == torch.bfloat16 and packing_wanted():
                 pack_linears(model, rows_hint=crops * tokens)
-            layers = model.get_submodule("vision_model.encoder" if hasattr(model, "vision_model") else "encoder")
-            layer: nn.Module = layers.layers[0]
+            layer: nn.Module = clip_encoder_layers(model)[0]
             args: tuple[Any, ...] = (x32.to(dtype), None, None)
             try:
                 layer(*args)  # warm-up: kernel choice, allocations

@@ -173,24 +173,24 @@ class Phi3VisionEmbedder:
             full_depth=plain,
             attn=attn or ("eager" if plain else "sdpa"),
         )
-        batch = batch_size if batch_size is not None else default_batch_size(dev.type)
         pack = not plain and not compile and packing_wanted()
         if compile:
             model.compile_encoder()
-        elif pack:
-            model.pack_for_cpu(crops_per_batch=batch)  # bfloat16 on the CPU only (core/cpu.py)
-        return cls(
+        embedder = cls(
             model,
             vision_config=vcfg,
             preprocess_config=pcfg,
             checkpoint=ckpt,
             fingerprint=fingerprint,
             image_options=ImageOptions(alpha=alpha, exif_transpose=exif_transpose),
-            batch_size=batch,
+            batch_size=batch_size if batch_size is not None else default_batch_size(dev.type),
             plain=plain,
             stage=parse_stage(stage),
             pack=pack,
         )
+        if pack:
+            embedder._pack_linears(model)
+        return embedder
 
     def compile_now(self) -> CompileOutcome:
         """Compile the encoder layers now, for every batch shape a job gives them, instead of during its first
@@ -212,7 +212,7 @@ class Phi3VisionEmbedder:
             self.model.uncompile_encoder()
             self.pack = packing_wanted()
             if self.pack:
-                self.model.pack_for_cpu(crops_per_batch=self.batch_size)
+                self._pack_linears(self.model)
             root: BaseException = exc
             while True:  # dynamo wraps what the backend raised (as inner_exception, or as the cause)
                 inner = getattr(root, "inner_exception", None) or root.__cause__
@@ -222,6 +222,11 @@ class Phi3VisionEmbedder:
             reason = (str(root).strip().splitlines() or [""])[0][:200]
             return CompileOutcome(time.perf_counter() - start, f"{type(root).__name__}: {reason}")
         return CompileOutcome(time.perf_counter() - start)
+
+    def _pack_linears(self, module: torch.nn.Module) -> None:
+        """Prepack ``module``'s bfloat16 CPU linears for oneDNN (:func:`phi3embed.core.cpu.pack_linears`: same
+        bits, less time per call; linears of other dtypes or devices are left alone), sized for a batch."""
+        pack_linears(module, rows_hint=self.batch_size * self.vision_config.clip.tokens)
 
     # ------------------------------------------------------------------ small facts
 
@@ -313,9 +318,8 @@ class Phi3VisionEmbedder:
                 device=self.device,
                 attn="eager" if self.plain else "sdpa",
             )
-            if self.pack and self.dtype == torch.bfloat16 and self.device.type == "cpu":
-                tokens = self.vision_config.clip.grid * self.vision_config.clip.grid + 1
-                pack_linears(self._vector_head, rows_hint=self.batch_size * tokens)
+            if self.pack:
+                self._pack_linears(self._vector_head)
         return self._vector_head
 
     def embed_vectors_stream(

@@ -54,6 +54,13 @@ def build_clip(cfg: VisionConfig, *, num_layers: int, attn: str, lean: bool = Fa
     return model
 
 
+def clip_encoder_layers(clip: CLIPVisionModel) -> nn.ModuleList:
+    """The encoder layers of a transformers CLIP vision tower (under ``vision_model.`` before transformers 5)."""
+    layers = clip.get_submodule("vision_model.encoder" if hasattr(clip, "vision_model") else "encoder").layers
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
 def build_projection(kind: str, *, in_dim: int, out_dim: int) -> nn.Module:
     """``mlp``: ``Linear(in, out) -> GELU -> Linear(out, out)`` (weights ``0.*``, ``2.*``); ``linear``: ``Linear(in, out)``.
 
@@ -95,19 +102,7 @@ class Phi3VisionModel(nn.Module):
 
     def encoder_layers(self) -> nn.ModuleList:
         """The CLIP encoder layers this model runs."""
-        layers = self.clip.get_submodule(self.clip_prefix.removeprefix("clip.") + "encoder").layers
-        assert isinstance(layers, nn.ModuleList)
-        return layers
-
-    def pack_for_cpu(self, *, crops_per_batch: int) -> int:
-        """bfloat16 on the CPU: prepack every linear weight for oneDNN (:mod:`phi3embed.core.cpu`; same bits,
-        less time per call). Returns how many linears were packed (0 where this CPU or dtype does not apply)."""
-        from phi3embed.core.cpu import pack_linears
-
-        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
-            return 0
-        tokens = self.cfg.clip.grid * self.cfg.clip.grid + 1
-        return pack_linears(self, rows_hint=crops_per_batch * tokens)
+        return clip_encoder_layers(self.clip)
 
     def compile_encoder(self, *, dynamic: bool | None = None) -> None:
         """``torch.compile`` every encoder layer (elementwise ops fused around the matmuls).
